@@ -1,0 +1,8 @@
+"""Custom ops that the omni passes insert (namespace ``omni``).
+
+Each op has a torch.library definition, a fake (meta) kernel for tracing, and a PyTorch
+reference that runs on CPU and CUDA. Faster CUDA kernels (Triton) and torchair GE converters
+live beside them and are imported lazily. Importing this package registers the ops.
+"""
+
+from kernels import expert_dispatch, expert_load  # noqa: F401  (registers omni::*)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels.state import register_state
 from omni_passes.placement.placement import Placement, PlacementError
 
 
@@ -78,6 +79,10 @@ class ExpertPlacementState:
         self.replica_count = counts.to(device)
         self.expert_load = torch.zeros(placement.num_layers, placement.num_logical_experts, dtype=torch.int64, device=device)
         self.updates = 0
+        # The handle compiled graphs pass to omni ops to reach these tensors (kernels.state).
+        self.handle = register_state(
+            {"replica_slots": self.replica_slots, "replica_count": self.replica_count, "expert_load": self.expert_load}
+        )
 
     @property
     def num_layers(self) -> int:
@@ -108,3 +113,7 @@ class ExpertPlacementState:
         snapshot = self.expert_load.cpu().clone()
         self.expert_load.zero_()
         return snapshot
+
+    @property
+    def device(self) -> torch.device:
+        return self.replica_slots.device

@@ -1,0 +1,143 @@
+"""The pass configuration: one JSON format for vLLM (``OMNI_PASSES_CONFIG``) and the CLI.
+
+    {"passes": ["redundant_experts", "sparse_attention"],
+     "placement": "placement.json",
+     "sparse_attention": {"sink": 128, "recent": 384, "pattern": [0, 3, 4]},
+     "report_path": "report.json", "expert_load_path": "loads.npy",
+     "expert_load_interval_steps": 100}
+
+Unknown keys are errors (a typo must not silently disable a pass). Relative paths are
+resolved against the config file's directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+KNOWN_PASSES = ("redundant_experts", "sparse_attention")
+TOP_KEYS = {"passes", "placement", "sparse_attention", "report_path", "expert_load_path", "expert_load_interval_steps"}
+ATTN_KEYS = {"sink", "recent", "pattern"}
+
+
+class ConfigError(ValueError):
+    """A pass configuration that cannot be used; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class SparseAttentionConfig:
+    sink: int = 128
+    recent: int = 384
+    pattern: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class PassConfig:
+    passes: tuple[str, ...] = ("redundant_experts",)
+    placement: str | None = None
+    sparse_attention: SparseAttentionConfig = field(default_factory=SparseAttentionConfig)
+    report_path: str | None = None
+    expert_load_path: str | None = None
+    expert_load_interval_steps: int = 100
+    source: str = "pass config"
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "pass config", base_dir: Path | None = None) -> "PassConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        unknown = sorted(set(data) - TOP_KEYS)
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(TOP_KEYS))}")
+        passes = data.get("passes", ["redundant_experts"])
+        if not isinstance(passes, list) or not all(isinstance(p, str) for p in passes):
+            raise ConfigError(f"{source}: 'passes' must be a list of pass names")
+        bad = [p for p in passes if p not in KNOWN_PASSES]
+        if bad:
+            raise ConfigError(f"{source}: unknown pass(es) {', '.join(map(repr, bad))}; known: {', '.join(KNOWN_PASSES)}")
+        if len(set(passes)) != len(passes):
+            raise ConfigError(f"{source}: 'passes' lists a pass twice")
+
+        def path_value(key: str) -> str | None:
+            value = data.get(key)
+            if value is None:
+                return None
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"{source}: '{key}' must be a file path string, got {value!r}")
+            path = Path(value)
+            if base_dir is not None and not path.is_absolute():
+                path = base_dir / path
+            return str(path)
+
+        interval = data.get("expert_load_interval_steps", 100)
+        if not isinstance(interval, int) or isinstance(interval, bool) or interval <= 0:
+            raise ConfigError(f"{source}: 'expert_load_interval_steps' must be a positive integer, got {interval!r}")
+        return cls(
+            passes=tuple(passes),
+            placement=path_value("placement"),
+            sparse_attention=_sparse_attention(data.get("sparse_attention", {}), source),
+            report_path=path_value("report_path"),
+            expert_load_path=path_value("expert_load_path"),
+            expert_load_interval_steps=interval,
+            source=source,
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PassConfig":
+        path = Path(path)
+        source = f"pass config {path}"
+        if not path.exists():
+            raise ConfigError(f"{source}: file does not exist")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{source}: malformed JSON: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot be read: {exc}") from None
+        return cls.from_dict(data, source=source, base_dir=path.parent)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passes": list(self.passes),
+            "placement": self.placement,
+            "sparse_attention": {
+                "sink": self.sparse_attention.sink,
+                "recent": self.sparse_attention.recent,
+                "pattern": list(self.sparse_attention.pattern),
+            },
+            "report_path": self.report_path,
+            "expert_load_path": self.expert_load_path,
+            "expert_load_interval_steps": self.expert_load_interval_steps,
+        }
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes the compiled graph, placement file contents included."""
+        digest = hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode())
+        if self.placement and Path(self.placement).exists():
+            digest.update(Path(self.placement).read_bytes())
+        return digest.hexdigest()
+
+
+def _sparse_attention(data: Any, source: str) -> SparseAttentionConfig:
+    where = f"{source}: 'sparse_attention'"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be an object with sink, recent, pattern")
+    unknown = sorted(set(data) - ATTN_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; known: sink, recent, pattern")
+    values = {}
+    for key, default in (("sink", 128), ("recent", 384)):
+        value = data.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"{where}.{key} must be an integer >= 0, got {value!r}")
+        values[key] = value
+    if values["sink"] + values["recent"] == 0:
+        raise ConfigError(f"{where}: sink + recent must be > 0 (a query must see at least itself)")
+    pattern = data.get("pattern", [])
+    if not isinstance(pattern, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in pattern):
+        raise ConfigError(f"{where}.pattern must be a list of decoder-layer indices >= 0, got {pattern!r}")
+    if len(set(pattern)) != len(pattern):
+        raise ConfigError(f"{where}.pattern lists a layer twice: {pattern}")
+    return SparseAttentionConfig(sink=values["sink"], recent=values["recent"], pattern=tuple(sorted(pattern)))

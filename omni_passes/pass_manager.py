@@ -1,0 +1,66 @@
+"""Runs the configured omni passes on a post-grad graph and keeps their reports.
+
+One object serves every entry point: Inductor's ``post_grad_custom_post_pass`` (it is a
+``CustomGraphPass``, so its ``uuid`` keys Inductor's caches), vLLM's inductor-pass hook, and
+torchair's ``post_grad_custom_post_pass(gm, example_inputs, config)``. A model compiled as
+several graphs calls it once per graph; the reports are merged per pass.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch.fx as fx
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from omni_passes.fx.utils import PassReport
+
+log = logging.getLogger("omni_passes")
+
+
+class GraphPass(Protocol):
+    name: str
+
+    def __call__(self, graph: fx.Graph) -> PassReport: ...
+
+
+class OmniPassManager(CustomGraphPass):
+    def __init__(self, passes: list[GraphPass], fingerprint: str, report_path: str | None = None,
+                 on_graph: Callable[[fx.Graph, dict[str, PassReport]], None] | None = None):
+        self.passes = passes
+        self.fingerprint = fingerprint
+        self.report_path = report_path
+        self.on_graph = on_graph
+        self.reports: dict[str, PassReport] = {p.name: PassReport(p.name) for p in passes}
+        self.graphs_seen = 0
+
+    def __call__(self, graph: fx.Graph) -> None:
+        self.graphs_seen += 1
+        this_graph: dict[str, PassReport] = {}
+        for graph_pass in self.passes:
+            report = graph_pass(graph)
+            this_graph[graph_pass.name] = report
+            self.reports[graph_pass.name].merge(report)
+            log.info("omni pass %s: matched layers %s, skipped %d", graph_pass.name,
+                     sorted(report.matched_layers), len(report.skipped))
+        graph.eliminate_dead_code()
+        if self.on_graph is not None:
+            self.on_graph(graph, this_graph)
+        if self.report_path:
+            self.write_report(self.report_path)
+
+    def uuid(self) -> Any:
+        # Everything that changes the rewrite is in the fingerprint (config, placement contents).
+        return f"omni_passes:{self.fingerprint}"
+
+    def report(self) -> dict[str, Any]:
+        return {"passes": {name: r.as_dict() for name, r in self.reports.items()}, "graphs": self.graphs_seen}
+
+    def write_report(self, path: str) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(path).with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.report(), indent=2) + "\n")
+        tmp.replace(path)

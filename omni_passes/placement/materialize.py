@@ -1,0 +1,89 @@
+"""Expert weights in physical slots: E logical experts → E + R slots on one device.
+
+A transformers DeepSeek MoE layer keeps its routed experts as stacked weights
+(``experts.gate_up_proj [E, 2I, H]``, ``experts.down_proj [E, H, I]``). With a placement of
+``num_slots`` slots, each stacked weight is replaced by ``[num_slots, ...]`` where slot j holds
+a copy of expert ``phy2log[j]``, and the experts module is told it has ``num_slots`` experts
+(its grouped GEMM then runs over slots). Routing still produces logical ids; the dispatch
+pass maps them to slots.
+
+The logical weights are kept so that a new placement can be applied in place: slot tensors
+are rewritten with ``index_select(..., out=slot_tensor)``; their identity, shape and device
+never change, so a compiled model is not recompiled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from omni_passes.placement.placement import Placement, PlacementError
+
+STACKED_EXPERT_WEIGHTS = ("gate_up_proj", "down_proj", "up_proj", "gate_proj")
+
+
+@dataclass
+class _SlottedLayer:
+    experts: nn.Module
+    logical: dict[str, torch.Tensor]    # name → [E, ...] original weights
+    physical: dict[str, nn.Parameter]   # name → [num_slots, ...] slot weights (what the model uses)
+
+
+def find_stacked_experts(model: nn.Module, num_experts: int) -> list[nn.Module]:
+    """Experts modules holding stacked ``[E, ...]`` weights, in model order."""
+    found = []
+    for module in model.modules():
+        names = [n for n in STACKED_EXPERT_WEIGHTS if isinstance(getattr(module, n, None), nn.Parameter)]
+        if names and all(getattr(module, n).dim() == 3 and getattr(module, n).shape[0] == num_experts for n in names):
+            if hasattr(module, "num_experts"):
+                found.append(module)
+    return found
+
+
+class PhysicalExperts:
+    """The slot weights of every MoE layer of one model, and their in-place update."""
+
+    def __init__(self, model: nn.Module, placement: Placement):
+        experts_modules = find_stacked_experts(model, placement.num_logical_experts)
+        if len(experts_modules) != placement.num_layers:
+            raise PlacementError(
+                f"placement has {placement.num_layers} MoE layers but the model has "
+                f"{len(experts_modules)} experts modules with stacked [{placement.num_logical_experts}, ...] weights"
+            )
+        self.placement = placement
+        self.layers: list[_SlottedLayer] = []
+        for row, module in enumerate(experts_modules):
+            logical, physical = {}, {}
+            for name in STACKED_EXPERT_WEIGHTS:
+                weight = getattr(module, name, None)
+                if not isinstance(weight, nn.Parameter):
+                    continue
+                logical[name] = weight.detach()
+                slots = weight.detach().index_select(0, placement.phy2log[row].to(weight.device))
+                physical[name] = nn.Parameter(slots, requires_grad=False)
+                setattr(module, name, physical[name])
+            module.num_experts = placement.num_slots
+            self.layers.append(_SlottedLayer(module, logical, physical))
+
+    def apply(self, placement: Placement) -> None:
+        """Rewrite the slot weights for ``placement`` in place (same tensors, new contents)."""
+        if placement.num_slots != self.placement.num_slots or placement.num_layers != len(self.layers):
+            raise PlacementError("new placement has a different number of slots or MoE layers than the materialised one")
+        for row, layer in enumerate(self.layers):
+            changed = placement.phy2log[row] != self.placement.phy2log[row]
+            if not bool(changed.any()):
+                continue
+            for name, slots in layer.physical.items():
+                logical = layer.logical[name]
+                index = placement.phy2log[row].to(logical.device)
+                with torch.no_grad():
+                    torch.index_select(logical, 0, index, out=slots.data)
+        self.placement = placement
+
+    def slot_bytes(self) -> int:
+        """Bytes held by replica slots beyond one copy per logical expert."""
+        extra = self.placement.num_slots - self.placement.num_logical_experts
+        per_expert = sum(t[0].numel() * t.element_size() for layer in self.layers for t in layer.logical.values())
+        return extra * per_expert
