@@ -52,7 +52,7 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v_from_k: bool =
 
 # --------------------------------------------------------------------------- shared block step
 @triton.jit
-def _online_softmax_step(m_i, l_i, acc, s, visible, v, USE_DOT: tl.constexpr):
+def _online_softmax_step(m_i, l_i, acc, s, visible, v, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
     """Fold one block of scores into the running max/sum/accumulator.
 
     s [M, N] scores already in log2 units, visible [M, N] (or broadcastable), v [N, DV].
@@ -65,7 +65,10 @@ def _online_softmax_step(m_i, l_i, acc, s, visible, v, USE_DOT: tl.constexpr):
     p = tl.exp2(s - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if USE_DOT:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     else:
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :].to(tl.float32), axis=1)
     return m_new, l_i, acc
@@ -156,7 +159,7 @@ def _decode_split_kernel(
             v = k
         else:
             v = tl.load(v_base + pos[:, None] * sv_n + offs_d[None, :] * sv_d, mask=valid[:, None], other=0.0)
-        m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, s, valid[None, :], v, USE_DOT)
+        m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, s, valid[None, :], v, USE_DOT, IEEE)
 
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -339,7 +342,7 @@ def _prefill_kernel(
         v = tl.load(v_base + kp[:, None] * sv_n + offs_d[None, :] * sv_d, mask=n_ok[:, None], other=0.0)
         s = _scores(q, qe, k, ke, qk_scale, True, D_EXTRA, IEEE)
         visible = (offs_n[None, :] <= p[:, None]) & n_ok[None, :]
-        m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, s, visible, v, True)
+        m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, s, visible, v, True, IEEE)
 
     # Recent keys: the union of the rows' windows, [max(sink, min p - recent + 1), max p].
     lo = tl.maximum(tl.maximum(sink, p_min - recent + 1), 0)
@@ -357,7 +360,7 @@ def _prefill_kernel(
         v = tl.load(v_base + kp[:, None] * sv_n + offs_d[None, :] * sv_d, mask=n_ok[:, None], other=0.0)
         s = _scores(q, qe, k, ke, qk_scale, True, D_EXTRA, IEEE)
         visible = (offs_n[None, :] <= p[:, None]) & (offs_n[None, :] > p[:, None] - recent) & n_ok[None, :]
-        m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, s, visible, v, True)
+        m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, s, visible, v, True, IEEE)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_ptr = OUT + b * so_b + h * so_h + offs_m[:, None] * so_s + offs_d[None, :] * so_d
