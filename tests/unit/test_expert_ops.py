@@ -1,0 +1,119 @@
+"""omni::expert_dispatch and omni::record_expert_load against references, eager and compiled."""
+
+import pytest
+import torch
+
+import kernels  # noqa: F401
+from kernels.expert_dispatch import expert_dispatch_reference
+from omni_passes.placement.placement import Placement
+from omni_passes.placement.runtime import ExpertPlacementState, dispatch_tables
+
+
+def placement(rows, experts, ranks=1, slots_per_rank=None):
+    rows = torch.tensor(rows, dtype=torch.int64)
+    return Placement(
+        num_layers=rows.shape[0], num_logical_experts=experts, num_ranks=ranks, num_nodes=1,
+        slots_per_rank=slots_per_rank or rows.shape[1] // ranks, phy2log=rows,
+    )
+
+
+def test_identity_placement_maps_ids_to_themselves():
+    state = ExpertPlacementState(Placement.identity(2, 8))
+    ids = torch.randint(0, 8, (37, 3))
+    for layer in range(2):
+        out = torch.ops.omni.expert_dispatch(ids, state.handle, layer)
+        assert torch.equal(out, ids)
+        assert out.dtype == ids.dtype
+
+
+def test_replicas_split_tokens_evenly_and_deterministically():
+    # expert 0 has 3 replicas (slots 0, 4, 5), expert 1 has 2 (1, 6), others 1.
+    p = placement([[0, 1, 2, 3, 0, 0, 1]], experts=4)
+    state = ExpertPlacementState(p)
+    ids = torch.tensor([[0, 1], [0, 2], [0, 1], [3, 0], [0, 1], [2, 0], [0, 3]])
+    slots = torch.ops.omni.expert_dispatch(ids, state.handle, 0)
+    # Every slot holds the expert the token chose.
+    assert torch.equal(p.phy2log[0][slots], ids)
+    # Occurrences of expert 0 in token order go to replicas 0,1,2,0,1,2,...
+    zeros = slots[ids == 0].tolist()
+    assert zeros == [0, 4, 5, 0, 4, 5, 0]
+    assert slots[ids == 1].tolist() == [1, 6, 1]
+    assert torch.equal(slots, torch.ops.omni.expert_dispatch(ids, state.handle, 0))
+
+
+def test_split_is_even_within_one_token_on_random_batches():
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.cat([torch.arange(16), torch.randint(0, 16, (16,), generator=generator)]).unsqueeze(0)
+    p = placement(rows.tolist(), experts=16)
+    replica_slots, replica_count = dispatch_tables(p)
+    ids = torch.randint(0, 16, (500, 8), generator=generator)
+    slots = expert_dispatch_reference(ids, replica_slots, replica_count, 0)
+    per_slot = torch.bincount(slots.flatten(), minlength=32)
+    for expert in range(16):
+        holders = (p.phy2log[0] == expert).nonzero().flatten()
+        counts = per_slot[holders]
+        assert int(counts.sum()) == int((ids == expert).sum())
+        assert int(counts.max() - counts.min()) <= 1
+
+
+def test_local_rank_replica_preferred():
+    # 2 ranks x 3 slots; expert 0 on rank 0 (slot 0) and rank 1 (slot 4); expert 1 only on rank 0.
+    p = placement([[0, 1, 2, 3, 0, 2]], experts=4, ranks=2, slots_per_rank=3)
+    state = ExpertPlacementState(p, local_rank=1)
+    ids = torch.tensor([[0, 1], [0, 2], [0, 3]])
+    slots = torch.ops.omni.expert_dispatch(ids, state.handle, 0)
+    assert slots[:, 0].tolist() == [4, 4, 4]        # expert 0: only the local replica
+    assert slots[0, 1].item() == 1                  # expert 1 has no local replica: remote one
+    assert slots[1, 1].item() == 5                  # expert 2: local slot 5 preferred over slot 2
+    assert torch.equal(p.phy2log[0][slots], ids)
+
+
+def test_record_expert_load_equals_bincount():
+    state = ExpertPlacementState(Placement.identity(3, 10))
+    generator = torch.Generator().manual_seed(1)
+    expected = torch.zeros(3, 10, dtype=torch.int64)
+    for _ in range(5):
+        layer = int(torch.randint(0, 3, (1,), generator=generator))
+        ids = torch.randint(0, 10, (13, 4), generator=generator)
+        torch.ops.omni.record_expert_load(ids, state.handle, layer)
+        expected[layer] += torch.bincount(ids.flatten(), minlength=10)
+    assert torch.equal(state.expert_load, expected)
+    assert torch.equal(state.take_load(), expected)
+    assert int(state.expert_load.sum()) == 0
+
+
+def test_ops_compile_fullgraph_and_tables_update_without_recompile():
+    from torch._dynamo.utils import counters
+
+    p_a = placement([[0, 1, 2, 3, 0, 1, 2, 3]], experts=4)
+    p_b = placement([[0, 1, 2, 3, 3, 2, 1, 0]], experts=4)
+    state = ExpertPlacementState(p_a)
+
+    def route(ids):
+        torch.ops.omni.record_expert_load(ids, state.handle, 0)
+        return torch.ops.omni.expert_dispatch(ids, state.handle, 0) * 1
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(route, fullgraph=True, backend="inductor")
+    ids = torch.tensor([[0, 0], [1, 1], [2, 3], [3, 2]])
+    out_a = compiled(ids)
+    assert torch.equal(out_a, expert_dispatch_reference(ids, *dispatch_tables(p_a), 0))
+    frames = counters["stats"]["unique_graphs"]
+    state.apply(p_b)
+    out_b = compiled(ids)
+    assert torch.equal(out_b, expert_dispatch_reference(ids, *dispatch_tables(p_b), 0))
+    assert not torch.equal(out_a, out_b)
+    assert counters["stats"]["unique_graphs"] == frames  # no recompile
+    assert torch.equal(state.expert_load[0], 2 * torch.bincount(ids.flatten(), minlength=4))
+
+
+def test_unknown_state_handle_is_a_clear_error():
+    with pytest.raises(LookupError, match="not registered"):
+        torch.ops.omni.expert_dispatch(torch.zeros(2, 2, dtype=torch.int64), 10**9, 0)
+
+
+def test_layer_out_of_range_is_a_clear_error():
+    state = ExpertPlacementState(Placement.identity(2, 4))
+    with pytest.raises(IndexError, match="layer 5 out of range"):
+        torch.ops.omni.expert_dispatch(torch.zeros(2, 2, dtype=torch.int64), state.handle, 5)
