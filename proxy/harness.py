@@ -1,0 +1,79 @@
+"""Start simulated instances and a proxy in this event loop: for tests and benchmarks.
+
+    async with Cluster.start("pd", prefill=2, decode=2, policy="omni") as cluster:
+        cluster.proxy.url        # the proxy's base URL
+        cluster.sims             # SimInstance objects (engine, faults, records) in role order
+        cluster.by_role("decode")
+
+Every port is chosen by the OS. KV events are published by every sim and subscribed by the
+proxy unless ``kv_events=False``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy.server.app import ProxyServer
+from proxy.server.config import ProxyConfig
+from proxy.sim.faults import FaultPlan
+from proxy.sim.profile import SimProfile
+from proxy.sim.server import SimInstance
+
+
+@dataclass
+class Cluster:
+    sims: list[SimInstance]
+    proxy: ProxyServer | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def by_role(self, role: str) -> list[SimInstance]:
+        return [s for s in self.sims if s.role == role]
+
+    def sim(self, url: str) -> SimInstance:
+        return next(s for s in self.sims if s.url == url)
+
+    @classmethod
+    async def start(cls, mode: str, *, prefill: int = 0, decode: int = 0, collocated: int = 0,
+                    policy: str = "omni", policy_options: dict[str, Any] | None = None,
+                    profile: SimProfile | None = None, kv_events: bool = True,
+                    faults: dict[int, FaultPlan] | None = None, proxy: bool = True,
+                    **proxy_options: Any) -> "Cluster":
+        """Sims in order prefill..., decode..., collocated...; ``faults`` maps sim index -> plan."""
+        roles = ["prefill"] * prefill + ["decode"] * decode + ["collocated"] * collocated
+        faults = faults or {}
+        sims = []
+        try:
+            for k, role in enumerate(roles):
+                sim = SimInstance(0, role, profile, kv_events_port=0 if kv_events else None,
+                                  faults=faults.get(k, FaultPlan(seed=k)))
+                sims.append(await sim.start())
+            cluster = cls(sims)
+            if proxy:
+                config = ProxyConfig(
+                    mode=mode, port=0, policy=policy, policy_options=policy_options or {},
+                    prefill=[s.url for s in sims if s.role == "prefill"],
+                    decode=[s.url for s in sims if s.role == "decode"],
+                    instances=[s.url for s in sims if s.role == "collocated"],
+                    kv_events={s.url: s.kv_endpoint for s in sims if s.kv_endpoint} if kv_events else {},
+                    block_size=(profile or SimProfile()).block_size,
+                    chars_per_token=(profile or SimProfile()).chars_per_token,
+                    **proxy_options)
+                cluster.proxy = await ProxyServer(config).start()
+            return cluster
+        except BaseException:
+            for s in sims:
+                await s.stop()
+            raise
+
+    async def stop(self) -> None:
+        if self.proxy is not None:
+            await self.proxy.stop()
+        for s in self.sims:
+            await s.stop()
+
+    async def __aenter__(self) -> "Cluster":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()

@@ -1,0 +1,1 @@
+"""``omni-proxy serve``: the OpenAI-compatible proxy that applies ``scheduling`` to traffic."""

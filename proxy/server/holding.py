@@ -1,0 +1,105 @@
+"""Requests held in the proxy while every candidate instance is at its policy's limits.
+
+``place`` first tries to place a request at once (when nobody is held before it); otherwise it
+waits in the queue. ``kick`` (called whenever load frees, and on a timer) offers placement to
+held requests in the queue's order (``scheduling.queue_order``). Placing and taking load happen
+in one synchronous call, so requests placed in one kick see each other's load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from scheduling.queue_order import Held, decode_order, fifo_order, prefill_order
+
+
+class NoInstance(Exception):
+    """No usable instance for a stage (none configured, or every breaker open)."""
+
+
+class NoCapacity(Exception):
+    """Held past the queue timeout."""
+
+
+class _Waiter:
+    __slots__ = ("held", "try_place", "future")
+
+    def __init__(self, held: Held, try_place: Callable[[], Any], future: asyncio.Future):
+        self.held = held
+        self.try_place = try_place
+        self.future = future
+
+
+class HoldQueue:
+    def __init__(self, order: str = "fifo"):
+        if order not in ("fifo", "prefill", "decode"):
+            raise ValueError(f"unknown queue order {order!r}")
+        self.order = order
+        self.waiters: list[_Waiter] = []
+
+    def __len__(self) -> int:
+        return len(self.waiters)
+
+    async def place(self, held: Held, try_place: Callable[[], Any], timeout: float, now: float,
+                    on_orphan: Callable[[Any], None] | None = None) -> Any:
+        """A placement from ``try_place`` (which may raise NoInstance); NoCapacity after ``timeout``.
+
+        ``on_orphan`` gets a placement made for a request that stopped waiting at that moment
+        (timed out or cancelled), so the load it took can be given back.
+        """
+        if not self.waiters:
+            result = try_place()
+            if result is not None:
+                return result
+        waiter = _Waiter(held, try_place, asyncio.get_running_loop().create_future())
+        self.waiters.append(waiter)
+        self.kick(now)
+        taken = False
+        try:
+            result = await asyncio.wait_for(asyncio.shield(waiter.future), timeout)
+            taken = True
+            return result
+        except asyncio.TimeoutError:
+            raise NoCapacity(f"held {timeout:g} s in the proxy: every candidate instance stayed at its limits") from None
+        finally:
+            if waiter in self.waiters:
+                self.waiters.remove(waiter)
+            future = waiter.future
+            if not taken:
+                if not future.done():
+                    future.cancel()
+                elif not future.cancelled() and future.exception() is None and on_orphan is not None:
+                    on_orphan(future.result())
+
+    def kick(self, now: float) -> int:
+        """Place whoever can be placed now, in queue order; returns how many were placed."""
+        if not self.waiters:
+            return 0
+        helds = [w.held for w in self.waiters]
+        if self.order == "prefill":
+            order = prefill_order(helds, now)
+        elif self.order == "decode":
+            order = decode_order(helds)
+        else:
+            order = fifo_order(helds)
+        placed = 0
+        keep = [True] * len(self.waiters)
+        for k in order:
+            waiter = self.waiters[k]
+            if waiter.future.done():
+                keep[k] = False
+                continue
+            try:
+                result = waiter.try_place()
+            except Exception as exc:  # NoInstance: tell that request, go on with the others
+                waiter.future.set_exception(exc)
+                keep[k] = False
+                continue
+            if result is not None:
+                waiter.future.set_result(result)
+                keep[k] = False
+                placed += 1
+        self.waiters = [w for w, k in zip(self.waiters, keep) if k]
+        return placed

@@ -1,0 +1,437 @@
+"""One simulated vLLM instance: OpenAI HTTP API, PD protocol, KV events on ZMQ, faults.
+
+Speaks what the proxy speaks to vLLM: ``/v1/completions`` and ``/v1/chat/completions``
+(streaming and not), ``/v1/models``, ``/health``, ``/metrics``, ``/reset_prefix_cache``, the
+``X-Request-Id`` header, and vLLM's disaggregation fields: a request with
+``kv_transfer_params.do_remote_decode`` is a PD prefill whose response returns
+``kv_transfer_params`` (``do_remote_prefill``, ``remote_engine_id``, ``remote_host``,
+``remote_port``, ``remote_request_id``, ``remote_block_ids``); a request carrying those
+pulls the KV from that prefill instance (``POST /sim/kv/pull``) instead of prefilling, and
+recomputes the prompt when the KV is not there any more.
+
+Simulator-only endpoints: ``GET /sim/stats``, ``GET|POST /sim/faults`` (see
+``proxy.sim.faults``), ``GET /sim/requests/{id}`` (what a request produced), ``POST /sim/kv/pull``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from proxy.sim.engine import WORD_JSON, SimEngine, SimRequest
+from proxy.sim.faults import FaultPlan
+from proxy.sim.profile import SimProfile
+from proxy.wire import kv_events as kv
+from proxy.wire.openai import RequestError, error_bytes, max_tokens_of, parse_json_body, validate_request
+from proxy.wire.text import prompt_ids as text_prompt_ids
+from scheduling.block_hash import to_key
+
+log = logging.getLogger("omni_proxy.sim")
+
+ROLES = ("prefill", "decode", "collocated")
+_LOCAL: dict[str, "SimInstance"] = {}  # engine id -> instance, for in-process KV pulls
+
+
+def _json(document: Any, status: int = 200) -> web.Response:
+    return web.Response(body=json.dumps(document).encode(), status=status, content_type="application/json")
+
+
+def _error(message: str, status: int, kind: str | None = None) -> web.Response:
+    return web.Response(body=error_bytes(message, status, kind), status=status, content_type="application/json")
+
+
+class KVPublisher:
+    """ZMQ PUB socket sending vLLM KV event batches: frames (topic, seq, msgpack batch)."""
+
+    def __init__(self, endpoint: str, topic: str = "", int_hashes: bool = False):
+        import zmq
+
+        self._zmq = zmq
+        self.socket = zmq.Context.instance().socket(zmq.PUB)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.set_hwm(100_000)
+        if endpoint.endswith(":0"):  # any free port
+            port = self.socket.bind_to_random_port(endpoint[: -len(":0")])
+            endpoint = f"{endpoint[: -len(':0')]}:{port}"
+        else:
+            self.socket.bind(endpoint)
+        self.endpoint = endpoint
+        self.topic = topic.encode()
+        self.int_hashes = int_hashes
+        self.seq = 0
+
+    def publish(self, events: list[kv.Event]) -> None:
+        if self.int_hashes:
+            for e in events:
+                if isinstance(e, (kv.BlockStored, kv.BlockRemoved)):
+                    e.block_hashes = [to_key(h) for h in e.block_hashes]
+                if isinstance(e, kv.BlockStored) and e.parent_block_hash is not None:
+                    e.parent_block_hash = to_key(e.parent_block_hash)
+        batch = kv.EventBatch(ts=time.time(), events=events, data_parallel_rank=0)
+        try:
+            self.socket.send_multipart(kv.frames(self.topic, self.seq, batch), flags=self._zmq.NOBLOCK)
+        except self._zmq.Again:
+            pass  # PUB at its high-water mark drops, as vLLM's publisher does
+        self.seq += 1
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+class SimInstance:
+    def __init__(
+        self,
+        port: int,
+        role: str = "collocated",
+        profile: SimProfile | None = None,
+        model: str = "sim-model",
+        host: str = "127.0.0.1",
+        kv_events_port: int | None = None,
+        kv_topic: str = "",
+        faults: FaultPlan | None = None,
+    ):
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; choose one of {', '.join(ROLES)}")
+        self.port = port
+        self.role = role
+        self.profile = profile or SimProfile()
+        self.model = model
+        self.host = host
+        self.kv_events_port = kv_events_port
+        self.kv_topic = kv_topic
+        self.faults = faults or FaultPlan()
+        self.engine: SimEngine | None = None
+        self.publisher: KVPublisher | None = None
+        self.refusing_until = 0.0
+        self._runner: web.AppRunner | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._created = int(time.time())
+        self._refuse_task: asyncio.Task | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def engine_id(self) -> str:
+        return f"sim-{self.host}:{self.port}"
+
+    @property
+    def kv_endpoint(self) -> str | None:
+        return self.publisher.endpoint if self.publisher else None
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def build_app(self) -> web.Application:
+        app = web.Application(client_max_size=256 * 1024 * 1024)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/reset_prefix_cache", self.reset_prefix_cache)
+        app.router.add_post("/sim/kv/pull", self.kv_pull)
+        app.router.add_get("/sim/stats", self.stats)
+        app.router.add_get("/sim/faults", self.get_faults)
+        app.router.add_post("/sim/faults", self.set_faults)
+        app.router.add_get("/sim/requests/{rid}", self.request_record)
+        return app
+
+    async def start(self) -> "SimInstance":
+        if self.kv_events_port is not None:
+            self.publisher = KVPublisher(f"tcp://{self.host}:{self.kv_events_port}", self.kv_topic,
+                                         self.profile.int_block_hashes)
+            self.kv_events_port = int(self.publisher.endpoint.rsplit(":", 1)[1])
+        self.engine = SimEngine(self.profile, self.publisher.publish if self.publisher else None)
+        self.engine.slowdown = self.faults.slowdown
+        self.engine.start()
+        self._runner = web.AppRunner(self.build_app(), handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        await self._listen()
+        _LOCAL[self.engine_id] = self
+        return self
+
+    async def _listen(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._runner.server, self.host, self.port,
+                                                reuse_address=True, backlog=2048)
+        if self.port == 0:
+            self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        _LOCAL.pop(self.engine_id, None)
+        if self._refuse_task is not None:
+            self._refuse_task.cancel()
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self.engine is not None:
+            await self.engine.stop()
+        if self._session is not None:
+            await self._session.close()
+        if self.publisher is not None:
+            self.publisher.close()
+
+    async def refuse_for(self, seconds: float) -> None:
+        """Stop listening (connections refused) for ``seconds``; reset requests meanwhile."""
+        loop = asyncio.get_running_loop()
+        self.refusing_until = loop.time() + seconds
+        self.faults.injected["refuse"] += 1
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        if self._refuse_task is not None:
+            self._refuse_task.cancel()
+
+        async def reopen() -> None:
+            await asyncio.sleep(seconds)
+            self.refusing_until = 0.0
+            await self._listen()
+
+        self._refuse_task = loop.create_task(reopen())
+
+    def _refusing(self) -> bool:
+        return self.refusing_until > 0.0
+
+    # -- plain endpoints --------------------------------------------------------------------
+    async def health(self, request: web.Request) -> web.StreamResponse:
+        if self._refusing():
+            return await self._reset(request)
+        return web.Response(status=200)
+
+    async def models(self, request: web.Request) -> web.Response:
+        return _json({"object": "list", "data": [{
+            "id": self.model, "object": "model", "created": self._created, "owned_by": "omni-sim",
+            "root": self.model, "parent": None, "max_model_len": self.profile.max_model_len}]})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        s = self.engine.stats()
+        label = f'{{model_name="{self.model}",role="{self.role}"}}'
+        lines = [
+            f"vllm:num_requests_running{label} {s['running']}",
+            f"vllm:num_requests_waiting{label} {s['waiting']}",
+            f"omni_sim:free_blocks{label} {s['free_blocks']}",
+            f"omni_sim:busy_seconds_total{label} {s['busy_s']}",
+        ]
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+    async def stats(self, request: web.Request) -> web.Response:
+        return _json({"role": self.role, "engine_id": self.engine_id, **self.engine.stats(),
+                      "faults_injected": dict(self.faults.injected)})
+
+    async def get_faults(self, request: web.Request) -> web.Response:
+        return _json(self.faults.to_dict())
+
+    async def set_faults(self, request: web.Request) -> web.Response:
+        try:
+            changes = json.loads(await request.read())
+            if not isinstance(changes, dict):
+                raise ValueError("body must be a JSON object of fault fields")
+            self.faults.update(changes)
+        except (ValueError, json.JSONDecodeError) as exc:
+            return _error(str(exc), 400)
+        self.engine.slowdown = self.faults.slowdown
+        refuse = changes.get("refuse_s")
+        if refuse:
+            # answer first, then close the socket
+            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.refuse_for(float(refuse))))
+        return _json(self.faults.to_dict())
+
+    async def request_record(self, request: web.Request) -> web.Response:
+        record = self.engine.records.get(request.match_info["rid"])
+        if record is None:
+            return _error(f"no record of request {request.match_info['rid']!r}", 404)
+        return _json(record)
+
+    async def reset_prefix_cache(self, request: web.Request) -> web.Response:
+        self.engine.reset_prefix_cache()
+        return web.Response(status=200)
+
+    async def kv_pull(self, request: web.Request) -> web.Response:
+        body = json.loads(await request.read())
+        held = self.engine.pull(str(body.get("request_id")))
+        if held is None:
+            return _error(f"engine {self.engine_id} holds no KV for request {body.get('request_id')!r}", 404)
+        return _json({"prompt_tokens": held.prompt_len})
+
+    # -- completions ------------------------------------------------------------------------
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=True)
+
+    async def _reset(self, request: web.Request) -> web.StreamResponse:
+        """Drop the connection without an answer (what a dead or refusing server looks like)."""
+        if request.transport is not None:
+            request.transport.abort()
+        await asyncio.Event().wait()  # cancelled as the connection goes
+        raise AssertionError("unreachable")
+
+    async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        if self._refusing():
+            return await self._reset(request)
+        try:
+            body = parse_json_body(await request.read())
+            validate_request(body, chat)
+        except RequestError as exc:
+            return _error(exc.message, exc.status)
+        rid = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        fault = self.faults.draw()
+        if fault == "fail":
+            return _error(f"injected failure on {self.engine_id}", 500)
+        if fault == "stall":
+            await asyncio.Event().wait()  # until the client goes away
+        p = self.profile
+        ids = text_prompt_ids(body, chat, p.chars_per_token)
+        max_tokens = max_tokens_of(body, p.default_max_tokens)
+        if len(ids) + max_tokens > p.max_model_len:
+            return _error(
+                f"This model's maximum context length is {p.max_model_len} tokens. However, you requested "
+                f"{len(ids) + max_tokens} tokens ({len(ids)} in the messages, {max_tokens} in the completion).", 400)
+        if -(-(len(ids) + max_tokens) // p.block_size) > p.num_kv_blocks:
+            return _error(f"request needs more KV blocks than the cache has ({p.num_kv_blocks})", 400)
+        params = body.get("kv_transfer_params")
+        if params is not None and not isinstance(params, dict):
+            return _error(f"field 'kv_transfer_params' must be an object, got {params!r:.60}", 400)
+        params = params or {}
+        remote_decode = bool(params.get("do_remote_decode"))
+        kv_ready = False
+        kv_source = "local"
+        if params.get("do_remote_prefill"):
+            missing = [k for k in ("remote_engine_id", "remote_host", "remote_port", "remote_request_id") if k not in params]
+            if missing:
+                return _error(f"kv_transfer_params lacks {', '.join(missing)}", 400)
+            if await self._pull_remote(params):
+                await asyncio.sleep(p.transfer_time(len(ids)) * self.engine.slowdown)
+                kv_ready, kv_source = True, "remote"
+            else:
+                kv_source = "recomputed"  # the KV is gone (or never was): compute the prompt here
+        req = SimRequest(rid, ids, self.engine.digests_of(ids), max_tokens, remote_decode, kv_ready)
+        req.kv_source = kv_source
+        self.engine.add(req)
+        try:
+            if body.get("stream"):
+                return await self._stream(request, req, body, chat, fault)
+            return await self._whole(request, req, body, chat, fault)
+        finally:
+            if not req.done:
+                self.engine.abort(req)
+
+    async def _pull_remote(self, params: dict[str, Any]) -> bool:
+        rid = str(params["remote_request_id"])
+        local = _LOCAL.get(str(params["remote_engine_id"]))
+        if local is not None:
+            return local.engine.pull(rid) is not None
+        url = f"http://{params['remote_host']}:{params['remote_port']}/sim/kv/pull"
+        if self._session is None:
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        try:
+            async with self._session.post(url, json={"request_id": rid}, timeout=aiohttp.ClientTimeout(total=10)) as r:
+                return r.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            return False
+
+    def _usage(self, req: SimRequest) -> dict[str, int]:
+        return {"prompt_tokens": req.prompt_len, "completion_tokens": len(req.outputs),
+                "total_tokens": req.prompt_len + len(req.outputs)}
+
+    def _kv_params_out(self, req: SimRequest) -> dict[str, Any] | None:
+        if not req.remote_decode:
+            return None
+        return {"do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": self.engine_id,
+                "remote_block_ids": list(range(len(req.digests) + 1)), "remote_host": self.host,
+                "remote_port": self.port, "remote_request_id": req.rid, "tp_size": 1}
+
+    async def _crash(self, request: web.Request, req: SimRequest) -> web.StreamResponse:
+        self.engine.abort(req)
+        self.engine.records[req.rid]["status"] = "crashed"
+        return await self._reset(request)
+
+    async def _whole(self, request, req: SimRequest, body, chat: bool, fault) -> web.StreamResponse:
+        while not req.done:
+            await req.wake.wait()
+            req.wake.clear()
+            if fault == "crash" and len(req.outputs) >= self.faults.crash_after_tokens:
+                return await self._crash(request, req)
+        if fault == "crash":
+            return await self._crash(request, req)
+        created = int(time.time())
+        if chat:
+            doc = {"id": f"chatcmpl-{req.rid}", "object": "chat.completion", "created": created, "model": self.model,
+                   "choices": [{"index": 0, "message": {"role": "assistant", "content": req.text()},
+                                "logprobs": None, "finish_reason": req.finish_reason, "stop_reason": None}]}
+        else:
+            doc = {"id": f"cmpl-{req.rid}", "object": "text_completion", "created": created, "model": self.model,
+                   "choices": [{"index": 0, "text": req.text(), "logprobs": None,
+                                "finish_reason": req.finish_reason, "stop_reason": None}]}
+        doc["usage"] = self._usage(req)
+        doc["kv_transfer_params"] = self._kv_params_out(req)
+        return _json(doc)
+
+    async def _stream(self, request, req: SimRequest, body, chat: bool, fault) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        created = int(time.time())
+        model = json.dumps(self.model)
+        if chat:
+            head = (f'data: {{"id":"chatcmpl-{req.rid}","object":"chat.completion.chunk","created":{created},'
+                    f'"model":{model},"choices":[{{"index":0,"delta":{{').encode()
+            open_text, role = b'"content":', b'"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}\n\n'
+            tail = b'},"logprobs":null,"finish_reason":null}]}\n\n'
+            last = b'},"logprobs":null,"finish_reason":"length","stop_reason":null}]}\n\n'
+        else:
+            head = (f'data: {{"id":"cmpl-{req.rid}","object":"text_completion","created":{created},'
+                    f'"model":{model},"choices":[{{"index":0,').encode()
+            open_text, role = b'"text":', b""
+            tail = b',"logprobs":null,"finish_reason":null,"stop_reason":null}]}\n\n'
+            last = b',"logprobs":null,"finish_reason":"length","stop_reason":null}]}\n\n'
+        sent = 0
+        while True:
+            await req.wake.wait()
+            req.wake.clear()
+            n = len(req.outputs)
+            if n > sent:
+                parts = []
+                if sent == 0 and chat:
+                    parts.append(head + role)
+                for k in range(sent, n):
+                    final = req.done and k == n - 1 and req.state == "finished"
+                    parts.append(head + open_text + WORD_JSON[req.outputs[k]] + (last if final else tail))
+                sent = n
+                await resp.write(b"".join(parts))
+                if fault == "crash" and sent >= self.faults.crash_after_tokens:
+                    return await self._crash(request, req)
+            if req.done:
+                break
+        options = body.get("stream_options") or {}
+        if options.get("include_usage"):
+            usage = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{req.rid}",
+                     "object": "chat.completion.chunk" if chat else "text_completion",
+                     "created": created, "model": self.model, "choices": [], "usage": self._usage(req)}
+            await resp.write(b"data: " + json.dumps(usage).encode() + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+
+async def start_instances(ports: list[int], roles: list[str], profile: SimProfile | None = None,
+                          model: str = "sim-model", host: str = "127.0.0.1",
+                          kv_events_ports: list[int | None] | None = None,
+                          faults: list[FaultPlan] | None = None, kv_topic: str = "") -> list[SimInstance]:
+    """Start one instance per port in this event loop (for tests, benchmarks and the CLI)."""
+    kv_events_ports = kv_events_ports or [None] * len(ports)
+    faults = faults or [FaultPlan() for _ in ports]
+    out = []
+    for port, role, kv_port, plan in zip(ports, roles, kv_events_ports, faults):
+        out.append(await SimInstance(port, role, profile, model, host, kv_port, kv_topic, plan).start())
+    return out
