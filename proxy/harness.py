@@ -1,6 +1,6 @@
 """Start simulated instances and a proxy in this event loop: for tests and benchmarks.
 
-    async with Cluster.start("pd", prefill=2, decode=2, policy="omni") as cluster:
+    async with await Cluster.start("pd", prefill=2, decode=2, policy="omni") as cluster:
         cluster.proxy.url        # the proxy's base URL
         cluster.sims             # SimInstance objects (engine, faults, records) in role order
         cluster.by_role("decode")

@@ -53,25 +53,30 @@ class HoldQueue:
             result = try_place()
             if result is not None:
                 return result
-        waiter = _Waiter(held, try_place, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(held, try_place, loop.create_future())
         self.waiters.append(waiter)
         self.kick(now)
+        future = waiter.future
+
+        def expire() -> None:
+            if not future.done():
+                future.set_exception(NoCapacity(
+                    f"held {timeout:g} s in the proxy: every candidate instance stayed at its limits"))
+
+        timer = loop.call_later(timeout, expire)
         taken = False
         try:
-            result = await asyncio.wait_for(asyncio.shield(waiter.future), timeout)
+            result = await future  # a cancelled caller cancels the future too (if still pending)
             taken = True
             return result
-        except asyncio.TimeoutError:
-            raise NoCapacity(f"held {timeout:g} s in the proxy: every candidate instance stayed at its limits") from None
         finally:
+            timer.cancel()
             if waiter in self.waiters:
                 self.waiters.remove(waiter)
-            future = waiter.future
-            if not taken:
-                if not future.done():
-                    future.cancel()
-                elif not future.cancelled() and future.exception() is None and on_orphan is not None:
-                    on_orphan(future.result())
+            if not taken and future.done() and not future.cancelled() and future.exception() is None \
+                    and on_orphan is not None:
+                on_orphan(future.result())
 
     def kick(self, now: float) -> int:
         """Place whoever can be placed now, in queue order; returns how many were placed."""

@@ -86,7 +86,9 @@ class BlockCache:
         if generation != self.generation:
             self.anonymous -= len(cached) + anonymous
             return
-        for d in cached:
+        # tail blocks first, as vLLM frees them: eviction then takes a prompt's end before its
+        # start, so shared prefixes survive longest
+        for d in reversed(cached):
             users = self.refs[d] - 1
             if users:
                 self.refs[d] = users

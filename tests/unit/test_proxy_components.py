@@ -1,0 +1,194 @@
+import asyncio
+
+import pytest
+
+from proxy.server.config import ProxyConfig, parse_kv_events
+from proxy.server.holding import HoldQueue, NoCapacity, NoInstance
+from proxy.server.instances import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
+from proxy.server.kv_subscriber import KVEventSubscriber
+from proxy.sim.cache import BlockCache
+from proxy.sim.faults import FaultPlan
+from proxy.sim.profile import SimProfile
+from proxy.wire import kv_events as kv
+from scheduling.block_hash import to_key
+from scheduling.prefix_index import PrefixIndex
+from scheduling.queue_order import Held
+
+
+# -- circuit breaker ----------------------------------------------------------------------------
+def test_breaker_opens_after_consecutive_failures_and_closes_on_probe_after_cooldown():
+    b = CircuitBreaker(failures=3, cooldown_s=5.0)
+    b.record_failure(0.0)
+    b.record_failure(0.1)
+    b.record_success(0.2)  # resets the count
+    b.record_failure(1.0)
+    b.record_failure(1.1)
+    assert b.usable(1.2)
+    b.record_failure(1.2)
+    assert b.state == OPEN and not b.usable(1.3)
+    b.record_success(3.0, from_health=True)  # during cooldown: stays open
+    assert b.state == OPEN
+    b.record_success(6.3, from_health=True)
+    assert b.state == CLOSED and b.usable(6.3)
+
+
+def test_breaker_half_open_without_health_checks_doubles_cooldown():
+    b = CircuitBreaker(failures=1, cooldown_s=2.0)
+    b.record_failure(0.0)
+    assert not b.usable(1.0, health_checked=False)
+    assert b.usable(2.0, health_checked=False) and b.state == HALF_OPEN
+    b.record_failure(2.0)  # trial failed: open again, twice as long
+    assert b.state == OPEN and b.open_until == pytest.approx(6.0)
+    assert b.usable(6.0, health_checked=False)
+    b.record_success(6.1)
+    assert b.state == CLOSED
+
+
+# -- hold queue ---------------------------------------------------------------------------------
+@pytest.mark.asyncio
+async def test_hold_queue_releases_in_omni_prefill_order_and_times_out():
+    q = HoldQueue("prefill")
+    capacity = {"free": 0}
+    served = []
+
+    def placer(name):
+        def try_place():
+            if capacity["free"] > 0:
+                capacity["free"] -= 1
+                served.append(name)
+                return name
+            return None
+        return try_place
+
+    long_req = asyncio.ensure_future(q.place(Held(4000, 1, 0.0), placer("long"), 5, now=0.0))
+    short_req = asyncio.ensure_future(q.place(Held(100, 1, 0.0), placer("short"), 5, now=0.0))
+    await asyncio.sleep(0)
+    assert len(q) == 2
+    capacity["free"] = 1
+    q.kick(now=0.01)
+    assert await short_req == "short"
+    capacity["free"] = 1
+    q.kick(now=0.02)
+    assert await long_req == "long"
+    assert served == ["short", "long"]
+    with pytest.raises(NoCapacity, match="held 0.05 s"):
+        await q.place(Held(1, 1, 0.0), placer("never"), 0.05, now=0.0)
+    assert len(q) == 0
+
+
+@pytest.mark.asyncio
+async def test_hold_queue_passes_no_instance_and_returns_orphans():
+    q = HoldQueue("fifo")
+
+    def none_left():
+        raise NoInstance("no usable decode instance")
+
+    with pytest.raises(NoInstance):
+        await q.place(Held(1, 1, 0.0), none_left, 1, now=0.0)
+    orphans = []
+    gate = {"open": False}
+    waiter = asyncio.ensure_future(q.place(Held(1, 1, 0.0), lambda: "slot" if gate["open"] else None, 5, 0.0,
+                                           on_orphan=orphans.append))
+    await asyncio.sleep(0)
+    gate["open"] = True
+    q.kick(0.0)  # placed ...
+    waiter.cancel()  # ... but the client left in the same instant
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert orphans == ["slot"]
+
+
+# -- KV event subscriber (no socket: frames handed in) ----------------------------------------------
+def test_subscriber_applies_events_and_counts_gaps():
+    index = PrefixIndex()
+    sub = KVEventSubscriber("http://a", "tcp://127.0.0.1:1", index, block_size=16)
+    stored = kv.EventBatch(0.0, [kv.BlockStored([b"\x01" * 32, b"\x02" * 32], None, [0] * 32, 16)])
+    sub.handle(kv.frames(b"", 0, stored))
+    assert index.match([to_key(b"\x01" * 32), to_key(b"\x02" * 32)]) == {"http://a": 2}
+    sub.handle(kv.frames(b"", 2, kv.EventBatch(0.0, [kv.BlockRemoved([to_key(b"\x02" * 32)])])))  # int form
+    assert sub.gaps == 1
+    assert index.match([to_key(b"\x01" * 32), to_key(b"\x02" * 32)]) == {"http://a": 1}
+    sub.handle(kv.frames(b"", 3, kv.EventBatch(0.0, [kv.AllBlocksCleared()])))
+    assert index.size("http://a") == 0
+    with pytest.raises(kv.KVEventDecodeError, match="3 frames"):
+        sub.handle([b"", b"x"])
+
+
+# -- configuration ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(mode="x"), "--mode must be one of pd, collocated, got 'x'"),
+    (dict(mode="pd", prefill=["http://a"]), "--mode pd needs at least one --decode URL"),
+    (dict(mode="collocated"), "--mode collocated needs at least one --instance URL"),
+    (dict(mode="collocated", instances=["http://a"], decode=["http://b"]), "--prefill/--decode are for --mode pd"),
+    (dict(mode="collocated", instances=["ftp://a"]), "must start with http"),
+    (dict(mode="collocated", instances=["http://a", "http://a/"]), "more than once: http://a"),
+    (dict(mode="collocated", instances=["http://a"], policy="best"), "--policy must be one of"),
+    (dict(mode="collocated", instances=["http://a"], policy="round_robin", policy_options={"bypass_tokens": 1}),
+     "round_robin"),
+    (dict(mode="collocated", instances=["http://a"], kv_events={"http://b": "tcp://x:1"}), "not one of the instances"),
+    (dict(mode="collocated", instances=["http://a"], kv_events={"http://a": "x:1"}), "must be a ZMQ address"),
+    (dict(mode="collocated", instances=["http://a"], block_size=0), "--block-size must be positive"),
+    (dict(mode="collocated", instances=["http://a"], retries=-1), "--retries must not be negative"),
+])
+def test_config_errors_name_flag_and_value(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ProxyConfig(**kwargs).check()
+
+
+def test_parse_kv_events():
+    assert parse_kv_events(["http://a:1=tcp://a:2"]) == {"http://a:1": "tcp://a:2"}
+    with pytest.raises(ValueError, match="URL=ENDPOINT"):
+        parse_kv_events(["http://a:1"])
+
+
+# -- simulator pieces ---------------------------------------------------------------------------------
+def test_block_cache_lru_eviction_and_events():
+    cache = BlockCache(num_blocks=4, block_size=2)
+    assert cache.acquire([], 2)
+    assert cache.commit([b"a", b"b"], None, [1, 2, 3, 4]) == [b"a", b"b"]
+    stored = cache.take_events()[0]
+    assert stored.block_hashes == [b"a", b"b"] and stored.token_ids == [1, 2, 3, 4] and stored.parent_block_hash is None
+    cache.release([b"a", b"b"], 0, cache.generation)
+    assert cache.free_blocks() == 2 and cache.match([b"a", b"b", b"c"]) == 2
+    assert cache.acquire([b"a"], 3)  # reuse a, evict b (the only free cached one) for room
+    removed = cache.take_events()[0]
+    assert isinstance(removed, kv.BlockRemoved) and removed.block_hashes == [b"b"]
+    assert not cache.acquire([], 1)  # 1 (a) + 3 anonymous = full
+    cache.release([b"a"], 3, cache.generation)
+    cache.clear()
+    assert isinstance(cache.take_events()[0], kv.AllBlocksCleared) and cache.match([b"a"]) == 0
+    assert cache.free_blocks() == 4
+
+
+def test_profile_defaults_step_time_and_errors(tmp_path):
+    p = SimProfile()
+    assert p.step_time([], 0, 0) == 0.0
+    t = p.step_time([(0, 1000)], 4096 * 4, 4)
+    expected = p.step_overhead_s + p.prefill_token_s * 1000 + p.prefill_attn_s * 1000 * 500 + p.decode_seq_s * 4 + p.decode_kv_token_s * 4096 * 4
+    assert t == pytest.approx(expected)
+    bad = tmp_path / "p.json"
+    bad.write_text('{"block_size": 16, "speed": 2}')
+    with pytest.raises(ValueError, match=r"p.json: unknown profile field\(s\) speed"):
+        SimProfile.load(bad)
+    bad.write_text('{"block_size": -1}')
+    with pytest.raises(ValueError, match="field 'block_size' has bad value -1"):
+        SimProfile.load(bad)
+    with pytest.raises(ValueError, match="does not exist"):
+        SimProfile.load(tmp_path / "none.json")
+    good = tmp_path / "g.json"
+    good.write_text('{"step_overhead_s": 0.001, "max_num_seqs": 8}')
+    assert SimProfile.load(good).max_num_seqs == 8
+
+
+def test_fault_plan_counters_rates_and_errors():
+    plan = FaultPlan(fail_next=1, crash_next=1, seed=3)
+    assert [plan.draw(), plan.draw(), plan.draw()] == ["fail", "crash", None]
+    plan.update({"stall_rate": 1.0})
+    assert plan.draw() == "stall"
+    plan.update({"stall_rate": 0.0, "fail_rate": 0.25})
+    draws = [plan.draw() for _ in range(4000)]
+    assert 800 < draws.count("fail") < 1200 and set(draws) == {"fail", None}
+    with pytest.raises(ValueError, match="unknown fault field 'explode'"):
+        plan.update({"explode": 1})
+    with pytest.raises(ValueError, match="probability"):
+        plan.update({"fail_rate": 2})

@@ -1,0 +1,103 @@
+import importlib.util
+import json
+
+import msgpack
+import pytest
+
+from proxy.wire import kv_events as kv
+from proxy.wire.openai import RequestError, parse_json_body, validate_request
+from proxy.wire.text import char_block_ids, prompt_ids, render_chat
+
+
+def test_kv_batch_roundtrip_and_layout():
+    batch = kv.EventBatch(1.5, [kv.BlockStored([b"\x01" * 32, 7], None, [1, 2], 16, "GPU"),
+                                kv.BlockRemoved([b"\x02" * 32], None), kv.AllBlocksCleared()], 0)
+    raw = msgpack.unpackb(kv.encode_batch(batch), raw=False)
+    assert raw[0] == 1.5 and raw[2] == 0
+    assert raw[1][0] == {"type": "BlockStored", "block_hashes": [b"\x01" * 32, 7], "parent_block_hash": None,
+                         "token_ids": [1, 2], "block_size": 16, "lora_id": None, "medium": "GPU", "lora_name": None}
+    assert raw[1][1] == {"type": "BlockRemoved", "block_hashes": [b"\x02" * 32], "medium": None}
+    assert raw[1][2] == {"type": "AllBlocksCleared"}
+    back = kv.decode_batch(kv.encode_batch(batch))
+    assert back.events[0].block_hashes == [b"\x01" * 32, 7] and back.events[0].block_size == 16
+    assert isinstance(back.events[1], kv.BlockRemoved) and isinstance(back.events[2], kv.AllBlocksCleared)
+    topic, seq, payload = kv.frames(b"t", 5, batch)
+    assert kv.decode_seq(seq) == 5 and seq == (5).to_bytes(8, "big")
+
+
+def test_decoder_accepts_array_events_and_skips_unknown_types():
+    payload = msgpack.packb([2.0, [["BlockStored", [1, 2], None, [9] * 32, 16, None, "GPU"],
+                                   ["BlockRemoved", [1], None], {"type": "SomethingNew", "x": 1}]])
+    events = kv.decode_batch(payload).events
+    assert [type(e).__name__ for e in events] == ["BlockStored", "BlockRemoved"]
+    assert events[0].block_hashes == [1, 2]
+
+
+@pytest.mark.parametrize("payload, message", [
+    (b"\xc1", "not msgpack"),
+    (msgpack.packb({"ts": 1}), "not a KVEventBatch"),
+    (msgpack.packb([1.0, [{"type": "BlockStored", "block_hashes": [1], "block_size": 0}]]), "block_size"),
+    (msgpack.packb([1.0, [{"type": "BlockRemoved", "block_hashes": "x"}]]), "block_hashes"),
+    (msgpack.packb([1.0, [42]]), "neither"),
+])
+def test_decoder_errors_name_the_problem(payload, message):
+    with pytest.raises(kv.KVEventDecodeError, match=message):
+        kv.decode_batch(payload)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm not installed")
+def test_decoder_reads_what_vllm_publishes():
+    import msgspec
+    from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
+
+    batch = KVEventBatch(ts=3.25, events=[
+        BlockStored(block_hashes=[b"\xaa" * 32], parent_block_hash=b"\xbb" * 32, token_ids=list(range(16)),
+                    block_size=16, lora_id=None, medium="GPU", lora_name=None, group_idx=0),
+        BlockRemoved(block_hashes=[b"\xaa" * 32], medium="GPU"), AllBlocksCleared()], data_parallel_rank=0)
+    ours = kv.decode_batch(msgspec.msgpack.Encoder().encode(batch))
+    assert ours.ts == 3.25 and ours.data_parallel_rank == 0
+    stored, removed, cleared = ours.events
+    assert stored.block_hashes == [b"\xaa" * 32] and stored.parent_block_hash == b"\xbb" * 32
+    assert stored.token_ids == list(range(16)) and stored.group_idx == 0
+    assert removed.block_hashes == [b"\xaa" * 32] and isinstance(cleared, kv.AllBlocksCleared)
+    # and vLLM's own decoder reads what the simulator publishes
+    ours_bytes = kv.encode_batch(kv.EventBatch(1.0, [kv.BlockStored([b"\x01" * 32], None, [1] * 16, 16, "GPU")], 0))
+    theirs = msgspec.msgpack.Decoder(type=KVEventBatch).decode(ours_bytes)
+    assert theirs.events[0].block_hashes == [b"\x01" * 32] and theirs.data_parallel_rank == 0
+
+
+def test_char_block_tokenizer():
+    assert char_block_ids("abcdefghi", 4) == char_block_ids("abcd", 4) + char_block_ids("efgh", 4) + char_block_ids("i", 4)
+    assert len(char_block_ids("x" * 4000, 4)) == 1000
+    chat = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": [{"type": "text", "text": "U"}]}]}
+    assert render_chat(chat["messages"]) == "<|system|>S\n<|user|>U\n<|assistant|>"
+    assert prompt_ids(chat, chat=True, chars_per_token=1) == char_block_ids(render_chat(chat["messages"]), 1)
+    assert prompt_ids({"prompt": [5, 6, 7]}, chat=False) == [5, 6, 7]
+    assert prompt_ids({"prompt": [[5, 6], [7]]}, chat=False) == [5, 6]
+    assert prompt_ids({"prompt": ["abcd", "zz"]}, chat=False) == char_block_ids("abcd")
+
+
+@pytest.mark.parametrize("body, chat, message", [
+    ({}, True, "field 'messages' is required for /v1/chat/completions"),
+    ({"messages": []}, True, "'messages' must be a non-empty list"),
+    ({"messages": [{"content": "x"}]}, True, r"messages\[0\] must be an object with a string 'role'"),
+    ({}, False, "field 'prompt' is required for /v1/completions"),
+    ({"prompt": {"a": 1}}, False, "field 'prompt' must be"),
+    ({"prompt": "x", "max_tokens": 0}, False, "'max_tokens' must be a positive integer, got 0"),
+    ({"prompt": "x", "max_tokens": "5"}, False, "'max_tokens' must be a positive integer, got '5'"),
+    ({"prompt": "x", "stream": "yes"}, False, "'stream' must be true or false"),
+    ({"prompt": "x", "model": 3}, False, "'model' must be a string"),
+])
+def test_validation_names_field_and_value(body, chat, message):
+    with pytest.raises(RequestError, match=message):
+        validate_request(body, chat)
+
+
+def test_body_parsing_errors():
+    with pytest.raises(RequestError, match="empty"):
+        parse_json_body(b"")
+    with pytest.raises(RequestError, match="not valid JSON"):
+        parse_json_body(b"{nope")
+    with pytest.raises(RequestError, match="must be a JSON object, got list"):
+        parse_json_body(b"[1]")
+    assert parse_json_body(json.dumps({"a": 1}).encode()) == {"a": 1}
