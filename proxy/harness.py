@@ -77,3 +77,47 @@ class Cluster:
 
     async def __aexit__(self, *exc) -> None:
         await self.stop()
+
+
+# -- client-side helpers (tests, benchmarks) ------------------------------------------------------
+def sse_documents(text: str) -> list:
+    """The ``data:`` payloads of an SSE body: parsed JSON documents, and "[DONE]" as a string."""
+    import json
+
+    out = []
+    for block in text.split("\n\n"):
+        if block.startswith("data: "):
+            payload = block[len("data: "):]
+            out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out
+
+
+def streamed_text(docs: list, chat: bool) -> str:
+    """The completion text carried by streamed chunks (completions or chat)."""
+    parts = []
+    for d in docs:
+        if d == "[DONE]" or not isinstance(d, dict) or not d.get("choices"):
+            continue
+        choice = d["choices"][0]
+        parts.append((choice.get("delta") or {}).get("content") or "" if chat else choice.get("text", ""))
+    return "".join(parts)
+
+
+async def call(session, base: str, body: dict, rid: str | None = None, chat: bool = False):
+    """POST a completion; returns (status, body text, headers)."""
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    headers = {"X-Request-Id": rid} if rid else {}
+    async with session.post(base + path, json=body, headers=headers) as r:
+        return r.status, await r.text(), r.headers
+
+
+async def wait_until(predicate, timeout: float = 5.0, interval: float = 0.02) -> None:
+    """Poll ``predicate`` until true; AssertionError after ``timeout`` seconds."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(interval)

@@ -369,6 +369,7 @@ class ProxyServer:
     async def _forward(self, ctx: _Ctx, instance: str, payload: bytes, ticket: Ticket) -> web.StreamResponse:
         """Send to one instance and relay the answer; AttemptFailed only before the first byte."""
         c = self.config
+        attempt_t0 = self.now()
         resp = await self._post(ctx, instance, payload, c.first_byte_timeout if ctx.stream else c.request_timeout)
         clean = False
         try:
@@ -386,7 +387,7 @@ class ProxyServer:
                 self._succeeded(instance)
                 return web.Response(body=data, status=resp.status, content_type=resp.content_type,
                                     headers={"X-Request-Id": ctx.rid})
-            elapsed = self.now() - ctx.t0
+            elapsed = self.now() - attempt_t0
             try:
                 first = await asyncio.wait_for(resp.content.readany(), max(0.001, c.first_byte_timeout - elapsed))
             except asyncio.TimeoutError:

@@ -6,7 +6,7 @@ import json
 import aiohttp
 import pytest
 
-from proxy.harness import Cluster
+from proxy.harness import Cluster, call, sse_documents, streamed_text, wait_until as wait_for
 from proxy.sim.profile import SimProfile
 from proxy.wire.text import char_block_ids, render_chat
 from scheduling.prefix_index import CONFIRMED
@@ -14,32 +14,6 @@ from scheduling.prefix_index import CONFIRMED
 pytestmark = pytest.mark.asyncio
 
 FAST = SimProfile(step_overhead_s=0.001, decode_seq_s=1e-5)
-
-
-def sse_documents(text: str) -> list:
-    out = []
-    for block in text.split("\n\n"):
-        if block.startswith("data: "):
-            payload = block[len("data: "):]
-            out.append(payload if payload == "[DONE]" else json.loads(payload))
-    return out
-
-
-def streamed_text(docs: list, chat: bool) -> str:
-    parts = []
-    for d in docs:
-        if d == "[DONE]" or not d.get("choices"):
-            continue
-        c = d["choices"][0]
-        parts.append(c["delta"].get("content", "") if chat else c["text"])
-    return "".join(parts)
-
-
-async def call(session, base, body, rid=None, chat=False):
-    path = "/v1/chat/completions" if chat else "/v1/completions"
-    headers = {"X-Request-Id": rid} if rid else {}
-    async with session.post(base + path, json=body, headers=headers) as r:
-        return r.status, await r.text(), r.headers
 
 
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 8  # 360 chars = 90 tokens
@@ -120,14 +94,6 @@ async def test_models_health_metrics():
         assert 'omni_proxy_requests_total{endpoint="completions",outcome="ok"} 1.0' in text
         assert f'omni_proxy_instance_running{{instance="{url}",role="collocated"}} 0.0' in text
         assert "omni_proxy_ttft_seconds_count 1.0" in text
-
-
-async def wait_for(predicate, timeout=5.0):
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 async def test_kv_events_move_the_prefix_index():
