@@ -28,10 +28,14 @@ def expert_dispatch_reference(
     flat = topk_ids.reshape(-1).long()
     n = flat.numel()
     # Occurrence index of each entry within its expert: a stable sort groups equal ids in
-    # token order; an entry's index in its group is its position minus the group's start.
+    # token order; an entry's index in its group is its position minus the group's start
+    # (the running max of the positions where the id changes).
     sorted_ids, order = torch.sort(flat, stable=True)
-    group_start = torch.searchsorted(sorted_ids, sorted_ids, side="left")
-    occurrence_sorted = torch.arange(n, device=flat.device) - group_start
+    position = torch.arange(n, device=flat.device)
+    starts_here = torch.ones_like(sorted_ids, dtype=torch.bool)
+    starts_here[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    group_start = torch.where(starts_here, position, 0).cummax(0).values
+    occurrence_sorted = position - group_start
     occurrence = torch.empty_like(occurrence_sorted).scatter_(0, order, occurrence_sorted)
     replica = occurrence % replica_count[layer].index_select(0, flat)
     slots = replica_slots[layer][flat, replica]

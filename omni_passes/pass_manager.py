@@ -29,7 +29,9 @@ class GraphPass(Protocol):
 
 class OmniPassManager(CustomGraphPass):
     def __init__(self, passes: list[GraphPass], fingerprint: str, report_path: str | None = None,
-                 on_graph: Callable[[fx.Graph, dict[str, PassReport]], None] | None = None):
+                 on_graph: Callable[[str, fx.Graph, dict[str, PassReport]], None] | None = None):
+        """``on_graph(stage, graph, reports)`` is called with stage "before" and "after" the
+        passes (``omni-passes inspect`` uses it to show the rewrite)."""
         self.passes = passes
         self.fingerprint = fingerprint
         self.report_path = report_path
@@ -40,6 +42,8 @@ class OmniPassManager(CustomGraphPass):
     def __call__(self, graph: fx.Graph) -> None:
         self.graphs_seen += 1
         this_graph: dict[str, PassReport] = {}
+        if self.on_graph is not None:
+            self.on_graph("before", graph, this_graph)
         for graph_pass in self.passes:
             report = graph_pass(graph)
             this_graph[graph_pass.name] = report
@@ -48,7 +52,7 @@ class OmniPassManager(CustomGraphPass):
                      sorted(report.matched_layers), len(report.skipped))
         graph.eliminate_dead_code()
         if self.on_graph is not None:
-            self.on_graph(graph, this_graph)
+            self.on_graph("after", graph, this_graph)
         if self.report_path:
             self.write_report(self.report_path)
 

@@ -57,7 +57,8 @@ class PlanOptions:
 
     Attributes:
         local_search: run ``refine_swaps`` after packing.
-        max_swap_rounds: cap on swap rounds (default ``4 * ranks``).
+        swap_rounds: most rounds per phase of ``refine_swaps``.
+        forecast: for a per-step series, plan on ``forecast_loads`` instead of its sum.
         spread_nodes: reorder ranks so heavy ranks land on different nodes (global mode).
         min_gain: with ``previous``, keep a layer's old row unless the new one improves its
             balancedness (mean/max) by at least this much (absolute).
@@ -65,7 +66,8 @@ class PlanOptions:
     """
 
     local_search: bool = True
-    max_swap_rounds: int | None = None
+    swap_rounds: int = 12
+    forecast: bool = True
     spread_nodes: bool = True
     min_gain: float = 0.0
     max_moves: int | None = None
@@ -84,22 +86,28 @@ def check_inputs(
     max_replicas: int | None = None,
     previous: Placement | None = None,
 ) -> np.ndarray:
-    """Validate planner inputs; return the loads as float64 ``[L, E]``. Raises PlanError."""
+    """Validate planner inputs; return the loads as float64 ``[L, E]`` or ``[T, L, E]``.
+
+    Raises:
+        PlanError naming the argument and the offending value.
+    """
     arr = loads.detach().cpu().numpy() if isinstance(loads, torch.Tensor) else np.asarray(loads)
-    if arr.ndim != 2:
-        raise PlanError(f"loads must be [moe_layers, experts], got shape {tuple(arr.shape)}")
-    if arr.shape[0] == 0 or arr.shape[1] == 0:
+    if arr.ndim not in (2, 3):
+        raise PlanError(
+            f"loads must be [moe_layers, experts] or [steps, moe_layers, experts], got shape {tuple(arr.shape)}"
+        )
+    if 0 in arr.shape:
         raise PlanError(f"loads must not be empty, got shape {tuple(arr.shape)}")
     if not (np.issubdtype(arr.dtype, np.number) and not np.iscomplexobj(arr)):
         raise PlanError(f"loads must be real numbers, got dtype {arr.dtype}")
     arr = arr.astype(np.float64)
     if not np.isfinite(arr).all():
-        layer, expert = np.argwhere(~np.isfinite(arr))[0]
-        raise PlanError(f"loads[{layer}][{expert}] is {arr[layer, expert]} (loads must be finite)")
+        where = tuple(int(i) for i in np.argwhere(~np.isfinite(arr))[0])
+        raise PlanError(f"loads{list(where)} is {arr[where]} (loads must be finite)")
     if (arr < 0).any():
-        layer, expert = np.argwhere(arr < 0)[0]
-        raise PlanError(f"loads[{layer}][{expert}] = {arr[layer, expert]} is negative (loads are token counts)")
-    num_layers, num_experts = arr.shape
+        where = tuple(int(i) for i in np.argwhere(arr < 0)[0])
+        raise PlanError(f"loads{list(where)} = {arr[where]} is negative (loads are token counts)")
+    num_layers, num_experts = arr.shape[-2:]
     for name, value in (("ranks", num_ranks), ("nodes", num_nodes), ("slots_per_rank", slots_per_rank), ("groups", num_groups)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
             raise PlanError(f"{name} must be a positive integer, got {value!r}")
@@ -139,6 +147,54 @@ def check_inputs(
 
 def _hierarchical(num_groups: int, num_nodes: int) -> bool:
     return num_nodes > 1 and num_groups > 1 and num_groups % num_nodes == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Step 0: from a per-step series, the load to plan for
+
+HALF_LIVES: tuple[float | None, ...] = (2.0, 5.0, 10.0, 20.0, 50.0, None)
+
+
+def _ema_weights(steps: int, half_life: float | None) -> np.ndarray:
+    """float64 ``[steps]`` summing to 1, newest last; ``None`` = uniform."""
+    if half_life is None:
+        return np.full(steps, 1.0 / steps)
+    w = 0.5 ** ((steps - 1 - np.arange(steps)) / half_life)
+    return w / w.sum()
+
+
+def forecast_loads(
+    series: np.ndarray, half_lives: tuple[float | None, ...] = HALF_LIVES, holdout: int | None = None
+) -> tuple[np.ndarray, float | None]:
+    """Load to plan for, from per-step loads: an exponentially weighted mean whose half-life
+    (in steps) is the one that best predicts the newest ``holdout`` steps from the steps
+    before them (a backtest; L1 error over all layers and experts).
+
+    Drifting hot spots favour short half-lives, noisy stable loads long ones (``None`` is the
+    plain mean, i.e. the window sum that EPLB plans on). One matrix product per pass.
+
+    Args:
+        series: float ``[T, L, E]`` loads per step, oldest first.
+        holdout: steps held out for the backtest (default ``max(1, T // 5)``).
+
+    Returns:
+        (float64 ``[L, E]`` forecast scaled to ``T`` steps, i.e. in window-sum units; the
+        half-life chosen). With fewer than 3 steps: the plain sum and ``None``.
+    """
+    steps = series.shape[0]
+    flat = series.reshape(steps, -1).astype(np.float32)
+    if steps < 3 or len(half_lives) == 1:
+        chosen = half_lives[0] if len(half_lives) == 1 and steps >= 1 else None
+        weights = _ema_weights(steps, chosen).astype(np.float32)
+        return (weights @ flat).astype(np.float64).reshape(series.shape[1:]) * steps, chosen
+    holdout = holdout or max(1, steps // 5)
+    fit = flat[: steps - holdout]
+    target = flat[steps - holdout :].mean(axis=0)
+    weights = np.stack([_ema_weights(steps - holdout, h) for h in half_lives]).astype(np.float32)  # [C, T']
+    errors = np.abs(weights @ fit - target).sum(axis=1)
+    chosen = half_lives[int(errors.argmin())]
+    forecast = _ema_weights(steps, chosen).astype(np.float32) @ flat
+    return forecast.astype(np.float64).reshape(series.shape[1:]) * steps, chosen
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,19 +252,24 @@ def pack_lpt(weight: np.ndarray, counts: np.ndarray, num_ranks: int, slots_per_r
 
     rank_load = np.zeros((rows, num_ranks))
     free = np.full((rows, num_ranks), slots_per_rank, dtype=np.int64)
-    holds = np.zeros((rows, num_ranks, num_experts), dtype=bool)
     slot_of = np.empty((rows, num_slots), dtype=np.int64)
-    # A blocked rank (already holds the expert) is chosen only if no other rank has room.
+    # One expert's replicas are consecutive items, so "ranks holding this expert" is just
+    # the ranks used since the expert changed. A rank holding it is chosen only if no other
+    # rank has room left.
+    holding = np.zeros((rows, num_ranks), dtype=bool)
+    previous = np.full(rows, -1, dtype=np.int64)
     blocked_penalty = (2.0 * weight.sum(axis=1) + 1.0)[:, None]
     for j in range(num_slots):
         e = item_expert[:, j]
-        cost = rank_load + holds[index, :, e] * blocked_penalty
+        holding &= (e == previous)[:, None]
+        previous = e
+        cost = rank_load + holding * blocked_penalty
         cost[free == 0] = np.inf
         r = cost.argmin(axis=1)
         slot_of[:, j] = r * slots_per_rank + (slots_per_rank - free[index, r])
         rank_load[index, r] += item_load[:, j]
         free[index, r] -= 1
-        holds[index, r, e] = True
+        holding[index, r] = True
     phy2log = np.empty((rows, num_slots), dtype=np.int64)
     np.put_along_axis(phy2log, slot_of, item_expert, axis=1)
     return phy2log
@@ -226,83 +287,132 @@ def slot_weights(phy2log: np.ndarray, weight: np.ndarray) -> np.ndarray:
     return np.take_along_axis(weight / np.maximum(counts, 1.0), phy2log, axis=1)
 
 
-def refine_swaps(
-    phy2log: np.ndarray, weight: np.ndarray, slots_per_rank: int, max_rounds: int | None = None, distinct: bool = True
+def _swap_round(
+    x: np.ndarray,
+    w: np.ndarray,
+    load: np.ndarray,
+    holds: np.ndarray | None,
+    active: np.ndarray,
+    heavy_count: int,
+    partners: int,
+    tol: np.ndarray,
 ) -> np.ndarray:
-    """Swap slots between the most loaded rank and any other while that lowers the pair's max.
+    """One round of swaps, in place, on the ``active`` rows of ``x`` (experts) and ``w`` (slot
+    loads) ``[B, R, S]``, ``load [B, R]`` and ``holds`` (copies per rank and expert,
+    ``[B * R * E]`` flat, None when copies may share a rank).
 
-    Each round, for every row still improving, evaluates all ``S x (P - S)`` swaps of a slot
-    on the max rank with a slot elsewhere, and applies the one giving the lowest
-    ``max(new max-rank load, new other-rank load)`` if that is below the old max. Replica
-    counts do not change; with ``distinct`` a swap never puts two copies on one rank.
+    The ``K = heavy_count`` most loaded ranks each get ``partners`` of the lightest ranks
+    (dealt round robin, lightest first), and each applies its best swap of one of its slots
+    with a slot of one of its partners if that lowers ``max(its load, partner's load)`` by
+    more than ``tol``. Shares are disjoint, so all K swaps apply at once.
+
+    Returns:
+        bool ``[n, K]``: which heavy ranks of each active row swapped.
+    """
+    n = active.size
+    _, R, S = x.shape
+    K, M = heavy_count, partners
+    loads = load[active]
+    order = np.argsort(-loads, axis=1)
+    heavy = order[:, :K]  # [n, K]
+    light = order[:, R - M * K :][:, ::-1].reshape(n, M, K).transpose(0, 2, 1).reshape(n, K * M)
+    rows = active[:, None]
+    e_a, w_a = x[rows, heavy], w[rows, heavy]  # [n, K, S]
+    load_a = loads[np.arange(n)[:, None], heavy]  # [n, K]
+    e_b = x[rows, light].reshape(n, K, M * S)
+    w_b = w[rows, light].reshape(n, K, M * S).astype(np.float32)
+    load_b = np.repeat(loads[np.arange(n)[:, None], light], S, axis=1).reshape(n, K, M * S)
+    if holds is not None:
+        num_experts = holds.size // (x.shape[0] * R)
+        # A heavy rank must not take an expert it holds: such b weigh +inf, so delta < 0.
+        heavy_has_b = holds[(rows[..., None] * R + heavy[..., None]) * num_experts + e_b] > 0  # [n, K, M * S]
+        w_b[heavy_has_b] = np.inf
+    # Candidates laid out [n, K, S (slot on heavy rank), M * S (slot on a partner)]: the long
+    # axis last keeps numpy's broadcasting fast. float32 to rank them, float64 to apply.
+    delta = w_a.astype(np.float32)[..., :, None] - w_b[..., None, :]
+    worst = np.maximum(load_a.astype(np.float32)[..., None, None] - delta, load_b.astype(np.float32)[..., None, :] + delta)
+    bad = delta <= 0
+    if holds is not None:
+        # A partner must not take an expert it holds.
+        partner_rank = light.reshape(n, K, 1, M)
+        partner_has_a = holds[(rows[..., None, None] * R + partner_rank) * num_experts + e_a[..., None]] > 0  # [n, K, S, M]
+        bad |= np.repeat(partner_has_a, S, axis=-1)
+    np.copyto(worst, np.float32(np.inf), where=bad)
+    flat = worst.reshape(n, K, S * M * S)
+    best = flat.argmin(-1)
+    row, i = np.nonzero(np.take_along_axis(flat, best[..., None], -1)[..., 0] < load_a - tol[:, None])
+    improved = np.zeros((n, K), dtype=bool)
+    if row.size == 0:
+        return improved
+    k = best[row, i]
+    g = active[row]
+    r_a = heavy[row, i]
+    r_b = light.reshape(n, K, M)[row, i, (k % (M * S)) // S]
+    s_a, s_b = k // (M * S), k % S
+    e1, e2 = x[g, r_a, s_a], x[g, r_b, s_b]
+    w1, w2 = w[g, r_a, s_a], w[g, r_b, s_b]
+    ok = np.maximum(load[g, r_a] - w1 + w2, load[g, r_b] + w1 - w2) < load[g, r_a] - tol[row]
+    g, row, i, r_a, r_b, s_a, s_b, e1, e2, w1, w2 = (v[ok] for v in (g, row, i, r_a, r_b, s_a, s_b, e1, e2, w1, w2))
+    improved[row, i] = True
+    x[g, r_a, s_a], x[g, r_b, s_b] = e2, e1
+    w[g, r_a, s_a], w[g, r_b, s_b] = w2, w1
+    load[g, r_a] += w2 - w1
+    load[g, r_b] += w1 - w2
+    if holds is not None:
+        E = holds.size // (x.shape[0] * R)
+        np.add.at(holds, (g * R + r_a) * E + e1, -1)
+        np.add.at(holds, (g * R + r_a) * E + e2, 1)
+        np.add.at(holds, (g * R + r_b) * E + e2, -1)
+        np.add.at(holds, (g * R + r_b) * E + e1, 1)
+    return improved
+
+
+def refine_swaps(
+    phy2log: np.ndarray,
+    weight: np.ndarray,
+    slots_per_rank: int,
+    max_rounds: int = 12,
+    distinct: bool = True,
+    tol: float = 1e-5,
+) -> np.ndarray:
+    """Local search: swap slots between heavy and light ranks while that lowers the heavier.
+
+    Two phases of at most ``max_rounds`` rounds each: first the ``R // 8`` heaviest ranks
+    swap at once, each with its own share of the lighter half of the ranks (fast progress);
+    then the single heaviest rank tries every other rank (the exact "max rank vs all"
+    search) until a round finds nothing. A swap must lower the pair's max by more than
+    ``tol`` x the row's mean rank load. Replica counts never change; with ``distinct`` no swap
+    puts a second copy of an expert on a rank. Converged rows drop out of the batch.
 
     Args:
         phy2log: int64 ``[B, P]``; weight: float64 ``[B, E]``.
 
     Returns:
-        a new int64 ``[B, P]`` whose per-row max rank load is never higher.
+        a new int64 ``[B, P]``; no rank of a row ends above that row's old maximum.
     """
-    phy2log = phy2log.copy()
     rows, num_slots = phy2log.shape
     num_experts = weight.shape[1]
-    num_ranks = num_slots // slots_per_rank
-    if num_ranks < 2:
-        return phy2log
-    max_rounds = 4 * num_ranks if max_rounds is None else max_rounds
-    w_slot = slot_weights(phy2log, weight)
-    rank_load = w_slot.reshape(rows, num_ranks, slots_per_rank).sum(-1)
-    holds = np.zeros((rows, num_ranks, num_experts), dtype=np.int16)
-    slot_rank = np.arange(num_slots) // slots_per_rank
-    np.add.at(holds, (np.arange(rows)[:, None], slot_rank[None, :], phy2log), 1)
-    local = np.arange(slots_per_rank)
-    active = np.arange(rows)
-    for _ in range(max_rounds):
-        if active.size == 0:
-            break
-        n = active.size
-        sub = np.arange(n)
-        loads_a = rank_load[active]  # [n, R]
-        r_max = loads_a.argmax(axis=1)
-        top = loads_a[sub, r_max]
-        a_slots = r_max[:, None] * slots_per_rank + local  # [n, S]
-        w_a = np.take_along_axis(w_slot[active], a_slots, axis=1)  # [n, S]
-        e_a = np.take_along_axis(phy2log[active], a_slots, axis=1)
-        w_b = w_slot[active]  # [n, P]
-        e_b = phy2log[active]
-        delta = w_a[:, :, None] - w_b[:, None, :]  # load leaving the max rank, [n, S, P]
-        other = loads_a[:, slot_rank]  # [n, P]
-        worst = np.maximum(top[:, None, None] - delta, other[:, None, :] + delta)
-        bad = (delta <= _EPS * (top[:, None, None] + 1.0)) | (slot_rank[None, None, :] == r_max[:, None, None])
-        if distinct:
-            # b's rank must not hold a's expert, and the max rank must not hold b's expert.
-            holds_a = holds[active[:, None], :, e_a]  # [n, S, R]
-            bad |= holds_a[:, :, slot_rank] > 0
-            holds_b = holds[active[:, None], r_max[:, None], e_b]  # [n, P]
-            bad |= (holds_b > 0)[:, None, :]
-        worst[bad] = np.inf
-        flat = worst.reshape(n, -1)
-        best = flat.argmin(axis=1)
-        best_val = flat[sub, best]
-        improves = best_val < top - _EPS * (top + 1.0)
-        if not improves.any():
-            break
-        rows_i = active[improves]
-        k = best[improves]
-        sa = a_slots[improves, k // num_slots]
-        sb = k % num_slots
-        ea, eb = phy2log[rows_i, sa], phy2log[rows_i, sb]
-        wa, wb = w_slot[rows_i, sa], w_slot[rows_i, sb]
-        ra, rb = slot_rank[sa], slot_rank[sb]
-        phy2log[rows_i, sa], phy2log[rows_i, sb] = eb, ea
-        w_slot[rows_i, sa], w_slot[rows_i, sb] = wb, wa
-        rank_load[rows_i, ra] += wb - wa
-        rank_load[rows_i, rb] += wa - wb
-        np.add.at(holds, (rows_i, ra, ea), -1)
-        np.add.at(holds, (rows_i, ra, eb), 1)
-        np.add.at(holds, (rows_i, rb, eb), -1)
-        np.add.at(holds, (rows_i, rb, ea), 1)
-        active = rows_i
-    return phy2log
+    R, S = num_slots // slots_per_rank, slots_per_rank
+    x = phy2log.reshape(rows, R, S).copy()
+    if R < 2:
+        return x.reshape(rows, num_slots)
+    w = slot_weights(phy2log, weight).reshape(rows, R, S)
+    load = w.sum(-1)
+    tolerance = tol * load.mean(axis=1)
+    holds = None
+    if distinct:
+        flat = (np.arange(rows)[:, None, None] * R + np.arange(R)[None, :, None]) * num_experts + x
+        holds = np.bincount(flat.ravel(), minlength=rows * R * num_experts).astype(np.int16)
+    phases = [(R // 8, (R // 2) // (R // 8))] if R >= 16 else []
+    phases.append((1, R - 1))
+    for heavy_count, partners in phases:
+        active = np.arange(rows)
+        for _ in range(max_rounds):
+            if active.size == 0:
+                break
+            improved = _swap_round(x, w, load, holds, active, heavy_count, partners, tolerance[active])
+            active = active[improved.any(axis=1)]
+    return x.reshape(rows, num_slots)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,7 +462,7 @@ def plan_rows(
     counts = replica_counts(weight, num_slots, cap)
     phy2log = pack_lpt(weight, counts, num_ranks, slots_per_rank)
     if options.local_search:
-        phy2log = refine_swaps(phy2log, weight, slots_per_rank, options.max_swap_rounds, distinct)
+        phy2log = refine_swaps(phy2log, weight, slots_per_rank, options.swap_rounds, distinct)
     return phy2log
 
 
@@ -375,7 +485,7 @@ def plan_hierarchical(
     ones = np.ones_like(group_weight, dtype=np.int64)
     node_groups = pack_lpt(group_weight, ones, num_nodes, groups_per_node)
     if options.local_search:
-        node_groups = refine_swaps(node_groups, group_weight, groups_per_node, options.max_swap_rounds)
+        node_groups = refine_swaps(node_groups, group_weight, groups_per_node, options.swap_rounds)
     # node_experts[l, n, i]: the i-th logical expert living on node n.
     node_groups = node_groups.reshape(num_layers, num_nodes, groups_per_node)
     node_experts = (node_groups[..., None] * group_size + np.arange(group_size)).reshape(num_layers, num_nodes, -1)
@@ -493,27 +603,77 @@ def _row_balancedness(phy2log: np.ndarray, weight: np.ndarray, slots_per_rank: i
 
 
 def choose_rows(
-    new: np.ndarray, previous: np.ndarray, weight: np.ndarray, slots_per_rank: int, min_gain: float, max_moves: int | None
+    candidates: list[np.ndarray],
+    previous: np.ndarray,
+    weight: np.ndarray,
+    slots_per_rank: int,
+    min_gain: float = 0.0,
+    max_moves: int | None = None,
 ) -> np.ndarray:
-    """Per layer, the new row or the previous one: keep the previous unless the gain in
-    balancedness is at least ``min_gain``; within ``max_moves`` changed slots in total, take
-    layers by decreasing gain per moved slot.
+    """Per layer, one of the candidate rows or the previous row.
 
-    Args: new, previous int64 ``[L, P]``; weight float64 ``[L, E]``. Returns int64 ``[L, P]``.
+    A candidate counts only if it raises the layer's balancedness (under ``weight``) by at
+    least ``min_gain`` (and by more than nothing). Without ``max_moves`` each layer takes its
+    best candidate. With it, changed slots in total stay within the budget: options are taken
+    by decreasing gain per moved slot, a layer at most once, and then upgraded to a better
+    option of the same layer where the remaining budget allows.
+
+    Args:
+        candidates: int64 ``[L, P]`` rows each; previous: int64 ``[L, P]``; weight ``[L, E]``.
+
+    Returns:
+        int64 ``[L, P]``.
     """
-    gain = _row_balancedness(new, weight, slots_per_rank) - _row_balancedness(previous, weight, slots_per_rank)
-    moves = (new != previous).sum(axis=1)
-    take = (gain > 0) & (gain >= min_gain) & (moves > 0)
-    if max_moves is not None:
-        order = np.argsort(-(gain / np.maximum(moves, 1)), kind="stable")
-        budget = max_moves
-        chosen = np.zeros_like(take)
-        for layer in order:
-            if take[layer] and moves[layer] <= budget:
-                chosen[layer] = True
-                budget -= moves[layer]
-        take = chosen
-    return np.where(take[:, None], new, previous)
+    base = _row_balancedness(previous, weight, slots_per_rank)
+    gains = np.stack([_row_balancedness(c, weight, slots_per_rank) - base for c in candidates])  # [C, L]
+    moves = np.stack([(c != previous).sum(axis=1) for c in candidates])  # [C, L]
+    usable = (gains > 0) & (gains >= min_gain) & (moves > 0)
+    num_layers = previous.shape[0]
+    pick = np.full(num_layers, -1)
+    if max_moves is None:
+        best = np.where(usable, gains, -np.inf).argmax(axis=0)
+        has = usable[best, np.arange(num_layers)]
+        pick[has] = best[has]
+    else:
+        budget = int(max_moves)
+        ratio = np.where(usable, gains / np.maximum(moves, 1), -np.inf)
+        for flat in np.argsort(-ratio, axis=None, kind="stable"):
+            c, layer = divmod(int(flat), num_layers)
+            if not usable[c, layer]:
+                break
+            if pick[layer] < 0 and moves[c, layer] <= budget:
+                pick[layer] = c
+                budget -= int(moves[c, layer])
+        for layer in np.argsort(-gains.max(axis=0), kind="stable"):  # upgrades, best first
+            now = pick[layer]
+            spent = moves[now, layer] if now >= 0 else 0
+            gain_now = gains[now, layer] if now >= 0 else 0.0
+            for c in np.argsort(-gains[:, layer], kind="stable"):
+                extra = int(moves[c, layer] - spent)
+                if usable[c, layer] and gains[c, layer] > gain_now and extra <= budget:
+                    pick[layer] = c
+                    budget -= extra
+                    break
+    out = previous.copy()
+    for c, candidate in enumerate(candidates):
+        rows = pick == c
+        out[rows] = candidate[rows]
+    return out
+
+
+def repair(previous: np.ndarray, weight: np.ndarray, slots_per_rank: int, rank_blocks: int = 1, options: PlanOptions = PlanOptions()) -> np.ndarray:
+    """The previous placement improved by swaps under new loads: few moved slots.
+
+    With ``rank_blocks`` > 1 (hierarchical) swaps stay within a block of ranks (a node).
+
+    Args: previous int64 ``[L, P]``; weight float64 ``[L, E]``. Returns int64 ``[L, P]``.
+    """
+    rows, num_slots = previous.shape
+    if rank_blocks <= 1:
+        return refine_swaps(previous, weight, slots_per_rank, options.swap_rounds)
+    blocks = previous.reshape(rows * rank_blocks, num_slots // rank_blocks)
+    fixed = refine_swaps(blocks, np.repeat(weight, rank_blocks, axis=0), slots_per_rank, options.swap_rounds)
+    return fixed.reshape(rows, num_slots)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -530,13 +690,19 @@ def plan(
     previous: Placement | None = None,
     options: PlanOptions = PlanOptions(),
 ) -> Placement:
-    """Plan a placement for ``loads [L, E]`` on ``num_ranks`` ranks (``num_nodes`` nodes) with
+    """Plan a placement for ``loads`` on ``num_ranks`` ranks (``num_nodes`` nodes) with
     ``slots_per_rank`` slots each. See the module docstring for the steps.
+
+    Args:
+        loads: ``[L, E]`` tokens per expert, or ``[T, L, E]`` per step (then planned on
+            ``forecast_loads``, or on the sum with ``options.forecast=False``).
 
     Raises:
         PlanError: bad loads (shape, NaN, negative) or sizes (see ``check_inputs``).
     """
     weight = check_inputs(loads, num_ranks, num_nodes, slots_per_rank, num_groups, max_replicas, previous)
+    if weight.ndim == 3:
+        weight, _ = forecast_loads(weight) if options.forecast else (weight.sum(axis=0), None)
     num_layers, num_experts = weight.shape
     num_slots = num_ranks * slots_per_rank
     # Replicas on distinct ranks need cap <= R; if the budget cannot be spent that way,
@@ -553,8 +719,10 @@ def plan(
             phy2log = spread_nodes(phy2log, weight, num_nodes, slots_per_rank)
     if previous is not None:
         old = previous.phy2log.numpy()
-        phy2log = align_to_previous(phy2log, old, slots_per_rank, num_nodes if hierarchical else 1)
-        phy2log = choose_rows(phy2log, old, weight, slots_per_rank, options.min_gain, options.max_moves)
+        blocks = num_nodes if hierarchical else 1
+        fresh = align_to_previous(phy2log, old, slots_per_rank, blocks)
+        repaired = repair(old, weight, slots_per_rank, blocks, options)
+        phy2log = choose_rows([repaired, fresh], old, weight, slots_per_rank, options.min_gain, options.max_moves)
     return Placement(
         num_layers=num_layers,
         num_logical_experts=num_experts,

@@ -1,0 +1,101 @@
+"""`omni-passes inspect`: run the passes on a DeepSeek graph, report, show and check the rewrite.
+
+    omni-passes inspect --model-config tiny --passes redundant_experts --check --json
+    omni-passes inspect --model-config config.json --pass-config passes.json --out graphs/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from omni_passes.cli.common import UserError, emit_json, say, setup_logging
+from omni_passes.cli.model_args import add_model_arguments, build_from_args, check_tolerance, pass_config_from_args
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--check", action="store_true", help="run original and rewritten on the same inputs and compare")
+    parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    parser.add_argument("--out", metavar="DIR", help="write graphs before/after, the report and SVGs of rewritten blocks")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=16)
+
+
+def main(args: argparse.Namespace) -> int:
+    setup_logging()
+    try:
+        return _run(args)
+    except UserError as exc:
+        say(f"omni-passes inspect: error: {exc}")
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    import omni_passes
+    from omni_passes.config import ConfigError
+    from omni_passes.placement.placement import PlacementError
+
+    config = pass_config_from_args(args)
+    hf_config, model = build_from_args(args)
+    inputs = torch.randint(0, hf_config.vocab_size, (args.batch, args.seq_len),
+                           generator=torch.Generator().manual_seed(args.seed)).to(args.device)
+    reference = None
+    if args.check:
+        with torch.no_grad():
+            reference = model(inputs).logits.float()
+    graphs: dict[str, list[str]] = {"before": [], "after": []}
+    svgs: list[str] = []
+    out_dir = Path(args.out) if args.out else None
+
+    def on_graph(stage, graph, _reports):
+        graphs[stage].append(graph.python_code("self").src)
+        if stage == "after" and out_dir is not None:
+            from omni_passes.render import render_rewrites
+
+            svgs.extend(render_rewrites(graph, out_dir, prefix=f"graph{len(graphs['after']) - 1}_"))
+
+    try:
+        compiled = omni_passes.compile(model, config)
+    except (ConfigError, PlacementError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    compiled.omni.manager.on_graph = on_graph
+    say(f"compiling {args.model_config} ({hf_config.num_hidden_layers} layers) with passes {list(config.passes)}")
+    with torch.no_grad():
+        out = compiled(inputs).logits.float()
+    result = compiled.omni.report()
+    result["model"] = {"config": args.model_config, "layers": hf_config.num_hidden_layers,
+                       "moe_layers": list(compiled.omni.info.moe_layer_ids), "experts": compiled.omni.info.num_experts}
+    if reference is not None:
+        diff = float((out - reference).abs().max())
+        tolerance = check_tolerance(getattr(torch, args.dtype))
+        result["check"] = {"max_abs_diff": diff, "ok": diff <= tolerance, "tolerance": tolerance,
+                           "outputs": {"logits": diff}, "reference": "eager model, same weights and inputs"}
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for stage, sources in graphs.items():
+            for i, src in enumerate(sources):
+                (out_dir / f"graph{i}_{stage}.py").write_text(src)
+        (out_dir / "report.json").write_text(json.dumps(result, indent=2) + "\n")
+        result["files"] = sorted(str(p) for p in out_dir.iterdir())
+    if args.json:
+        emit_json(result)
+    else:
+        _print_human(result)
+    return 0 if result.get("check", {}).get("ok", True) else 1
+
+
+def _print_human(result: dict) -> None:
+    for name, report in result["passes"].items():
+        print(f"pass {name}: matched layers {report['matched_layers']} ({report['rewritten_nodes']} nodes inserted)")
+        for skip in report["skipped"]:
+            print(f"  skipped layer {skip['layer']}: {skip['reason']}")
+    if "check" in result:
+        check = result["check"]
+        print(f"check: max abs diff {check['max_abs_diff']:.3g} (tolerance {check['tolerance']:g}): "
+              f"{'ok' if check['ok'] else 'MISMATCH'}")
+    for path in result.get("files", []):
+        print(f"wrote {path}")
