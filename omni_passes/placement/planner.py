@@ -59,6 +59,8 @@ class PlanOptions:
         local_search: run ``refine_swaps`` after packing.
         swap_rounds: most rounds per phase of ``refine_swaps``.
         forecast: for a per-step series, plan on ``forecast_loads`` instead of its sum.
+        repair_rounds: with ``previous``, rounds per phase of swaps that repair the previous
+            placement under the new loads (each swap moves two slots).
         spread_nodes: reorder ranks so heavy ranks land on different nodes (global mode).
         min_gain: with ``previous``, keep a layer's old row unless the new one improves its
             balancedness (mean/max) by at least this much (absolute).
@@ -68,6 +70,7 @@ class PlanOptions:
     local_search: bool = True
     swap_rounds: int = 12
     forecast: bool = True
+    repair_rounds: int = 4
     spread_nodes: bool = True
     min_gain: float = 0.0
     max_moves: int | None = None
@@ -613,10 +616,11 @@ def choose_rows(
     """Per layer, one of the candidate rows or the previous row.
 
     A candidate counts only if it raises the layer's balancedness (under ``weight``) by at
-    least ``min_gain`` (and by more than nothing). Without ``max_moves`` each layer takes its
-    best candidate. With it, changed slots in total stay within the budget: options are taken
-    by decreasing gain per moved slot, a layer at most once, and then upgraded to a better
-    option of the same layer where the remaining budget allows.
+    least ``min_gain`` (and by more than nothing). Without ``max_moves`` each layer takes, of
+    the candidates within ``min_gain`` of its best gain, the one that moves fewest slots. With
+    it, changed slots in total stay within the budget: options are taken by decreasing gain
+    per moved slot, a layer at most once, then upgraded to a better option of the same layer
+    where the remaining budget allows.
 
     Args:
         candidates: int64 ``[L, P]`` rows each; previous: int64 ``[L, P]``; weight ``[L, E]``.
@@ -631,9 +635,11 @@ def choose_rows(
     num_layers = previous.shape[0]
     pick = np.full(num_layers, -1)
     if max_moves is None:
-        best = np.where(usable, gains, -np.inf).argmax(axis=0)
-        has = usable[best, np.arange(num_layers)]
-        pick[has] = best[has]
+        best_gain = np.where(usable, gains, -np.inf).max(axis=0)
+        near = usable & (gains >= best_gain - min_gain)
+        fewest = np.where(near, moves, np.iinfo(np.int64).max).argmin(axis=0)
+        has = near.any(axis=0)
+        pick[has] = fewest[has]
     else:
         budget = int(max_moves)
         ratio = np.where(usable, gains / np.maximum(moves, 1), -np.inf)
@@ -670,9 +676,9 @@ def repair(previous: np.ndarray, weight: np.ndarray, slots_per_rank: int, rank_b
     """
     rows, num_slots = previous.shape
     if rank_blocks <= 1:
-        return refine_swaps(previous, weight, slots_per_rank, options.swap_rounds)
+        return refine_swaps(previous, weight, slots_per_rank, options.repair_rounds)
     blocks = previous.reshape(rows * rank_blocks, num_slots // rank_blocks)
-    fixed = refine_swaps(blocks, np.repeat(weight, rank_blocks, axis=0), slots_per_rank, options.swap_rounds)
+    fixed = refine_swaps(blocks, np.repeat(weight, rank_blocks, axis=0), slots_per_rank, options.repair_rounds)
     return fixed.reshape(rows, num_slots)
 
 
