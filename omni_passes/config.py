@@ -128,13 +128,12 @@ def _sparse_attention(data: Any, source: str) -> SparseAttentionConfig:
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; known: sink, recent, pattern")
     values = {}
-    for key, default in (("sink", 128), ("recent", 384)):
+    # recent counts the query's own position: recent >= 1 so that no query sees nothing.
+    for key, default, least in (("sink", 128, 0), ("recent", 384, 1)):
         value = data.get(key, default)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ConfigError(f"{where}.{key} must be an integer >= 0, got {value!r}")
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ConfigError(f"{where}.{key} must be an integer >= {least}, got {value!r}")
         values[key] = value
-    if values["sink"] + values["recent"] == 0:
-        raise ConfigError(f"{where}: sink + recent must be > 0 (a query must see at least itself)")
     pattern = data.get("pattern", [])
     if not isinstance(pattern, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in pattern):
         raise ConfigError(f"{where}.pattern must be a list of decoder-layer indices >= 0, got {pattern!r}")

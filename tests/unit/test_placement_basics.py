@@ -1,0 +1,71 @@
+"""Placement files: the DESIGN.md format, validated with errors that name the problem."""
+
+import json
+
+import pytest
+import torch
+
+from omni_passes.placement.placement import Placement, PlacementError
+from omni_passes.placement.runtime import dispatch_tables
+
+
+def write(tmp_path, data):
+    path = tmp_path / "placement.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def good():
+    return {"num_layers": 2, "num_logical_experts": 4, "num_ranks": 2, "num_nodes": 1, "slots_per_rank": 3,
+            "phy2log": [[0, 1, 2, 3, 0, 1], [3, 2, 1, 0, 0, 0]]}
+
+
+def test_round_trip(tmp_path):
+    placement = Placement.load(write(tmp_path, good()))
+    assert placement.num_slots == 6 and placement.num_redundant == 2
+    assert placement.replica_counts().tolist() == [[2, 2, 1, 1], [3, 1, 1, 1]]
+    placement.save(tmp_path / "again.json")
+    assert json.loads((tmp_path / "again.json").read_text()) == good()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["phy2log"].pop(), "has 1 layer rows but num_layers is 2"),
+    (lambda d: d["phy2log"][1].pop(), "phy2log[1] has 5 slots, expected num_ranks * slots_per_rank = 2 * 3 = 6"),
+    (lambda d: d["phy2log"][0].__setitem__(3, 0), "MoE layer 0: logical expert 3 has no slot"),
+    (lambda d: d["phy2log"][1].__setitem__(2, 9), "phy2log[1][2] = 9 is out of range [0, 4)"),
+    (lambda d: d["phy2log"][1].__setitem__(2, -1), "phy2log[1][2] = -1 is out of range"),
+    (lambda d: d.update(slots_per_rank=1, phy2log=[[0, 1], [0, 1]]), "2 slots (num_ranks * slots_per_rank) cannot hold 4 experts"),
+    (lambda d: d.update(num_nodes=3), "num_ranks (2) is not divisible by num_nodes (3)"),
+    (lambda d: d.pop("num_ranks"), "missing key(s) num_ranks"),
+    (lambda d: d.update(extra=1), "unknown key(s) extra"),
+    (lambda d: d.update(num_layers="2"), "'num_layers' must be a positive integer"),
+    (lambda d: d["phy2log"][0].__setitem__(0, 1.5), "non-integer id 1.5"),
+])
+def test_malformed_files_are_rejected(tmp_path, edit, message):
+    data = good()
+    edit(data)
+    path = write(tmp_path, data)
+    with pytest.raises(PlacementError) as info:
+        Placement.load(path)
+    assert message in str(info.value)
+    assert str(path) in str(info.value)
+
+
+def test_not_json_and_missing(tmp_path):
+    (tmp_path / "bad.json").write_text("[1,")
+    with pytest.raises(PlacementError, match="not valid JSON"):
+        Placement.load(tmp_path / "bad.json")
+    with pytest.raises(PlacementError, match="does not exist"):
+        Placement.load(tmp_path / "missing.json")
+
+
+def test_identity_and_tables():
+    placement = Placement.identity(3, 5, num_ranks=2, slots_per_rank=3)
+    assert placement.phy2log[0].tolist() == [0, 1, 2, 3, 4, 0]
+    slots, counts = dispatch_tables(placement)
+    assert counts[0].tolist() == [2, 1, 1, 1, 1]
+    assert slots[0, 0, :2].tolist() == [0, 5]
+    # every table entry within the count points at a slot holding that expert
+    for expert in range(5):
+        used = slots[0, expert, : counts[0, expert]]
+        assert torch.all(placement.phy2log[0][used] == expert)
