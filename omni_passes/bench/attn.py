@@ -54,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recent", type=int, default=384)
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default cuda bf16, cpu fp32")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--cases", nargs="+", choices=("mha", "mla"), default=["mha", "mla"],
+                        help="which decode shapes to run (mha covers GQA when --kv-heads < --heads)")
     parser.add_argument("--cache-state", choices=("cold", "hot", "both"), default="both",
                         help="CUDA: rotate caches so L2 is cold, reuse one (hot), or both")
     parser.add_argument("--prefill-lengths", type=int, nargs="*", default=None,
@@ -210,6 +212,15 @@ def _flex_for(case: DecodeCase, compiled: bool):
     return lambda q, k, v, **kw: fn(q, k, v, block_mask=mask, **kw)
 
 
+def _error_text(exc: BaseException) -> str:
+    """First line plus the last informative line (inductor wraps the real cause)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = lines[0] if lines else ""
+    if len(lines) > 1:
+        text += " ... " + lines[-1]
+    return f"{type(exc).__name__}: {text[:500]}"
+
+
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
@@ -237,13 +248,17 @@ def _decode_cases(args, device):
     kv_heads = args.kv_heads or args.heads
     if args.heads % kv_heads:
         raise UserError(f"--heads {args.heads} must be a multiple of --kv-heads {kv_heads}")
-    cases = [("mha" if kv_heads == args.heads else "gqa", args.heads, kv_heads, args.head_dim, args.head_dim)]
-    cases += [("mla", h, 1, MLA_LATENT + MLA_ROPE, MLA_LATENT) for h in args.mla_heads]
+    cases = []
+    if "mha" in args.cases:
+        cases.append(("mha" if kv_heads == args.heads else "gqa", args.heads, kv_heads, args.head_dim, args.head_dim))
+    if "mla" in args.cases:
+        cases += [("mla", h, 1, MLA_LATENT + MLA_ROPE, MLA_LATENT) for h in args.mla_heads]
     return [(c, ctx) for c in cases for ctx in args.contexts]
 
 
 def run_decode(args, device, dtype, timer, l2_bytes) -> list[dict]:
     rows = []
+    failed: dict[tuple, str] = {}  # (case, heads, method) -> error: a peer that failed is not retried
     from tqdm import tqdm
 
     states = ["hot", "cold"] if args.cache_state == "both" else [args.cache_state]
@@ -261,6 +276,10 @@ def run_decode(args, device, dtype, timer, l2_bytes) -> list[dict]:
             base = dict(case=kind, batch=args.batch, q_heads=hq, kv_heads=hkv, head_dim=d, v_head_dim=dv,
                         context=ctx, sink=args.sink, recent=args.recent, method=method,
                         dtype=str(dtype).replace("torch.", ""), **({"override": override} if override else {}))
+            key = (kind, hq, method, tuple(sorted(override.items())))
+            if key in failed:
+                rows.append(dict(base, cache=None, us=None, error=f"skipped: failed at a shorter context ({failed[key]})"))
+                continue
             try:
                 flex = _flex_for(case, compiled=device.type == "cuda") if method == "flex" else None
                 calls = case.calls(method, flex, **override)
@@ -275,8 +294,9 @@ def run_decode(args, device, dtype, timer, l2_bytes) -> list[dict]:
                                      tb_s=round(tbs, 3), roofline_pct=round(100 * tbs / args.peak_tbs, 1),
                                      rel_err=None if err is None else float(f"{err:.3g}")))
             except Exception as exc:  # a peer that cannot run a shape is a result, not a crash
-                say(f"{kind} ctx={ctx} {method}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
-                rows.append(dict(base, cache=None, us=None, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"))
+                failed[key] = _error_text(exc)
+                say(f"{kind} ctx={ctx} {method}: failed: {failed[key]}")
+                rows.append(dict(base, cache=None, us=None, error=failed[key]))
         del case
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -331,8 +351,8 @@ def run_prefill(args, device, dtype, timer) -> list[dict]:
                 rows.append(dict(base, us=round(us, 1), tflops=round(flops / (us * 1e-6) / 1e12, 1),
                                  rel_err=None if err is None else float(f"{err:.3g}")))
             except Exception as exc:
-                say(f"prefill {length} {name}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
-                rows.append(dict(base, us=None, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"))
+                say(f"prefill {length} {name}: failed: {_error_text(exc)}")
+                rows.append(dict(base, us=None, error=_error_text(exc)))
         del q, k, v
         methods.clear()
         if device.type == "cuda":

@@ -62,17 +62,29 @@ def test_decode_kernel_matches_reference(shape, dtype):
     assert _rel_err(out, ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("splits", [1, 2, 3, 7, 16])
-def test_decode_every_split_count(splits):
-    q, k, v, pos = _decode_inputs(4, 8, 2, 2000, 128, 128, torch.bfloat16, seed=splits)
-    out = tsa.sparse_decode(q, k, v, pos, 128, 384, 0.09, num_splits=splits)
+# Launch variants the benchmark's tuning sweep tries: every one must be exact, not just the default.
+VARIANTS = [dict(num_splits=n) for n in (1, 2, 3, 7, 16)] + [
+    dict(use_dot=False), dict(use_dot=False, num_splits=4), dict(block_n=32), dict(block_n=128),
+    dict(block_n=16, num_splits=16), dict(num_stages=3), dict(num_warps=8), dict(block_g=32),
+]
+
+
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("override", VARIANTS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_decode_launch_variants(override, group):
+    q, k, v, pos = _decode_inputs(4, 8, 8 // group, 2000, 128, 128, torch.bfloat16, seed=len(override))
+    out = tsa.sparse_decode(q, k, v, pos, 128, 384, 0.09, **override)
     ref = sa.sparse_attention_reference(q, k, v, pos, 128, 384, 0.09)
     assert _rel_err(out, ref) < TOL[torch.bfloat16]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("heads, block_g", [(16, None), (128, None), (128, 32), (20, 16)])
-def test_mla_decode_kernel_matches_reference(dtype, heads, block_g):
+@pytest.mark.parametrize("heads, override", [
+    (16, None), (128, None), (128, dict(block_g=32)), (20, dict(block_g=16)),
+    (16, dict(block_n=32, num_splits=16)), (128, dict(block_n=32, num_splits=2)),
+    (16, dict(block_n=64, num_splits=4)), (128, dict(block_n=64, num_splits=1)),
+])
+def test_mla_decode_kernel_matches_reference(dtype, heads, override):
     B, Sk, Dk, Dv = 8, 3000, 576, 512
     g = torch.Generator(device=DEV).manual_seed(heads)
     q = torch.randn(B, heads, 1, Dk, generator=g, device=DEV).to(dtype)
@@ -80,11 +92,11 @@ def test_mla_decode_kernel_matches_reference(dtype, heads, block_g):
     pos = torch.randint(0, Sk, (B, 1), generator=g, device=DEV)
     pos[0, 0], pos[1, 0] = Sk - 1, 3
     scale = 1 / math.sqrt(192)
-    if block_g is None:
+    if override is None:
         out = torch.ops.omni.sparse_attention_mla_decode(q, kv, pos, 128, 384, scale, Dv)
     else:
         k = kv.unsqueeze(1)
-        out = tsa.sparse_decode(q, k, k[..., :Dv], pos, 128, 384, scale, v_from_k=True, block_g=block_g)
+        out = tsa.sparse_decode(q, k, k[..., :Dv], pos, 128, 384, scale, v_from_k=True, **override)
     k = kv.unsqueeze(1)
     ref = sa.sparse_attention_reference(q, k, k[..., :Dv], pos, 128, 384, scale)
     assert _rel_err(out, ref) < TOL[dtype]
@@ -118,8 +130,14 @@ def test_prefill_kernel_matches_reference(shape, dtype):
     assert _rel_err(out, ref) < TOL[dtype]
 
 
-def test_unsupported_shape_falls_back_to_torch_path():
+def test_unsupported_shapes_fall_back_to_torch_path():
     q, k, v, pos = _decode_inputs(2, 4, 4, 300, 96, 96, torch.bfloat16, seed=3)  # 96 not a power of 2
+    assert not tsa.supports(q, k, v)
+    out = torch.ops.omni.sparse_attention(q, k, v, pos, 16, 32, 0.1)
+    assert _rel_err(out, sa.sparse_attention_reference(q, k, v, pos, 16, 32, 0.1)) < TOL[torch.bfloat16]
+    # A cache whose head dim is not contiguous (a transposed view) also takes the torch path.
+    q, _, v, pos = _decode_inputs(2, 4, 4, 300, 64, 64, torch.bfloat16, seed=4)
+    k = torch.randn(2, 4, 64, 300, device=DEV, dtype=torch.bfloat16).transpose(2, 3)
     assert not tsa.supports(q, k, v)
     out = torch.ops.omni.sparse_attention(q, k, v, pos, 16, 32, 0.1)
     assert _rel_err(out, sa.sparse_attention_reference(q, k, v, pos, 16, 32, 0.1)) < TOL[torch.bfloat16]

@@ -253,6 +253,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     torch.manual_seed(0)
     cases = [  # B, Hq, Hkv, Sq, Sk, D, Dv, sink, recent, v_from_k, overrides
         (3, 4, 4, 1, 300, 16, 16, 40, 100, False, dict(block_n=16, num_splits=3)),   # MHA, split
+        (3, 4, 4, 1, 300, 16, 16, 40, 100, False, dict(block_n=16, use_dot=False)),  # CUDA-core path
         (2, 4, 4, 1, 300, 16, 16, 40, 100, False, dict(block_n=16, num_splits=1)),   # MHA, direct
         (2, 8, 2, 1, 200, 32, 32, 8, 24, False, dict(block_n=16, num_splits=2)),     # GQA, tl.dot
         (3, 32, 1, 1, 300, 48, 32, 40, 100, True, dict(block_n=16, num_splits=5)),   # MLA-like
@@ -284,4 +285,4 @@ def test_triton_kernels_in_interpreter_mode():
     result = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT], env=env, cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip() == "ok 8"
+    assert result.stdout.strip() == "ok 9"
