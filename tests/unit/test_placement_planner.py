@@ -202,3 +202,44 @@ def test_eplb_peer_is_valid_and_ours_is_at_least_as_balanced(loads):
         assert tuple(peer.phy2log.shape) == (8, ranks * slots)
         ours = plan(loads, ranks, nodes, slots, num_groups=groups)
         assert metrics.score(ours, loads).mean_balancedness >= metrics.score(peer, loads).mean_balancedness - 1e-9
+
+
+def test_plan_cli_writes_a_valid_placement_and_one_json_document(tmp_path, capsys, loads):
+    import json as jsonlib
+
+    from omni_passes.cli import main
+
+    np.save(tmp_path / "loads.npy", loads.numpy())
+    out = tmp_path / "placement.json"
+    args = ["plan", "--loads", str(tmp_path / "loads.npy"), "--ranks", "16", "--nodes", "4", "--slots-per-rank", "5"]
+    assert main(args + ["--groups", "8", "--out", str(out), "--json"]) == 0
+    doc = jsonlib.loads(capsys.readouterr().out)
+    placed = Placement.load(out)
+    assert torch.equal(placed.phy2log, plan(loads, 16, 4, 5, num_groups=8).phy2log)
+    assert doc["balance"]["planned"]["mean_balancedness"] == pytest.approx(metrics.score(placed, loads).mean_balancedness)
+    assert doc["balance"]["planned"]["mean_balancedness"] > doc["balance"]["identity"]["mean_balancedness"]
+    # again from the written placement: nothing gains, nothing moves
+    assert main(args + ["--groups", "8", "--previous", str(out), "--out", str(tmp_path / "next.json"), "--json"]) == 0
+    assert jsonlib.loads(capsys.readouterr().out)["moves"] == 0
+    # errors: exit status 2, one line naming the problem
+    assert main(["plan", "--loads", str(tmp_path / "nope.npy"), "--ranks", "16", "--slots-per-rank", "5", "--out", str(out)]) == 2
+    assert "nope.npy: no such file" in capsys.readouterr().err
+    np.save(tmp_path / "bad.npy", -np.ones((2, 64)))
+    assert main(["plan", "--loads", str(tmp_path / "bad.npy"), "--ranks", "16", "--slots-per-rank", "5", "--out", str(out)]) == 2
+    assert "bad.npy: loads[0, 0] = -1.0 is negative" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_quick_runs_both_planners_on_the_same_traces(capsys):
+    pytest.importorskip("vllm.distributed.eplb.policy.default")
+    import json as jsonlib
+
+    from omni_passes.cli import main
+
+    assert main(["bench", "placement", "--quick", "--traces", "qwen3-30b-a3b", "--json"]) == 0
+    doc = jsonlib.loads(capsys.readouterr().out)
+    assert [r["budget"] for r in doc["results"]] == ["EP16x9 global", "EP32x5 global"]
+    for r in doc["results"]:
+        assert 0 < r["identity"]["static"] < r["eplb"]["static"] <= 1.0
+        assert r["ours"]["static"] >= r["eplb"]["static"] - 1e-9
+        assert r["eplb"]["online"]["moves_per_replan"] > 0
