@@ -230,7 +230,7 @@ def decode_config(batch: int, kv_heads: int, group: int, dv: int, d_extra: int, 
     """
     use_dot = bool(override.get("use_dot", True))
     block_g = override.get("block_g", min(max(16, _next_pow2(group)), 16 if dv >= 512 else 64)) if use_dot else 1
-    block_n = override.get("block_n", 64)
+    block_n = override.get("block_n", 128 if dv <= 128 else 64)  # tuned on the H100, docs/attn.md
     visible_max = min(sink, num_keys) + min(recent, num_keys)
     head_blocks = -(-group // block_g)
     items = batch * kv_heads * head_blocks

@@ -23,6 +23,7 @@ On CPU (``--device cpu``) everything runs eagerly at small sizes, no graphs (for
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import statistics
 import sys
@@ -191,8 +192,8 @@ class DecodeCase:
     def reference(self) -> torch.Tensor:
         from kernels.sparse_attention import sparse_attention_torch
 
-        c = self.sets[0]
-        return sparse_attention_torch(self.q.float(), c["k"].float(), c["v"].float(), self.q_pos,
+        c = self.sets[0]  # the gather path upcasts only the gathered rows (no fp32 copy of the cache)
+        return sparse_attention_torch(self.q.float(), c["k"], c["v"], self.q_pos,
                                       self.sink, self.recent, self.scale, path="gather")
 
 
@@ -297,7 +298,10 @@ def run_decode(args, device, dtype, timer, l2_bytes) -> list[dict]:
                 failed[key] = _error_text(exc)
                 say(f"{kind} ctx={ctx} {method}: failed: {failed[key]}")
                 rows.append(dict(base, cache=None, us=None, error=failed[key]))
-        del case
+        # Drop every reference to this case's caches (the call closures hold them) before the next.
+        del case, ref
+        calls = flex = out = None
+        gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
