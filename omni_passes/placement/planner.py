@@ -8,15 +8,19 @@ that the most loaded rank carries as little as possible. The metric is
 
 Pipeline, per layer but vectorised over layers (one numpy step handles all rows at once):
 
+0. ``forecast_loads`` - for a per-step series ``[T, L, E]``: an exponentially weighted mean
+   whose half-life is picked by backtesting on the newest steps (ours; EPLB plans on the
+   window sum). Drifting hot spots make recent steps the better predictor.
 1. ``replica_counts`` - greedy: give the next spare slot to the expert with the largest
    per-replica load (``load / replicas``), never beyond the cap (``--max-replicas`` and, so
    replicas sit on distinct ranks, ``R``). As in EPLB and OmniInfer.
 2. ``pack_lpt`` - longest processing time first: replicas by decreasing per-replica load,
    each onto the least loaded rank that has a free slot and no copy of that expert yet
    (OmniInfer; EPLB does not forbid two copies on one rank, which wastes the copy).
-3. ``refine_swaps`` - local search (ours): repeatedly swap one slot of the most loaded rank
-   with a slot elsewhere when that lowers the larger of the two ranks' loads; best swap
-   first, until no swap helps. LPT with a fixed number of slots per rank leaves the last,
+3. ``refine_swaps`` - local search (ours): swap a slot of a heavy rank with a slot of a light
+   rank when that lowers the heavier of the two. First the R/8 heaviest ranks swap at once,
+   each with its own share of the lighter half, then the heaviest rank tries every other
+   rank, until no swap helps. LPT with a fixed number of slots per rank leaves the last,
    smallest items no choice; the swaps repair exactly that.
 4. ``spread_nodes`` - rank order only: deal ranks to nodes heaviest first onto the lightest
    node, so hot ranks do not share a host's network (OmniInfer). The metric is unchanged.
@@ -26,11 +30,14 @@ expert groups of DeepSeek's group-limited routing are packed onto nodes first (t
 and swaps, with groups as items), then each node solves steps 1-3 for its own experts on its
 own ranks, so a token's groups still bound the nodes it visits. Otherwise planning is global.
 
-Migration awareness (``previous`` given, ours): the new plan's ranks are relabelled to keep
-as many experts where they already are (greedy max-overlap matching; within a node in the
-hierarchical mode), experts that stay on a rank keep their old slot, and a layer keeps its
-previous row when the new one does not raise its balancedness by ``min_gain``; an optional
-``max_moves`` keeps the layers with the best gain per moved slot within a budget.
+Migration awareness (``previous`` given, ours): two candidates per layer, the previous row
+repaired by a few rounds of swaps under the new loads (``repair``; each swap moves two
+slots), and the fresh plan with its ranks relabelled to keep as many experts where they are
+(greedy max-overlap matching, within nodes in the hierarchical mode) and experts that stay
+on a rank in their old slot (``align_to_previous``). ``choose_rows`` keeps the previous row
+unless a candidate gains ``min_gain`` in balancedness, prefers the candidate moving fewer
+slots when gains are within ``min_gain``, and with ``max_moves`` keeps the total number of
+changed slots within budget (best gain per moved slot first).
 
 All functions are pure: numpy/torch arrays in, new arrays out.
 """
@@ -136,6 +143,11 @@ def check_inputs(
             raise PlanError(
                 f"hierarchical planning puts {per_node} experts on each node, but a node has only "
                 f"{(num_ranks // num_nodes) * slots_per_rank} slots"
+            )
+        if max_replicas is not None and max_replicas * per_node < (num_ranks // num_nodes) * slots_per_rank:
+            raise PlanError(
+                f"max_replicas {max_replicas} x {per_node} experts per node cannot fill a node's "
+                f"{(num_ranks // num_nodes) * slots_per_rank} slots (hierarchical planning keeps replicas on the group's node)"
             )
     if previous is not None:
         shape = (previous.num_layers, previous.num_logical_experts, previous.num_ranks, previous.slots_per_rank)
@@ -469,13 +481,35 @@ def plan_rows(
     return phy2log
 
 
+def baseline_rows(num_layers: int, num_experts: int, num_ranks: int, num_nodes: int, slots_per_rank: int, num_groups: int) -> np.ndarray:
+    """The identity placement (slot j holds expert j, spare slots repeat experts round robin),
+    within each node's own experts in the hierarchical mode: int64 ``[L, R * S]``. The plan is
+    never worse than this, layer by layer."""
+    if not _hierarchical(num_groups, num_nodes):
+        row = np.arange(num_ranks * slots_per_rank) % num_experts
+    else:
+        per_node, node_slots = num_experts // num_nodes, (num_ranks // num_nodes) * slots_per_rank
+        row = (np.arange(num_nodes)[:, None] * per_node + np.arange(node_slots)[None, :] % per_node).ravel()
+    return np.repeat(row[None, :].astype(np.int64), num_layers, axis=0)
+
+
+def effective_cap(max_replicas: int | None, num_ranks: int, num_slots: int, num_experts: int) -> int:
+    """Most replicas per expert: the user's cap, and at most one per rank so copies sit on
+    distinct ranks, unless that cannot fill the slots (then the user's cap, or the least
+    that fills them, and copies share ranks)."""
+    cap = min(max_replicas or num_slots, num_ranks)
+    if cap * num_experts < num_slots:
+        cap = max_replicas or -(-num_slots // num_experts)
+    return cap
+
+
 def plan_hierarchical(
     weight: np.ndarray,
     num_groups: int,
     num_nodes: int,
     num_ranks: int,
     slots_per_rank: int,
-    cap: int,
+    max_replicas: int | None = None,
     options: PlanOptions = PlanOptions(),
 ) -> np.ndarray:
     """Groups onto nodes, then each node on its own: ``weight [L, E]`` → phy2log ``[L, R * S]``."""
@@ -494,7 +528,8 @@ def plan_hierarchical(
     node_experts = (node_groups[..., None] * group_size + np.arange(group_size)).reshape(num_layers, num_nodes, -1)
     sub_weight = np.take_along_axis(weight, node_experts.reshape(num_layers, -1), axis=1)
     sub_weight = sub_weight.reshape(num_layers * num_nodes, -1)
-    local = plan_rows(sub_weight, ranks_per_node, slots_per_rank, min(cap, ranks_per_node) if cap <= num_ranks else cap, options)
+    node_cap = effective_cap(max_replicas, ranks_per_node, ranks_per_node * slots_per_rank, sub_weight.shape[1])
+    local = plan_rows(sub_weight, ranks_per_node, slots_per_rank, node_cap, options)
     local = local.reshape(num_layers, num_nodes, -1)
     return np.take_along_axis(node_experts, local, axis=2).reshape(num_layers, -1)
 
@@ -711,18 +746,20 @@ def plan(
         weight, _ = forecast_loads(weight) if options.forecast else (weight.sum(axis=0), None)
     num_layers, num_experts = weight.shape
     num_slots = num_ranks * slots_per_rank
-    # Replicas on distinct ranks need cap <= R; if the budget cannot be spent that way,
-    # the cap is the user's (or the smallest that fills every slot).
-    cap = min(max_replicas or num_slots, num_ranks)
-    if cap * num_experts < num_slots:
-        cap = max_replicas or -(-num_slots // num_experts)
     hierarchical = _hierarchical(num_groups, num_nodes)
     if hierarchical:
-        phy2log = plan_hierarchical(weight, num_groups, num_nodes, num_ranks, slots_per_rank, cap, options)
+        phy2log = plan_hierarchical(weight, num_groups, num_nodes, num_ranks, slots_per_rank, max_replicas, options)
     else:
+        cap = effective_cap(max_replicas, num_ranks, num_slots, num_experts)
         phy2log = plan_rows(weight, num_ranks, slots_per_rank, cap, options)
         if options.spread_nodes and previous is None:
             phy2log = spread_nodes(phy2log, weight, num_nodes, slots_per_rank)
+    # Safety net: a layer never ends worse than the identity (only odd budgets ever need it;
+    # skipped when the identity itself breaks the replica cap).
+    base = baseline_rows(num_layers, num_experts, num_ranks, num_nodes, slots_per_rank, num_groups)
+    if max_replicas is None or -(-num_slots // num_experts) <= max_replicas:
+        worse = _row_balancedness(base, weight, slots_per_rank) > _row_balancedness(phy2log, weight, slots_per_rank)
+        phy2log = np.where(worse[:, None], base, phy2log)
     if previous is not None:
         old = previous.phy2log.numpy()
         blocks = num_nodes if hierarchical else 1

@@ -15,6 +15,7 @@ CONFIGS = [
     (8, 2, 10, 1, None),   # 16 redundant, global
     (16, 4, 5, 8, None),   # hierarchical, 2 groups per node
     (16, 2, 6, 4, 2),      # hierarchical with a cap of 2 replicas
+    (4, 2, 40, 2, None),   # hierarchical, copies must share ranks inside a node
     (12, 3, 6, 1, 3),      # global with a cap, 3 nodes
     (4, 1, 40, 1, None),   # more redundancy than ranks: copies must share ranks
 ]
@@ -38,8 +39,15 @@ def test_placement_is_valid(loads, ranks, nodes, slots, groups, cap):
     counts = p.replica_counts()
     assert bool((counts >= 1).all())  # every expert has a slot
     assert int(counts.sum(1).unique()) == ranks * slots
-    effective_cap = min(cap or ranks * slots, ranks)
-    if effective_cap * 64 >= ranks * slots:
+    hierarchical = nodes > 1 and groups > 1 and groups % nodes == 0
+    if hierarchical:  # replicas stay on their group's node: the budget is per node
+        per_node, ranks_per_node = 64 // nodes, ranks // nodes
+        allows = min(cap or ranks * slots, ranks_per_node) * per_node >= ranks_per_node * slots
+        effective_cap = min(cap or ranks * slots, ranks_per_node)
+    else:
+        effective_cap = min(cap or ranks * slots, ranks)
+        allows = effective_cap * 64 >= ranks * slots
+    if allows:
         # the budget allows distinct ranks: no rank holds two copies of one expert
         sets = np.sort(rank_sets(p), axis=-1)
         assert not (sets[..., 1:] == sets[..., :-1]).any()
@@ -51,10 +59,15 @@ def test_placement_is_valid(loads, ranks, nodes, slots, groups, cap):
 @pytest.mark.parametrize("ranks,nodes,slots,groups,cap", CONFIGS)
 def test_never_worse_than_identity(loads, ranks, nodes, slots, groups, cap):
     p = plan(loads, ranks, nodes, slots, num_groups=groups, max_replicas=cap)
-    ident = Placement.identity(8, 64, ranks, nodes, slots)
     ours = metrics.score(p, loads).balancedness
-    base = metrics.score(ident, loads).balancedness
-    assert all(o >= b - 1e-12 for o, b in zip(ours, base))
+    # identity, and in the hierarchical mode the identity within each node's own groups
+    # (the global identity would put copies of a group's experts on other nodes)
+    base = planner.baseline_rows(8, 64, ranks, nodes, slots, groups)
+    if groups == 1 or groups % nodes or nodes == 1:
+        assert np.array_equal(base, Placement.identity(8, 64, ranks, nodes, slots).phy2log.numpy())
+    base_score = metrics.score(torch.from_numpy(base), loads, slots).balancedness
+    assert all(o >= b - 1e-12 for o, b in zip(ours, base_score))
+    assert metrics.score(p, loads).mean_balancedness > metrics.score(torch.from_numpy(base), loads, slots).mean_balancedness
 
 
 def test_hand_case_hot_expert_split_over_two_ranks():
