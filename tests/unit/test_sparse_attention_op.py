@@ -286,3 +286,74 @@ def test_triton_kernels_in_interpreter_mode():
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "ok 9"
+
+
+# --------------------------------------------------------------------------- GE converter graph
+def _torch_ge():
+    """Torch emulation of the Ascend IR ops the converter emits (their documented semantics),
+    to check the converter's graph arithmetic on CPU. torchair itself is not installable here."""
+
+    def op(op_type, inputs, attrs):
+        x = inputs.get("x")
+        binary = {"Mul": torch.mul, "Sub": torch.sub, "Less": torch.lt, "LessEqual": torch.le,
+                  "Greater": torch.gt, "LogicalAnd": torch.logical_and, "LogicalOr": torch.logical_or}
+        if op_type in binary:
+            return binary[op_type](inputs["x1"], inputs["x2"])
+        if op_type == "Cast":
+            return x.to(attrs["dst_type"])
+        if op_type == "Shape":
+            return torch.tensor(x.shape, dtype=attrs["dtype"])
+        if op_type == "GatherV2":
+            return torch.index_select(x, int(inputs["axis"]), inputs["indices"].reshape(-1)).reshape(
+                inputs["indices"].shape)
+        if op_type == "ConcatV2":
+            return torch.cat([t.reshape(-1) for t in x], dim=int(inputs["concat_dim"]))
+        if op_type == "Reshape":
+            return x.reshape(inputs["shape"].tolist())
+        if op_type == "ExpandDims":
+            return x.unsqueeze(int(inputs["axis"]))
+        if op_type == "Range":
+            return torch.arange(int(inputs["start"]), int(inputs["limit"]), int(inputs["delta"]))
+        if op_type == "SelectV2":
+            return torch.where(inputs["condition"], inputs["then"], inputs["else"])
+        if op_type == "SoftmaxV2":
+            return torch.softmax(x, dim=attrs["axes"][0])
+        if op_type == "BatchMatMulV2":
+            a, b = inputs["x1"], inputs["x2"]
+            return torch.matmul(a.transpose(-1, -2) if attrs["adj_x1"] else a,
+                                b.transpose(-1, -2) if attrs["adj_x2"] else b)
+        if op_type == "Slice":
+            sizes = [s if s >= 0 else n - o for s, n, o in zip(inputs["size"].tolist(), x.shape, inputs["offsets"].tolist())]
+            return x[tuple(slice(o, o + s) for o, s in zip(inputs["offsets"].tolist(), sizes))]
+        raise NotImplementedError(op_type)
+
+    def const(value, dtype):
+        return torch.tensor(value, dtype=dtype)
+
+    return op, const
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 2, 5, 40, 16, 12, 3, 6), (3, 4, 4, 1, 30, 8, 8, 0, 1),
+                                   (2, 6, 1, 1, 25, 8, 8, 40, 40)])
+def test_ge_converter_graph_matches_reference(shape):
+    from kernels import torchair_converters_attn as conv
+
+    B, Hq, Hkv, Sq, Sk, D, Dv, sink, recent = shape
+    q, k, v, q_pos = _inputs(B, Hq, Hkv, Sq, Sk, D, Dv, positions="any")
+    q_pos[-1, 0] = -1  # a row that sees nothing: zeros
+    op, const = _torch_ge()
+    out = conv.build_sparse_attention(op, const, q, k, v, q_pos, sink, recent, 0.3, Hq, torch.float32)
+    torch.testing.assert_close(out, sa.sparse_attention_reference(q, k, v, q_pos, sink, recent, 0.3),
+                               rtol=1e-5, atol=1e-5)
+    kv = torch.randn(B, Sk, 24)
+    qm = torch.randn(B, Hq, Sq, 24)
+    out = conv.build_mla_decode(op, const, qm, kv, q_pos, sink, recent, 0.3, 16, Hq, torch.float32)
+    torch.testing.assert_close(out, torch.ops.omni.sparse_attention_mla_decode(qm, kv, q_pos, sink, recent, 0.3, 16),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchair") is not None, reason="torchair installed")
+def test_ge_converter_register_without_torchair_is_a_no_op():
+    from kernels import torchair_converters_attn as conv
+
+    assert conv.register() is False

@@ -1,0 +1,144 @@
+"""GE converters (torchair, Ascend) for ``omni::sparse_attention`` and
+``omni::sparse_attention_mla_decode``.
+
+UNVERIFIED: no Ascend device or torchair is reachable from this project's machines. Written
+against torchair's documented API: ``torchair.register_fx_node_ge_converter(op)`` as a decorator
+of ``fn(*op_args, meta_outputs=None)``, and ``torchair.ge.custom_op(op_type, inputs={...},
+outputs=[...], attrs={...})`` with ``torchair.ge.attr`` values, emitting standard Ascend IR ops
+(Cast, Shape, GatherV2, ConcatV2, Reshape, ExpandDims, Range, Less/LessEqual/Greater, Sub,
+LogicalAnd/LogicalOr, SelectV2, SoftmaxV2, Mul, BatchMatMulV2, Slice).
+
+The graph is the dense masked form (scores over all Sk keys, sink+recent causal mask built from
+q_pos in the graph): correct on any shape, not fast. A fast Ascend path would hand the sink and
+recent blocks to FusedInferAttentionScore through a trimmed block table, as OmniInfer does.
+
+``build_sparse_attention`` takes the op emitter as a parameter, so the composition itself is
+checked on CPU by ``tests/unit/test_sparse_attention_op.py`` with a torch emulator of those IR
+ops (that checks the arithmetic of the graph, not torchair's API).
+
+Call ``register()`` once after ``import torchair``; it returns False when torchair is absent.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+# op(op_type, inputs: dict[str, tensor | list[tensor]], attrs: dict[str, python value]) -> tensor
+Emit = Callable[[str, dict, dict], Any]
+# const(value, dtype) -> tensor
+MakeConst = Callable[[Any, torch.dtype], Any]
+
+_NEG_BIG = -1e30  # masked logits; finite so that a row with no visible key gives zeros, not NaN
+
+
+def build_sparse_attention(op: Emit, const: MakeConst, q, k, v, q_pos, sink: int, recent: int,
+                           scale: float, q_heads: int, out_dtype: torch.dtype):
+    """Emit sink+recent causal attention as GE ops (dense scores, explicit mask, fp32 softmax).
+
+    q [B, Hq, Sq, D], k [B, Hkv, Sk, D], v [B, Hkv, Sk, Dv], q_pos [B, Sq] -> [B, Hq, Sq, Dv].
+    Query heads h = kv_head * G + g (as in the reference), so q reshapes to [B, Hkv, G*Sq, D]
+    without a copy and every query group meets its kv head in one BatchMatMul.
+    """
+    f32, i64 = torch.float32, torch.int64
+
+    def cast(x, dtype):
+        return op("Cast", {"x": x}, {"dst_type": dtype})
+
+    def dims(shape, idx):
+        return op("GatherV2", {"x": shape, "indices": const(idx, i64), "axis": const(0, i64)}, {})
+
+    def concat(parts):
+        return op("ConcatV2", {"x": parts, "concat_dim": const(0, i64)}, {"N": len(parts)})
+
+    shape_q = op("Shape", {"x": q}, {"dtype": i64})
+    shape_k = op("Shape", {"x": k}, {"dtype": i64})
+    shape_v = op("Shape", {"x": v}, {"dtype": i64})
+    minus_one = const([-1], i64)
+
+    # scores [B, Hkv, G*Sq, Sk] in fp32
+    q_grouped = op("Reshape", {"x": cast(q, f32), "shape": concat([dims(shape_k, [0, 1]), minus_one,
+                                                                    dims(shape_q, [3])])}, {})
+    scores = op("BatchMatMulV2", {"x1": q_grouped, "x2": cast(k, f32)}, {"adj_x1": False, "adj_x2": True})
+    scores = op("Mul", {"x1": scores, "x2": const(scale, f32)}, {})
+    shape_scores = op("Shape", {"x": scores}, {"dtype": i64})
+    # view as [B, Hkv, G, Sq, Sk] so the [B, 1, 1, Sq, Sk] mask broadcasts over heads and groups
+    scores5 = op("Reshape", {"x": scores, "shape": concat([dims(shape_k, [0, 1]), minus_one,
+                                                           dims(shape_q, [2]), dims(shape_k, [2])])}, {})
+
+    # visible[b, s, j] = j <= p and (j < sink or j > p - recent)
+    j = op("Range", {"start": const(0, i64), "limit": dims(shape_k, 2), "delta": const(1, i64)}, {})
+    p = op("ExpandDims", {"x": cast(q_pos, i64), "axis": const(-1, i64)}, {})  # [B, Sq, 1]
+    causal = op("LessEqual", {"x1": j, "x2": p}, {})
+    in_sink = op("Less", {"x1": j, "x2": const(sink, i64)}, {})
+    in_recent = op("Greater", {"x1": j, "x2": op("Sub", {"x1": p, "x2": const(recent, i64)}, {})}, {})
+    visible = op("LogicalAnd", {"x1": causal, "x2": op("LogicalOr", {"x1": in_sink, "x2": in_recent}, {})}, {})
+    for _ in range(2):
+        visible = op("ExpandDims", {"x": visible, "axis": const(1, i64)}, {})  # [B, 1, 1, Sq, Sk]
+
+    masked = op("SelectV2", {"condition": visible, "then": scores5, "else": const(_NEG_BIG, f32)}, {})
+    probs = op("SoftmaxV2", {"x": masked}, {"axes": [-1]})
+    probs = op("Mul", {"x1": probs, "x2": cast(visible, f32)}, {})  # rows with nothing visible -> 0
+    probs = op("Reshape", {"x": probs, "shape": shape_scores}, {})
+    out = op("BatchMatMulV2", {"x1": probs, "x2": cast(v, f32)}, {"adj_x1": False, "adj_x2": False})
+    out = op("Reshape", {"x": out, "shape": concat([dims(shape_q, [0]), const([q_heads], i64),
+                                                    dims(shape_q, [2]), dims(shape_v, [3])])}, {})
+    return cast(out, out_dtype)
+
+
+def build_mla_decode(op: Emit, const: MakeConst, q, kv, q_pos, sink: int, recent: int, scale: float,
+                     v_head_dim: int, q_heads: int, out_dtype: torch.dtype):
+    """Absorbed MLA: kv [B, Sk, Dk] is one shared head; values are its first v_head_dim dims."""
+    i64 = torch.int64
+    k = op("ExpandDims", {"x": kv, "axis": const(1, i64)}, {})  # [B, 1, Sk, Dk]
+    v = op("Slice", {"x": k, "offsets": const([0, 0, 0, 0], i64), "size": const([-1, -1, -1, v_head_dim], i64)}, {})
+    return build_sparse_attention(op, const, q, k, v, q_pos, sink, recent, scale, q_heads, out_dtype)
+
+
+def register() -> bool:
+    """Register both converters with torchair. False (nothing done) when torchair is absent."""
+    try:
+        import torchair
+        from torchair import ge
+    except ImportError:
+        return False
+
+    import kernels.sparse_attention  # noqa: F401  (defines the ops)
+
+    ge_dtypes = {torch.float32: ge.DataType.DT_FLOAT, torch.float16: ge.DataType.DT_FLOAT16,
+                 torch.bfloat16: ge.DataType.DT_BF16, torch.int64: ge.DataType.DT_INT64,
+                 torch.bool: ge.DataType.DT_BOOL}
+
+    def attr(value):
+        if isinstance(value, torch.dtype):
+            return ge.attr.Int(ge_dtypes[value])
+        if isinstance(value, bool):
+            return ge.attr.Bool(value)
+        if isinstance(value, int):
+            return ge.attr.Int(value)
+        if isinstance(value, float):
+            return ge.attr.Float(value)
+        if isinstance(value, (list, tuple)):
+            return ge.attr.ListInt(list(value))
+        return ge.attr.Str(str(value))
+
+    def op(op_type, inputs, attrs):
+        return ge.custom_op(op_type, inputs=inputs, outputs=["y"],
+                            attrs={name: attr(value) for name, value in attrs.items()})
+
+    def const(value, dtype):
+        return ge.Const(value, dtype=ge_dtypes[dtype])
+
+    @torchair.register_fx_node_ge_converter(torch.ops.omni.sparse_attention.default)
+    def _convert_sparse_attention(q, k, v, q_pos, sink, recent, scale, meta_outputs=None):
+        size = meta_outputs.size()  # static shapes in torchair's decode graphs
+        return build_sparse_attention(op, const, q, k, v, q_pos, sink, recent, scale, size[1], meta_outputs.dtype)
+
+    @torchair.register_fx_node_ge_converter(torch.ops.omni.sparse_attention_mla_decode.default)
+    def _convert_mla(q, kv, q_pos, sink, recent, scale, v_head_dim, meta_outputs=None):
+        size = meta_outputs.size()
+        return build_mla_decode(op, const, q, kv, q_pos, sink, recent, scale, v_head_dim, size[1],
+                                meta_outputs.dtype)
+
+    return True
