@@ -357,3 +357,24 @@ def test_ge_converter_register_without_torchair_is_a_no_op():
     from kernels import torchair_converters_attn as conv
 
     assert conv.register() is False
+
+
+def test_bench_attn_runs_on_cpu(capsys):
+    """`omni-passes bench attn --device cpu --json`: one JSON document, every method checked."""
+    import json
+
+    from omni_passes.cli import main
+
+    rc = main(["bench", "attn", "--device", "cpu", "--contexts", "200", "--batch", "2", "--heads", "4",
+               "--kv-heads", "2", "--head-dim", "16", "--mla-heads", "4", "--sink", "8", "--recent", "24",
+               "--prefill-lengths", "64", "--iters", "3", "--json"])
+    assert rc == 0
+    doc = json.loads(capsys.readouterr().out)
+    decode = [r for r in doc["results"] if r.get("phase") != "prefill"]
+    assert {(r["case"], r["method"]) for r in decode} == {
+        (c, m) for c in ("gqa", "mla") for m in ("ours", "sdpa_dense", "flex", "sdpa_gathered")}
+    for row in doc["results"]:
+        assert row.get("error") is None and row["us"] > 0, row
+        if row["method"] != "sdpa_dense" and row["method"] != "sdpa_causal_dense":
+            assert row["rel_err"] < 1e-5, row  # every sparse method computes the same function
+    assert any(r["method"] == "ours" and r.get("phase") == "prefill" for r in doc["results"])
