@@ -1,11 +1,20 @@
-"""The proxy in collocated mode in front of two real vllm-cpu instances serving a tiny random
-DeepSeek-V3, with vLLM's KV events feeding the prefix index.
+"""The proxy in front of two real vllm-cpu instances serving a tiny random DeepSeek-V3: collocated
+with vLLM's KV events feeding the prefix index, and PD with KV moved by vLLM's ExampleConnector.
 
 On CPUs without AMX, vLLM 0.32 turns prefix caching (and with it KV events) off for MLA models
 ("MLA is enabled on a non-GPU platform; forcing chunked prefill and prefix caching to be
 disabled"). The engines therefore run DeepSeek-V3 with ``VLLM_MLA_DISABLE=1`` (vLLM's own switch
 to its non-absorbed attention path: same model, same weights, K/V cached per head) and
 ``--block-size 32`` (the CPU attention backend needs multiples of 32).
+
+Both engines also carry ``ExampleConnector`` (KV saved to and loaded from a shared directory, by
+prompt tokens): the one KV connector found to move real KV between two vllm-cpu processes here.
+It ignores ``kv_transfer_params`` and returns none, so the proxy sends decode the plain request
+and the decode engine finds the prefill's KV in the directory.
+
+Greedy tokens depend on whether a prompt's prefix came from cache (the tail is then computed
+against cached K/V, a different reduction order in bfloat16), so every comparison of tokens
+below is between two requests that meet the same cache state.
 """
 
 import asyncio
@@ -55,6 +64,7 @@ def _healthy(url):
 def vllm_pair(tiny_checkpoint, tmp_path_factory):
     pytest.importorskip("vllm")
     logs = tmp_path_factory.mktemp("vllm_logs")
+    kv_store = tmp_path_factory.mktemp("vllm_kv_store")
     ports = _free_ports(4)
     servers, procs = [], []
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_MLA_DISABLE": "1", "VLLM_SERVER_DEV_MODE": "1",
@@ -64,13 +74,15 @@ def vllm_pair(tiny_checkpoint, tmp_path_factory):
         for k in range(2):
             http_port, kv_port = ports[2 * k], ports[2 * k + 1]
             events = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://*:{kv_port}"}
+            connector = {"kv_connector": "ExampleConnector", "kv_role": "kv_both",
+                         "kv_connector_extra_config": {"shared_storage_path": str(kv_store)}}
             log = open(logs / f"vllm{k}.log", "w")
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_checkpoint),
                  "--served-model-name", "tiny-dsv3", "--host", "127.0.0.1", "--port", str(http_port),
                  "--enforce-eager", "--max-model-len", "1024", "--block-size", str(BLOCK),
                  "--enable-prefix-caching", "--enable-prompt-tokens-details",
-                 "--kv-events-config", json.dumps(events)],
+                 "--kv-events-config", json.dumps(events), "--kv-transfer-config", json.dumps(connector)],
                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
             servers.append((f"http://127.0.0.1:{http_port}", f"tcp://127.0.0.1:{kv_port}"))
         deadline = time.time() + 600
@@ -130,18 +142,20 @@ def test_real_vllm_kv_events_feed_the_index_and_routing(vllm_pair, tiny_checkpoi
                 await wait_until(lambda: all(proxy.index._entries[first].get(k) == CONFIRMED for k in keys), 10)
                 other = next(u for u, _ in vllm_pair if u != first)
                 assert proxy.index.match(keys) == {first: len(keys), other: 0}
-                # the greedy answer equals what the instance gives directly (a cache_salt keeps the
-                # direct request off the cached prefix, so both compute the prompt the same way)
-                async with s.post(first + "/v1/chat/completions", json=dict(body, cache_salt="direct-1")) as r:
+                # the answer is what the instance gives directly: asked again through the proxy
+                # (prefix match: same instance, prompt now cached) and directly (cached too)
+                status, text, _ = await call(s, proxy.url, body, rid="real-1b", chat=True)
+                assert proxy.metrics.decisions.labels("collocated", first, "prefix")._value.get() == 1
+                async with s.post(first + "/v1/chat/completions", json=body) as r:
                     direct = await r.json()
-                assert doc["choices"][0]["message"]["content"] == direct["choices"][0]["message"]["content"]
+                assert json.loads(text)["choices"][0]["message"]["content"] == direct["choices"][0]["message"]["content"]
 
                 # same system prompt, new question: routed by prefix to the same instance, and
                 # vLLM reports the cached blocks
                 status, text, _ = await call(s, proxy.url, _chat("How many experts are active per token?"),
                                              rid="real-2", chat=True)
                 assert status == 200, text
-                assert proxy.metrics.decisions.labels("collocated", first, "prefix")._value.get() == 1
+                assert proxy.metrics.decisions.labels("collocated", first, "prefix")._value.get() == 2
                 cached = json.loads(text)["usage"]["prompt_tokens_details"]["cached_tokens"]
                 assert cached >= (len(keys) - 1) * BLOCK
 
@@ -168,10 +182,11 @@ def test_real_vllm_streaming_through_the_proxy(vllm_pair, tiny_checkpoint):
         try:
             async with aiohttp.ClientSession() as s:
                 for k in range(2):  # one on each instance
-                    # cache salts keep both this and the direct request below off cached prefixes:
-                    # both compute the whole prompt, so greedy decoding gives the same tokens
                     body = _chat(f"Tell me about experts, round {k}.", stream=True, return_token_ids=True,
-                                 stream_options={"include_usage": True}, cache_salt=f"proxied-{k}")
+                                 stream_options={"include_usage": True})
+                    plain = {key: v for key, v in body.items() if key not in ("stream", "stream_options")}
+                    async with s.post(vllm_pair[k][0] + "/v1/chat/completions", json=plain) as r:
+                        assert r.status == 200  # warm the prompt: the two compared requests hit the cache
                     status, text, _ = await call(s, proxy.url, body, rid=f"stream-{k}", chat=True)
                     assert status == 200, text
                     docs = sse_documents(text)
@@ -182,8 +197,6 @@ def test_real_vllm_streaming_through_the_proxy(vllm_pair, tiny_checkpoint):
                     prompt_ids = next(d["prompt_token_ids"] for d in docs[:-1] if d.get("prompt_token_ids"))
                     assert prompt_ids == ids  # token for token, the proxy's tokenization is vLLM's
                     streamed = [t for d in docs[:-1] for c in d.get("choices", []) for t in (c.get("token_ids") or [])]
-                    plain = {key: v for key, v in body.items() if key not in ("stream", "stream_options")}
-                    plain["cache_salt"] = f"direct-{k}"
                     async with s.post(vllm_pair[k][0] + "/v1/chat/completions", json=plain) as r:
                         direct = await r.json()
                     assert streamed == direct["choices"][0]["token_ids"] and len(streamed) == 6
@@ -191,6 +204,38 @@ def test_real_vllm_streaming_through_the_proxy(vllm_pair, tiny_checkpoint):
                 async with s.post(proxy.url + "/v1/completions",
                                   json={"model": "tiny-dsv3", "prompt": "x", "max_tokens": 5000}) as r:
                     assert r.status == 400 and "1024" in (await r.text())
+        finally:
+            await proxy.stop()
+
+    asyncio.run(scenario())
+
+
+def test_real_vllm_pd_through_the_proxy_moves_kv_with_example_connector(vllm_pair, tiny_checkpoint):
+    async def scenario():
+        (prefill, _), (decode, _) = vllm_pair
+        config = ProxyConfig(mode="pd", prefill=[prefill], decode=[decode], port=0, policy="omni",
+                             policy_options={"bypass_tokens": 0}, tokenizer=str(tiny_checkpoint), block_size=BLOCK)
+        proxy = await ProxyServer(config).start()
+        try:
+            async with aiohttp.ClientSession() as s:
+                body = _chat("Why is decoding slow? Explain the key value cache.", return_token_ids=True)
+                status, text, _ = await call(s, proxy.url, body, rid="pd-real", chat=True)
+                assert status == 200, text
+                doc = json.loads(text)
+                n = len(proxy.tokenizer.prompt_ids(body, chat=True))
+                aligned = (n - 1) // BLOCK * BLOCK
+                # the decode engine never saw this prompt, yet found its KV: the prefill's, moved by
+                # the connector
+                assert doc["usage"]["prompt_tokens"] == n
+                assert doc["usage"]["prompt_tokens_details"]["cached_tokens"] == aligned > 0
+                assert proxy.metrics.decisions.labels("prefill", prefill, "load")._value.get() == 1
+                # same tokens as the prefill engine gives for the prompt, its prefix cached there too
+                async with s.post(prefill + "/v1/chat/completions", json=body) as r:
+                    direct = await r.json()
+                assert direct["usage"]["prompt_tokens_details"]["cached_tokens"] == aligned
+                assert doc["choices"][0]["token_ids"] == direct["choices"][0]["token_ids"]
+            text = proxy.metrics.render().decode()
+            assert 'omni_proxy_pd_fallbacks_total{reason="no_kv_transfer_params"} 1.0' in text
         finally:
             await proxy.stop()
 
