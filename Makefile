@@ -31,5 +31,9 @@ test-fast: install
 test-gpu: install
 	$(PY) -m pytest -q tests/gpu
 
+# vLLM's OpenAI server on a generated tiny DeepSeek-V3 with the omni passes on (port 8000).
+vllm-serve: install
+	$(PY) -m omni_passes.vllm_serve --out out --port $(or $(PORT),8000)
+
 clean:
 	rm -rf $(VENV) build *.egg-info

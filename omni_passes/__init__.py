@@ -8,5 +8,11 @@
 
 from omni_passes.compiler import compile  # noqa: F401,A004
 from omni_passes.config import ConfigError, PassConfig  # noqa: F401
+from omni_passes.vllm_pass import VllmPostGradPass, register_with_vllm
 
-__all__ = ["compile", "PassConfig", "ConfigError"]
+# vLLM looks this up as __import__("omni_passes").__dict__["vllm_post_grad_pass"]: it must be
+# a real module attribute, not a lazy one.
+vllm_post_grad_pass = VllmPostGradPass()
+register_with_vllm()
+
+__all__ = ["compile", "PassConfig", "ConfigError", "vllm_post_grad_pass"]

@@ -32,3 +32,26 @@ class MoEModelInfo:
             top_k=int(get("num_experts_per_tok", default=0) or 0),
             n_group=int(get("n_group", default=1) or 1),
         )
+
+
+def info_from_graph(graph) -> MoEModelInfo:
+    """The same facts read off a graph, for hosts that do not hand the passes a model config
+    (vLLM compiles in a worker where its config is not current). MoE layers are the decoder
+    layers whose expert-selection top-k the matcher finds; decoder layers are counted from
+    the module paths recorded on attention nodes."""
+    from omni_passes.fx.moe_matcher import find_moe_routes, is_attention
+    from omni_passes.fx.utils import layer_index
+
+    routes = find_moe_routes(graph).routes
+    layers = sorted({r.layer for r in routes if r.layer is not None})
+    experts = {r.num_logical_experts for r in routes} - {None}
+    top_k = {int(r.ids.meta["val"].shape[-1]) for r in routes if "val" in r.ids.meta}
+    attention_layers = [layer_index(n) for n in graph.nodes if is_attention(n)]
+    known = [i for i in attention_layers + layers if i is not None]
+    return MoEModelInfo(
+        num_layers=(max(known) + 1) if known else 0,
+        moe_layer_ids=tuple(layers),
+        num_experts=experts.pop() if len(experts) == 1 else 0,
+        top_k=top_k.pop() if len(top_k) == 1 else 0,
+        n_group=1,
+    )

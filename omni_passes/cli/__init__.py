@@ -51,8 +51,9 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         if name not in table:
             subparsers.add_parser(name, help=help_text, add_help=False)
     _add_group(subparsers, table)
-    bench = subparsers.add_parser("bench", help="benchmarks", description="benchmarks") if wanted != "bench" else None
-    if wanted == "bench":
+    if wanted != "bench":
+        subparsers.add_parser("bench", help="benchmarks", description="benchmarks")
+    else:
         bench = subparsers.add_parser("bench", help="benchmarks", description="benchmarks")
         bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
         which = argv[1] if len(argv) > 1 else None
@@ -72,7 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "_module"):
         parser.error(f"unknown command: {' '.join(argv)}")
     module = importlib.import_module(args._module)
-    return int(module.main(args) or 0)
+    from omni_passes.cli.common import UserError
+
+    try:
+        return int(module.main(args) or 0)
+    except UserError as exc:  # bad input: one line naming the problem, not a traceback
+        print(f"omni-passes {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

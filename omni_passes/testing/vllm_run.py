@@ -1,0 +1,99 @@
+"""Run vLLM (CPU) on a model with or without the omni passes, in a child process, and
+report tokens and timings as JSON. Tests and the throughput benchmark use it so that each
+engine lives in its own process tree (vLLM's engine is spawned and needs a __main__ guard).
+
+    python -m omni_passes.testing.vllm_run --model DIR [--pass-config FILE] \
+        --prompts-json '["a", "b"]' --max-tokens 16 [--repeats N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+COMPILE_CONFIG = {"inductor_passes": {"post_grad_custom_post_pass": "omni_passes.vllm_post_grad_pass"}}
+
+
+def child_env(pass_config: str | None, cache_dir: str) -> dict[str, str]:
+    """Environment of an engine run: small KV cache, a fresh inductor cache (a cache hit
+    would make the comparison test compile nothing), the pass config if any."""
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
+    env["VLLM_DISABLE_COMPILE_CACHE"] = "1"
+    env.pop("OMNI_PASSES_CONFIG", None)
+    if pass_config:
+        env["OMNI_PASSES_CONFIG"] = str(pass_config)
+    return env
+
+
+def run_engine(model: str | Path, prompts: list[str], max_tokens: int, pass_config: str | None = None,
+               repeats: int = 1, timeout: float = 600, max_num_seqs: int = 8) -> dict:
+    """Start an engine in a child process; returns its JSON result (raises on failure with
+    the child's stderr tail, which holds vLLM's error)."""
+    with tempfile.TemporaryDirectory(prefix="omni-vllm-") as cache_dir:
+        cmd = [sys.executable, "-m", "omni_passes.testing.vllm_run", "--model", str(model),
+               "--prompts-json", json.dumps(prompts), "--max-tokens", str(max_tokens),
+               "--repeats", str(repeats), "--max-num-seqs", str(max_num_seqs)]
+        if pass_config:
+            cmd += ["--pass-config", str(pass_config)]
+        proc = subprocess.run(cmd, env=child_env(pass_config, cache_dir), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise EngineFailed(proc.returncode, proc.stderr)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+class EngineFailed(RuntimeError):
+    def __init__(self, returncode: int, stderr: str):
+        self.returncode = returncode
+        self.stderr = stderr
+        super().__init__(f"vLLM run failed ({returncode}):\n{stderr[-4000:]}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--pass-config", default=None)
+    parser.add_argument("--prompts-json", required=True)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=1, help="timed generate() rounds after the first")
+    parser.add_argument("--max-num-seqs", type=int, default=8)
+    args = parser.parse_args(argv)
+    prompts = json.loads(args.prompts_json)
+
+    from vllm import LLM, SamplingParams
+
+    kwargs = dict(model=args.model, dtype="float32", max_model_len=512, max_num_seqs=args.max_num_seqs, seed=0)
+    if args.pass_config:
+        kwargs["compilation_config"] = COMPILE_CONFIG
+    start = time.perf_counter()
+    llm = LLM(**kwargs)
+    startup_s = time.perf_counter() - start
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    result = {
+        "startup_s": startup_s,
+        "prompt_token_ids": [list(o.prompt_token_ids) for o in outputs],
+        "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
+        "text": [o.outputs[0].text for o in outputs],
+        "rounds": [],
+    }
+    for _ in range(args.repeats):
+        begin = time.perf_counter()
+        timed = llm.generate(prompts, params, use_tqdm=False)
+        elapsed = time.perf_counter() - begin
+        generated = sum(len(o.outputs[0].token_ids) for o in timed)
+        result["rounds"].append({"seconds": elapsed, "output_tokens": generated, "tokens_per_s": generated / elapsed})
+    del llm
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
