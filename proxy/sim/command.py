@@ -63,7 +63,6 @@ def main(args: argparse.Namespace) -> int:
                              stall_rate=args.stall_rate, crash_next=args.crash_next, crash_rate=args.crash_rate,
                              crash_after_tokens=args.crash_after_tokens, slowdown=args.slowdown,
                              seed=args.fault_seed + k)
-            plan.update({})  # range checks happen in update; apply to the CLI values too
             for name in ("fail_rate", "stall_rate", "crash_rate"):
                 if not 0 <= getattr(plan, name) <= 1:
                     raise ValueError(f"--{name.replace('_', '-')} is a probability, got {getattr(plan, name)}")

@@ -166,6 +166,7 @@ class SimEngine:
                 except asyncio.TimeoutError:
                     pass
                 continue
+            step_start = loop.time()
             decodes, chunks = self._schedule()
             if not decodes and not chunks:
                 # nothing fits (KV full of held prefills, or all admitted requests wait): idle a bit
@@ -179,7 +180,8 @@ class SimEngine:
             context = sum(r.prompt_len + len(r.outputs) for r in decodes)
             seconds = self.profile.step_time([(r.computed, c) for r, c in chunks], context, len(decodes))
             seconds *= self.slowdown
-            await asyncio.sleep(seconds)
+            # the step ends step_start + seconds: the time spent scheduling is part of it
+            await asyncio.sleep(max(0.0, step_start + seconds - loop.time()))
             self.steps += 1
             self.busy_s += seconds
             self._complete(decodes, chunks)
