@@ -1,4 +1,4 @@
-"""`omni-proxy`: the OmniProxy service, its simulated engine, and (issue 7) its benchmarks.
+"""`omni-proxy`: the OmniProxy service, its simulated engine, and its benchmarks.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
 ``main(args) -> int``, imported only when used.

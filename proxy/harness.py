@@ -36,16 +36,23 @@ class Cluster:
     @classmethod
     async def start(cls, mode: str, *, prefill: int = 0, decode: int = 0, collocated: int = 0,
                     policy: str = "omni", policy_options: dict[str, Any] | None = None,
-                    profile: SimProfile | None = None, kv_events: bool = True,
+                    profile: SimProfile | None = None, role_profiles: dict[str, SimProfile] | None = None,
+                    kv_events: bool = True,
                     faults: dict[int, FaultPlan] | None = None, proxy: bool = True,
                     **proxy_options: Any) -> "Cluster":
-        """Sims in order prefill..., decode..., collocated...; ``faults`` maps sim index -> plan."""
+        """Sims in order prefill..., decode..., collocated...; ``faults`` maps sim index -> plan.
+
+        ``role_profiles`` gives a role its own timing profile (else ``profile``, else defaults);
+        ``proxy_options`` are ``ProxyConfig`` fields (block size and characters per token
+        default to the profile's).
+        """
         roles = ["prefill"] * prefill + ["decode"] * decode + ["collocated"] * collocated
         faults = faults or {}
         sims = []
         try:
             for k, role in enumerate(roles):
-                sim = SimInstance(0, role, profile, kv_events_port=0 if kv_events else None,
+                sim = SimInstance(0, role, (role_profiles or {}).get(role, profile),
+                                  kv_events_port=0 if kv_events else None,
                                   faults=faults.get(k, FaultPlan(seed=k)))
                 sims.append(await sim.start())
             cluster = cls(sims)
@@ -56,9 +63,8 @@ class Cluster:
                     decode=[s.url for s in sims if s.role == "decode"],
                     instances=[s.url for s in sims if s.role == "collocated"],
                     kv_events={s.url: s.kv_endpoint for s in sims if s.kv_endpoint} if kv_events else {},
-                    block_size=(profile or SimProfile()).block_size,
-                    chars_per_token=(profile or SimProfile()).chars_per_token,
-                    **proxy_options)
+                    **{"block_size": (profile or SimProfile()).block_size,
+                       "chars_per_token": (profile or SimProfile()).chars_per_token, **proxy_options})
                 cluster.proxy = await ProxyServer(config).start()
             return cluster
         except BaseException:

@@ -35,7 +35,6 @@ class KVEventSubscriber:
         self._warned_block_size = False
         self._task: asyncio.Task | None = None
         self._socket = None
-        self.connected = asyncio.Event()
 
     def start(self) -> None:
         import zmq
