@@ -404,44 +404,50 @@ class ProxyServer:
             self.metrics.ttft.observe(ctx.ttft)
             out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                               "X-Request-Id": ctx.rid})
-            await out.prepare(ctx.request)
-            await out.write(first)
-            chunks = first.count(b"data: ")
-            ticket.grow(chunks)
-            tail = first[-64:]
-            broken: str | None = None
-            while True:
-                try:
-                    chunk = await asyncio.wait_for(resp.content.readany(), c.idle_timeout)
-                except asyncio.TimeoutError:
-                    broken = f"no data for {c.idle_timeout:g} s"
-                    break
-                except (aiohttp.ClientError, OSError) as exc:
-                    broken = f"{type(exc).__name__}: {exc}"
-                    break
-                if not chunk:
-                    break
-                await out.write(chunk)  # a client that left raises here and ends the handler
-                n = chunk.count(b"data: ")
-                chunks += n
-                ticket.grow(n)
-                tail = (tail + chunk)[-64:]
-            if broken is None and b"[DONE]" not in tail:
-                broken = "stream ended without [DONE]"
-            if broken is not None:
-                failure = AttemptFailed(instance, "stream_broken", broken)
-                self._failed(failure)
-                ctx.outcome = "stream_error"
-                await out.write(sse_event(error_body(f"upstream {instance} failed mid-stream: {broken}", 502,
-                                                     "upstream_error")))
-                await out.write(SSE_DONE)
-            else:
-                clean = True
-                tokens = chunks - 1
-                if tokens > 1:
-                    self.metrics.tpot.observe((self.now() - ctx.t0 - ctx.ttft) / (tokens - 1))
-            await out.write_eof()
-            return out
+            try:
+                await out.prepare(ctx.request)
+                await out.write(first)
+                chunks = first.count(b"data: ")
+                ticket.grow(chunks)
+                tail = first[-64:]
+                broken: str | None = None
+                while True:
+                    try:
+                        chunk = await asyncio.wait_for(resp.content.readany(), c.idle_timeout)
+                    except asyncio.TimeoutError:
+                        broken = f"no data for {c.idle_timeout:g} s"
+                        break
+                    except (aiohttp.ClientError, OSError) as exc:
+                        broken = f"{type(exc).__name__}: {exc}"
+                        break
+                    if not chunk:
+                        break
+                    await out.write(chunk)
+                    n = chunk.count(b"data: ")
+                    chunks += n
+                    ticket.grow(n)
+                    tail = (tail + chunk)[-64:]
+                if broken is None and b"[DONE]" not in tail:
+                    broken = "stream ended without [DONE]"
+                if broken is not None:
+                    failure = AttemptFailed(instance, "stream_broken", broken)
+                    self._failed(failure)
+                    ctx.outcome = "stream_error"
+                    await out.write(sse_event(error_body(f"upstream {instance} failed mid-stream: {broken}", 502,
+                                                         "upstream_error")))
+                    await out.write(SSE_DONE)
+                else:
+                    clean = True
+                    tokens = chunks - 1
+                    if tokens > 1:
+                        self.metrics.tpot.observe((self.now() - ctx.t0 - ctx.ttft) / (tokens - 1))
+                await out.write_eof()
+                return out
+            except ConnectionResetError:
+                # the client left mid-stream: close the upstream (finally) so the instance aborts
+                ctx.outcome = "client_gone"
+                clean = False
+                return out
         finally:
             if clean:
                 resp.release()
