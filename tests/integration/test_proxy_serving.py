@@ -155,8 +155,8 @@ async def test_round_robin_spreads_in_order():
 
 
 async def test_omni_holds_requests_beyond_limits_and_serves_them_in_order():
-    async with await Cluster.start("collocated", collocated=1, profile=SimProfile(step_overhead_s=0.01),
-                                   policy_options={"decode_max_running": 1}, queue_timeout=10) as c:
+    async with await Cluster.start("collocated", collocated=1, profile=SimProfile(step_overhead_s=0.05),
+                                   policy_options={"decode_max_running": 1}, queue_timeout=30) as c:
         sim = c.sims[0]
         peak = {"running": 0}
 
@@ -168,11 +168,11 @@ async def test_omni_holds_requests_beyond_limits_and_serves_them_in_order():
         watcher = asyncio.ensure_future(watch())
         async with aiohttp.ClientSession() as s:
             first = asyncio.ensure_future(call(s, c.proxy.url, {"prompt": "a" * 400, "max_tokens": 5}, rid="h-0"))
-            await asyncio.sleep(0.02)
+            await wait_for(lambda: c.proxy.loads[sim.url].running == 1)  # h-0 placed first
             rest = [asyncio.ensure_future(call(s, c.proxy.url, {"prompt": "b" * n, "max_tokens": 5}, rid=f"h-{n}"))
                     for n in (4000, 40, 400)]
-            await asyncio.sleep(0.02)
-            assert len(c.proxy.queues["collocated"]) == 3
+            await wait_for(lambda: len(c.proxy.queues["collocated"]) == 3)  # h-0 runs ~0.25 s
+            assert "h-0" not in sim.engine.records
             results = await asyncio.gather(first, *rest)
         watcher.cancel()
         assert all(r[0] == 200 for r in results)
