@@ -45,6 +45,7 @@ def test_decoder_errors_name_the_problem(payload, message):
         kv.decode_batch(payload)
 
 
+@pytest.mark.slow  # importing vllm takes ~10 s
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm not installed")
 def test_decoder_reads_what_vllm_publishes():
     import msgspec

@@ -43,6 +43,7 @@ def test_bad_arguments_are_named():
         hash_function("md5")
 
 
+@pytest.mark.slow  # importing vllm takes ~10 s
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm not installed")
 def test_matches_vllm_hash_block_tokens():
     from vllm.utils.hashing import sha256, sha256_cbor
