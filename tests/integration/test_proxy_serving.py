@@ -179,3 +179,16 @@ async def test_omni_holds_requests_beyond_limits_and_serves_them_in_order():
         assert peak["running"] == 1  # the limit held: one request at a time reached the instance
         finished = sorted(sim.engine.records.values(), key=lambda r: list(sim.engine.records).index(r["request_id"]))
         assert [r["request_id"] for r in finished] == ["h-0", "h-40", "h-400", "h-4000"]  # short first
+
+
+async def test_pd_kv_pull_over_http_between_processes(monkeypatch):
+    # sims in separate processes find each other only through kv_transfer_params' host and port
+    import proxy.sim.server as sim_server
+
+    async with await Cluster.start("pd", prefill=1, decode=1, profile=FAST, policy_options={"bypass_tokens": 0}) as c:
+        monkeypatch.setattr(sim_server, "_LOCAL", {})
+        async with aiohttp.ClientSession() as s:
+            status, text, _ = await call(s, c.proxy.url, {"prompt": PROMPT, "max_tokens": 3}, rid="http-pull")
+        p, d = c.sims
+        assert status == 200 and d.engine.records["http-pull"]["kv_source"] == "remote"
+        assert p.engine.counters["kv_pulled"] == 1 and not p.engine.held
