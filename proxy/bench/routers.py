@@ -163,7 +163,7 @@ def command(spec: RouterSpec, inst: Instances, port: int, metrics_port: int) -> 
             if spec.policy == "kv_aware":
                 for url in inst.collocated:
                     cmd += ["--kv-event-source", f"{url}={inst.kv_endpoints[url]}"]
-                cmd += ["--kv-event-block-size", str(inst.block_size)]
+                cmd += ["--kv-event-block-size", str(inst.block_size), "--kv-event-model", "sim-model"]
         return cmd
     if spec.kind == "sglang-router":
         if inst.mode == "pd":
@@ -218,7 +218,8 @@ class RouterProcess:
             await self.stop()
             if "in use" not in last:
                 break
-        raise RouterStartError(f"{self.spec.name} did not become healthy: {last}")
+        lines = [ln for ln in last.splitlines() if ln.strip()]
+        raise RouterStartError(f"{self.spec.name} did not become healthy: {lines[-1] if lines else last}")
 
     async def _wait_healthy(self, timeout: float) -> bool:
         loop = asyncio.get_running_loop()

@@ -14,8 +14,9 @@ the client and a Python router stay well under the CPU ceiling.
   conversations start as a Poisson process, each with one of 4 system prompts (1.5k-3k
   tokens) and 2-8 turns; a turn's prompt is the system prompt, the whole history (earlier
   user messages and answers) and a new user message (lognormal, mean 200); answers mean 400.
-  The next turn arrives a think time (2 s + exponential, mean 6 s) after the previous one
-  was sent. The request rate counts turns.
+  The next turn arrives a think time (1 s + exponential, mean 2 s) after the previous one
+  was sent. The request rate counts turns; conversations start 30 s before the window so
+  it opens in steady state (turns before 0 are not sent: their histories start cold).
 * ``bursty`` - template-driven API traffic arriving in bursts: 8 few-shot templates
   (prefix 60 % of a lognormal prompt with mean 1.5k), output mean 300; inter-arrival gaps
   from a gamma distribution with coefficient of variation 3 (bursts and lulls), same mean
@@ -70,8 +71,9 @@ def multi_turn(rate: float, duration_s: float, seed: int = 0) -> list[WorkloadRe
     rng = random.Random(seed)
     system = [_scaled(rng.uniform(1500, 3000)) for _ in range(4)]
     mean_turns = 5.0
+    warm = 30.0  # conversations start this long before 0, so the window sees steady state
     out: list[WorkloadRequest] = []
-    t, conv = 0.0, 0
+    t, conv = -warm, 0
     while True:
         t += rng.expovariate(rate / mean_turns)
         if t >= duration_s:
@@ -83,12 +85,13 @@ def multi_turn(rate: float, duration_s: float, seed: int = 0) -> list[WorkloadRe
             user = _scaled(_lognormal(rng, 200, 0.7, 16, 2000))
             answer = _scaled(_lognormal(rng, 400, 0.7, 32, 4000), minimum=2)
             prompt = system[k] + history + user
-            # the whole non-system part comes from the conversation's stream, so each turn
-            # extends the previous turn's prompt (its history) token for token
-            out.append(WorkloadRequest(arrival, prompt, answer, f"conv-{seed}-{conv}", prompt - system[k],
-                                       f"sys-{k}", system[k]))
+            if 0 <= arrival < duration_s:
+                # the whole non-system part comes from the conversation's stream, so each turn
+                # extends the previous turn's prompt (its history) token for token
+                out.append(WorkloadRequest(arrival, prompt, answer, f"conv-{seed}-{conv}", prompt - system[k],
+                                           f"sys-{k}", system[k]))
             history += user + answer
-            arrival += 2.0 + rng.expovariate(1 / 6.0)
+            arrival += 1.0 + rng.expovariate(1 / 2.0)
         conv += 1
     out.sort(key=lambda r: r.arrival_s)
     return out

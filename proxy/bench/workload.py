@@ -177,7 +177,8 @@ class PromptBuilder:
 
 
 def describe(requests: Sequence[WorkloadRequest]) -> dict[str, float | int]:
-    """Shape of a workload: counts, mean/max lengths, rate, share of prompt tokens shared."""
+    """Shape of a workload: counts, mean/max lengths, rate, share of prompt tokens that come
+    from a group stream (shared with other requests of the group where they overlap)."""
     if not requests:
         return {"requests": 0}
     prompts = [r.prompt_tokens for r in requests]
@@ -189,5 +190,5 @@ def describe(requests: Sequence[WorkloadRequest]) -> dict[str, float | int]:
         "mean_rate": mean_rate(requests),
         "prompt_tokens_mean": sum(prompts) / len(prompts), "prompt_tokens_max": max(prompts),
         "output_tokens_mean": sum(outputs) / len(outputs), "output_tokens_max": max(outputs),
-        "shared_prompt_share": shared / sum(prompts),
+        "grouped_prompt_share": shared / sum(prompts),
     }
