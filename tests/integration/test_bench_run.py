@@ -1,0 +1,106 @@
+"""End-to-end `omni-proxy bench` runs (seconds): real simulator and router processes, real
+sockets, the JSON document on stdout."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PEER = Path(sys.executable).parent / "vllm-router"
+HAVE_VLLM_ROUTER = PEER.exists() or shutil.which("vllm-router") is not None
+
+# one step = 50 ms, nothing else costs time: a lone request's TTFT is one step (its prefill,
+# which samples the first token) and every further token one more step
+STEP_S = 0.05
+PROFILE = {"step_overhead_s": STEP_S, "prefill_token_s": 0.0, "prefill_attn_s": 0.0, "decode_seq_s": 0.0,
+           "decode_kv_token_s": 0.0, "kv_transfer_base_s": 0.0, "kv_transfer_token_s": 0.0}
+
+
+def bench(tmp_path, cluster, lines, *args, timeout=120):
+    (tmp_path / "cluster.json").write_text(json.dumps(cluster))
+    (tmp_path / "w.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    cmd = [sys.executable, "-m", "proxy.cli", "bench", "--cluster", str(tmp_path / "cluster.json"),
+           "--workload", str(tmp_path / "w.jsonl"), "--json", "--no-progress", *args]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout), done.stderr  # stdout holds exactly one JSON document
+
+
+def spaced(n, gap, prompt=24, output=4, group=None, prefix=0):
+    return [{"arrival_s": k * gap, "prompt_tokens": prompt, "output_tokens": output,
+             "prefix_group": group, "prefix_tokens": prefix} for k in range(n)]
+
+
+def check_entry_schema(entry, n):
+    for metric in ("ttft", "tpot", "itl", "e2e"):
+        assert set(entry[metric]) == {"mean", "p50", "p90", "p99"}
+        assert all(isinstance(entry[metric][q], float) for q in ("p50", "p90", "p99"))
+    assert entry["completed"] == n and entry["failed"] == 0
+    assert {"simulator", "router", "client"} <= set(entry["cpu"])
+
+
+def test_bench_omni_collocated_timing_and_schema(tmp_path):
+    cluster = {"instances": [{"role": "collocated", "count": 2, "profile": PROFILE}]}
+    # 6 requests 0.4 s apart at the file's pace (rate 2.5/s): each runs alone on its instance
+    doc, err = bench(tmp_path, cluster, spaced(6, 0.4), "--router", "omni", "--rate", "2.5",
+                     "--slo", "ttft=1,tpot=0.5")
+    entry = doc["routers"]["omni"]
+    check_entry_schema(entry, 6)
+    assert "goodput_qpm" not in entry and entry["slo_attainment"] == 1.0
+    # measured against the timing model: one step to the first token, one step per token after
+    assert STEP_S <= entry["ttft"]["p50"] < STEP_S + 0.1
+    assert STEP_S * 0.9 <= entry["tpot"]["p50"] < STEP_S + 0.05
+    assert 4 * STEP_S <= entry["e2e"]["p50"] < 4 * STEP_S + 0.2
+    assert doc["cluster"]["mode"] == "collocated" and doc["rates"] == [2.5]
+    assert doc["workload"]["shape_at_rate"]["requests"] == 6
+    assert entry["simulator"]["roles"]["collocated"]["finished"] == 6 + 1  # and the warm-up request
+    assert "router" in err and "omni" in err  # the table went to stderr
+
+
+def test_bench_sweep_reports_goodput_and_pd_mode(tmp_path):
+    cluster = {"instances": [{"role": "prefill", "count": 1, "profile": PROFILE},
+                             {"role": "decode", "count": 1, "profile": PROFILE}]}
+    doc, _ = bench(tmp_path, cluster, spaced(5, 0.3, prompt=200, group="g", prefix=16), "--router", "omni",
+                   "--router", "sglang-router:cache_aware", "--sweep", "--rates", "2,4",
+                   "--slo", "ttft=1,tpot=0.5")
+    omni = doc["routers"]["omni"]
+    check_entry_schema(omni, 5)
+    assert omni["mode"] == "pd" and omni["goodput_qpm"] == pytest.approx(240.0)
+    assert [p["offered_rate"] for p in omni["sweep"]] == [2.0, 4.0]
+    roles = omni["simulator"]["roles"]
+    # prompts over omni's bypass threshold (128 tokens) are prefilled on P, decoded on D
+    # (the shown point's fresh simulators: 5 requests, and the 2-token warm-up bypassed to D)
+    assert roles["prefill"]["finished"] == 5 and roles["decode"]["finished"] == 5 + 1
+    assert "bootstrap" in doc["routers"]["sglang-router:cache_aware"]["skipped"]
+
+
+@pytest.mark.skipif(not HAVE_VLLM_ROUTER, reason="vllm-router is not installed (dev extra)")
+def test_bench_peer_and_direct_give_added_latency(tmp_path):
+    cluster = {"instances": [{"role": "collocated", "count": 2, "profile": PROFILE}]}
+    doc, _ = bench(tmp_path, cluster, spaced(6, 0.25), "--router", "direct", "--router", "vllm-router:round_robin",
+                   "--router", "omni:round_robin", "--rate", "4", "--slo", "ttft=1,tpot=0.5")
+    for name in ("direct", "vllm-router:round_robin", "omni:round_robin"):
+        check_entry_schema(doc["routers"][name], 6) if name != "direct" else None
+        assert doc["routers"][name]["completed"] == 6
+    for name in ("vllm-router:round_robin", "omni:round_robin"):
+        added = doc["routers"][name]["added_latency"]
+        assert set(added) == {"ttft", "e2e"} and isinstance(added["ttft"]["p50"], float)
+        # a router adds far less than one engine step to a request
+        assert added["ttft"]["p50"] < STEP_S
+    assert doc["machine"]["vllm-router"]
+
+
+def test_bench_rejects_bad_input(tmp_path):
+    (tmp_path / "c.json").write_text('{"instances": [{"role": "collocated"}]}')
+    (tmp_path / "w.jsonl").write_text('{"arrival_s": 0, "prompt_tokens": 4, "output_tokens": 1}\n{"arrival_s": 1}\n')
+    cmd = [sys.executable, "-m", "proxy.cli", "bench", "--cluster", str(tmp_path / "c.json"),
+           "--workload", str(tmp_path / "w.jsonl"), "--router", "omni", "--rate", "1"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "w.jsonl line 2: missing field(s) prompt_tokens, output_tokens" in done.stderr and not done.stdout
+    done = subprocess.run(cmd[:-4] + ["--router", "haproxy", "--rate", "1"], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and "unknown router 'haproxy'" in done.stderr
