@@ -19,6 +19,10 @@ were compiled, and what it holds (slot experts, placement fingerprint).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -51,11 +55,12 @@ def _max_diff(ep: ExpertParallelMoE, case: dict, rank: int, repeats: int = 1) ->
     start, stop = case["rank_tokens"][rank]
     diffs = []
     for row in range(ep.num_layers):
-        reference = case["outputs"][row][start:stop]
+        reference = case["outputs"][row][start:stop].float()
         scale = reference.abs().max().item() if stop > start else 1.0
         worst = 0.0
         for _ in range(repeats):
-            out = ep.forward_layer(row, case["inputs"][row][start:stop])
+            hidden = case["inputs"][row][start:stop].to(ep.group.device)
+            out = ep.forward_layer(row, hidden).float().cpu()
             worst = max(worst, (out - reference).abs().max().item() / scale if stop > start else 0.0)
         diffs.append(worst)
     return diffs
@@ -64,10 +69,9 @@ def _max_diff(ep: ExpertParallelMoE, case: dict, rank: int, repeats: int = 1) ->
 def _slots_hold_their_experts(ep: ExpertParallelMoE, case: dict) -> bool:
     for row in range(ep.num_layers):
         experts = ep.local_experts(row)
-        if not torch.equal(ep.gate_up[row], case["layers"][row]["gate_up"][experts]):
-            return False
-        if not torch.equal(ep.down[row], case["layers"][row]["down"][experts]):
-            return False
+        for held, name in ((ep.gate_up[row], "gate_up"), (ep.down[row], "down")):
+            if not torch.equal(held.cpu(), case["layers"][row][name][experts].to(held.dtype)):
+                return False
     return True
 
 
@@ -75,7 +79,10 @@ def check_worker(group: EPGroup, case_path: str) -> dict:
     case = torch.load(case_path, weights_only=False)
     spec = MoESpec(**case["spec"])
     (first_name, first), *rest = case["placements"]
-    ep = ExpertParallelMoE(spec, _layers(case), Placement.from_dict(first), group, compile_backend=case["backend"])
+    dtype = getattr(torch, case.get("dtype", "float32"))
+    ep = ExpertParallelMoE(
+        spec, _layers(case), Placement.from_dict(first), group, dtype=dtype, compile_backend=case["backend"]
+    )
     report: dict = {"rank": group.rank, "placements": {}}
     # Twice: the second pass runs on warm compiled regions with other receive sizes.
     report["placements"][first_name] = {"max_rel_diff": _max_diff(ep, case, group.rank, repeats=2), "slots_rewritten": 0}
@@ -106,3 +113,132 @@ def check_worker(group: EPGroup, case_path: str) -> dict:
     report["placement_fingerprints"] = fingerprints
     report["local_experts"] = [ep.local_experts(r).tolist() for r in range(ep.num_layers)]
     return report
+
+
+# ---- building a case (in the calling process; needs transformers) ------------------------------
+def tiny_moe_layers(seed: int = 3, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """The tiny DeepSeek-V3's transformers config and its ``DeepseekV3MoE`` modules."""
+    from omni_passes.models import build_model, load_hf_config
+
+    config = load_hf_config("tiny")
+    model = build_model(config, dtype=dtype, device=device, seed=seed)
+    return config, [layer.mlp for layer in model.model.layers if hasattr(layer.mlp, "gate")]
+
+
+def trace_loads(num_layers: int, num_experts: int, top_k: int, num_groups: int) -> np.ndarray:
+    """``[40, L, E]`` skewed per-step loads from the trace generator (what placements plan on)."""
+    from omni_passes.placement import traces
+
+    spec = traces.get_spec(
+        "deepseek-translation", num_layers=num_layers, num_experts=num_experts, top_k=top_k,
+        num_groups=num_groups, steps=40, tokens_per_step=64,
+    )
+    return traces.generate(spec).numpy()
+
+
+def plan_placements(world: int, slots: int, loads: np.ndarray, num_groups: int, workdir: Path) -> list[tuple[str, dict]]:
+    """identity, vLLM's EPLB (skipped without vLLM) and ours, written by ``omni-passes plan``."""
+    from omni_passes.cli import main as omni_passes_main
+
+    num_layers, num_experts = loads.shape[1:]
+    found = [("identity", Placement.identity(num_layers, num_experts, world, slots_per_rank=slots).to_dict())]
+    try:
+        from omni_passes.placement.eplb_peer import eplb_plan
+
+        found.append(("eplb", eplb_plan(torch.from_numpy(loads.sum(0)), world, 1, slots, num_groups=num_groups).to_dict()))
+    except ImportError:
+        pass
+    np.save(workdir / "loads.npy", loads)
+    out = workdir / "ours.json"
+    argv = ["plan", "--loads", str(workdir / "loads.npy"), "--ranks", str(world), "--slots-per-rank", str(slots),
+            "--groups", str(num_groups), "--out", str(out)]
+    if omni_passes_main(argv) != 0:
+        raise RuntimeError(f"omni-passes {' '.join(argv)} failed")
+    found.append(("ours", json.loads(out.read_text())))
+    return found
+
+
+def build_case(
+    world: int, slots: int, workdir: Path, backend: str | None, dtype: str = "float32", device: str = "cpu",
+    rebalance: dict | None = None,
+) -> tuple[str, dict]:
+    """Reference outputs of the tiny DeepSeek-V3's MoE layers for uneven per-rank batches, the
+    placements, and what the workers need; saved to ``workdir/case.pt`` (path returned)."""
+    torch_dtype = getattr(torch, dtype)
+    config, moes = tiny_moe_layers(dtype=torch_dtype, device=device)
+    spec = MoESpec.from_hf_config(config)
+    sizes = [5 + 3 * r for r in range(world)]
+    bounds = np.cumsum([0] + sizes).tolist()
+    hidden = torch.randn(sum(sizes), spec.hidden_size, generator=torch.Generator().manual_seed(world))
+    hidden = hidden.to(device, torch_dtype)
+    inputs, outputs = [], []
+    with torch.no_grad():
+        for moe in moes:
+            out = moe(hidden.unsqueeze(0)).squeeze(0)
+            inputs.append(hidden.cpu().clone())
+            outputs.append(out.cpu().clone())
+            hidden = hidden + out
+    loads = trace_loads(len(moes), spec.num_experts, spec.top_k, spec.n_group)
+    case = {
+        "spec": spec.__dict__,
+        "layers": [
+            {
+                "router": m.gate.weight.detach().cpu().clone(),
+                "bias": m.gate.e_score_correction_bias.detach().float().cpu().clone(),
+                "gate_up": m.experts.gate_up_proj.detach().cpu().clone(),
+                "down": m.experts.down_proj.detach().cpu().clone(),
+                "shared_gate": m.shared_experts.gate_proj.weight.detach().cpu().clone(),
+                "shared_up": m.shared_experts.up_proj.weight.detach().cpu().clone(),
+                "shared_down": m.shared_experts.down_proj.weight.detach().cpu().clone(),
+            }
+            for m in moes
+        ],
+        "inputs": inputs,
+        "outputs": outputs,
+        "rank_tokens": [(bounds[r], bounds[r + 1]) for r in range(world)],
+        "placements": plan_placements(world, slots, loads, spec.n_group, workdir),
+        "backend": backend,
+        "dtype": dtype,
+        "rebalance": rebalance,
+    }
+    path = workdir / "case.pt"
+    torch.save(case, path)
+    return str(path), case
+
+
+def problems(reports: list[dict], case: dict, rtol: float) -> list[str]:
+    """What is wrong with the workers' reports (empty: the run equals the reference)."""
+    found = []
+    slots = case["placements"][0][1]["slots_per_rank"]
+    if len({fp for r in reports for fp in r["placement_fingerprints"]}) != 1:
+        found.append("ranks ended on different placements")
+    for report in reports:
+        rank = report["rank"]
+        for name, _ in case["placements"]:
+            got = report["placements"][name]
+            if max(got["max_rel_diff"]) >= rtol:
+                found.append(f"rank {rank} placement {name}: relative difference {got['max_rel_diff']} >= {rtol}")
+            if not got.get("slots_ok", True):
+                found.append(f"rank {rank} placement {name}: slots do not hold their experts")
+        rebalance = report.get("rebalance")
+        if case.get("rebalance"):
+            if not (rebalance["applied"] and rebalance["moves"] > 0):
+                found.append(f"rank {rank}: the rebalance moved nothing: {rebalance}")
+            if max(rebalance["max_rel_diff"]) >= rtol:
+                found.append(f"rank {rank} after rebalance: relative difference {rebalance['max_rel_diff']}")
+            if not rebalance["slots_ok"]:
+                found.append(f"rank {rank} after rebalance: slots do not hold their experts")
+        if case["backend"] and report["graphs_at_end"] != report["graphs_after_first_placement"]:
+            found.append(
+                f"rank {rank}: applying placements recompiled ({report['graphs_after_first_placement']} graphs "
+                f"before, {report['graphs_at_end']} after)"
+            )
+        if case["backend"] and report["graphs_after_first_placement"] == 0:
+            found.append(f"rank {rank}: backend {case['backend']} compiled nothing")
+    for layer in range(len(case["layers"])):
+        held = {e for report in reports for e in report["local_experts"][layer]}
+        if held != set(range(case["spec"]["num_experts"])):
+            found.append(f"layer {layer}: the ranks together hold experts {sorted(held)}, not all")
+        if any(len(report["local_experts"][layer]) != slots for report in reports):
+            found.append(f"layer {layer}: a rank holds other than {slots} slots")
+    return found

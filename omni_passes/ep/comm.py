@@ -48,11 +48,17 @@ class EPGroup:
     device: torch.device
     group: dist.ProcessGroup | None = None
 
+    @property
+    def distributed(self) -> bool:
+        """Collectives run whenever a process group exists (also at world size 1, so a one-GPU
+        run goes through NCCL like a multi-GPU one); a lone process without one copies locally."""
+        return dist.is_available() and dist.is_initialized()
+
     def exchange_counts(self, send_counts: torch.Tensor, slots_per_rank: int) -> tuple[torch.Tensor, Splits]:
         """``send_counts [W * S]`` rows per destination slot → rows received per (source, local slot)
         ``[W * S]`` and the host split sizes (one device→host sync)."""
         recv_counts = torch.empty_like(send_counts)
-        if self.world_size == 1:
+        if not self.distributed:
             recv_counts.copy_(send_counts)
         else:
             dist.all_to_all_single(recv_counts, send_counts, group=self.group)
@@ -62,7 +68,7 @@ class EPGroup:
 
     def all_to_all(self, out: torch.Tensor, rows: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> None:
         """Variable-size all-to-all of rows (``out`` and ``rows`` contiguous)."""
-        if self.world_size == 1:
+        if not self.distributed:
             out.copy_(rows)
             return
         dist.all_to_all_single(out, rows, out_splits, in_splits, group=self.group)

@@ -49,7 +49,9 @@ class DistributedRebalancer:
         self.events: list[RebalanceEvent] = []
 
     def _collective_device(self) -> torch.device:
-        return self.ep.group.device if dist.get_backend(self.ep.group.group) == "nccl" else torch.device("cpu")
+        group = self.ep.group
+        nccl = group.distributed and dist.get_backend(group.group) == "nccl"
+        return group.device if nccl else torch.device("cpu")
 
     def step(self) -> RebalanceEvent | None:
         self._buffer.append(self.ep.state.take_load())
@@ -58,15 +60,15 @@ class DistributedRebalancer:
         group, device = self.ep.group, self._collective_device()
         loads = torch.stack(self._buffer).to(device)
         self._buffer = []
-        if group.world_size > 1:
+        if group.distributed:
             dist.all_reduce(loads, group=group.group)
         p = self.ep.placement
         header = torch.zeros(1 + 6, dtype=torch.float64, device=device)
         phy2log = torch.empty(p.num_layers, p.num_slots, dtype=torch.int64, device=device)
         if group.rank == 0:
-            event = None
             for step_loads in loads.cpu():
-                event = self._rebalancer.step(step_loads) or event
+                self._rebalancer.step(step_loads)  # re-plans on the last one (every interval)
+            event = self._rebalancer.events[-1]
             pending, self._decision.pending = self._decision.pending, None
             header[0] = 1.0 if pending is not None else 0.0
             header[1:] = torch.tensor(
@@ -74,14 +76,12 @@ class DistributedRebalancer:
                  -1.0 if event.half_life is None else event.half_life], dtype=torch.float64)
             if pending is not None:
                 phy2log.copy_(pending.phy2log)
-        if group.world_size > 1:
+        if group.distributed:
             dist.broadcast(header, src=0, group=group.group)
             dist.broadcast(phy2log, src=0, group=group.group)
         values = header.cpu().tolist()
         applied = values[0] == 1.0
-        if group.rank == 0:
-            event = self._rebalancer.events[-1]
-        else:
+        if group.rank != 0:
             event = RebalanceEvent(
                 step=int(values[1]), applied=applied, reason="decided on rank 0",
                 balancedness_before=values[2], balancedness_candidate=values[3], moves=int(values[4]),
