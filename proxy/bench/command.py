@@ -65,6 +65,10 @@ def _rates(text: str) -> list[float]:
 
 
 async def _run(args, cluster, workload, specs, slo, rates) -> dict:
+    # SIGTERM cancels the run like Ctrl-C does, so routers and simulators are stopped
+    import signal
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
     outcomes = []
     for spec in specs:
         say(f"omni-proxy bench: {spec.name} on {cluster.label()} ({cluster.mode}), {workload.name}")

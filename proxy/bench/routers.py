@@ -5,11 +5,11 @@ SPEC is one of
 * ``omni[:POLICY[,OPTION=VALUE...]]`` - our proxy (``omni-proxy serve``), policy ``omni`` by
   default; options are the policy's (``omni:omni,bypass_tokens=16``). It subscribes to every
   instance's KV events.
-* ``vllm-router:POLICY`` - vllm-router (PyPI ``vllm-router``, Rust). On a pd cluster it runs
+* ``vllm-router:POLICY[,OPTION=VALUE...]`` - vllm-router (PyPI ``vllm-router``, Rust). On a pd cluster it runs
   with ``--vllm-pd-disaggregation``, which speaks vLLM's ``kv_transfer_params`` protocol as
   the simulator does; on a collocated cluster with ``--worker-urls``. ``kv_aware`` gets the
   instances' KV event streams (``--kv-event-source`` / ``--pd-kv-events``).
-* ``sglang-router:POLICY`` - sglang-router (PyPI ``sglang-router``, Rust), collocated clusters
+* ``sglang-router:POLICY[,OPTION=VALUE...]`` - sglang-router (PyPI ``sglang-router``, Rust), collocated clusters
   only: its PD mode (``--pd-disaggregation``) hands prefill and decode SGLang's bootstrap
   fields (``bootstrap_host``/``bootstrap_port``/``bootstrap_room``) instead of vLLM's
   ``kv_transfer_params``, which neither vLLM nor the simulator speak.
@@ -38,6 +38,8 @@ PEER_POLICIES = {
     "vllm-router": ("round_robin", "power_of_two", "cache_aware", "random", "consistent_hash", "kv_aware"),
     "sglang-router": ("round_robin", "power_of_two", "cache_aware", "random"),
 }
+# peer options passed through as --flag value (both routers name them alike)
+PEER_OPTIONS = ("cache_threshold", "balance_abs_threshold", "balance_rel_threshold")
 KINDS = ("omni", "direct", *PEER_POLICIES)
 
 
@@ -76,20 +78,36 @@ def parse_spec(text: str) -> RouterSpec:
     if kind == "omni":
         if policy not in POLICIES:
             raise ValueError(f"--router {text!r}: unknown omni policy {policy!r}; choose one of {', '.join(POLICIES)}")
-        allowed = policy_options(policy)
-        options = []
-        for item in parts[1:]:
-            key, sep, value = item.partition("=")
-            if not sep or key not in allowed:
-                raise ValueError(f"--router {text!r}: {item!r} is not OPTION=VALUE with an option of policy "
-                                 f"{policy!r} ({', '.join(allowed) or 'none'})")
-            options.append((key, value))
-        return RouterSpec("omni", policy, tuple(options), text.strip())
-    if not policy:
-        raise ValueError(f"--router {text!r}: give a policy, e.g. {kind}:cache_aware")
-    if policy not in PEER_POLICIES[kind] or len(parts) > 1:
-        raise ValueError(f"--router {text!r}: {kind} policies here are {', '.join(PEER_POLICIES[kind])} (no options)")
-    return RouterSpec(kind, policy, (), text.strip())
+        allowed = tuple(policy_options(policy))
+    else:
+        if not policy:
+            raise ValueError(f"--router {text!r}: give a policy, e.g. {kind}:cache_aware")
+        if policy not in PEER_POLICIES[kind]:
+            raise ValueError(f"--router {text!r}: {kind} policies here are {', '.join(PEER_POLICIES[kind])}")
+        allowed = PEER_OPTIONS
+    options = []
+    for item in parts[1:]:
+        key, sep, value = item.partition("=")
+        if not sep or key not in allowed or not value:
+            raise ValueError(f"--router {text!r}: {item!r} is not OPTION=VALUE with an option of {kind} policy "
+                             f"{policy!r} ({', '.join(allowed) or 'none'})")
+        try:
+            float(value)
+        except ValueError:
+            raise ValueError(f"--router {text!r}: option {key} takes a number, got {value!r}") from None
+        options.append((key, value))
+    return RouterSpec(kind, policy, tuple(options), text.strip())
+
+
+def die_with_parent() -> None:
+    """preexec_fn: the child gets SIGTERM when the bench process dies (Linux), so a killed
+    bench leaves no simulator or router behind."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def free_port() -> int:
@@ -129,6 +147,10 @@ class Instances:
         return self.prefill + self.decode + self.collocated
 
 
+def _peer_flags(spec: RouterSpec) -> list[str]:
+    return [a for key, value in spec.options for a in ("--" + key.replace("_", "-"), value)]
+
+
 def command(spec: RouterSpec, inst: Instances, port: int, metrics_port: int) -> list[str]:
     """The command line that starts ``spec`` in front of ``inst`` on ``port``."""
     if spec.kind == "omni":
@@ -164,14 +186,14 @@ def command(spec: RouterSpec, inst: Instances, port: int, metrics_port: int) -> 
                 for url in inst.collocated:
                     cmd += ["--kv-event-source", f"{url}={inst.kv_endpoints[url]}"]
                 cmd += ["--kv-event-block-size", str(inst.block_size), "--kv-event-model", "sim-model"]
-        return cmd
+        return cmd + _peer_flags(spec)
     if spec.kind == "sglang-router":
         if inst.mode == "pd":
             raise Unsupported("sglang-router's PD mode uses SGLang's bootstrap protocol (bootstrap_host/port/room), "
                               "not vLLM's kv_transfer_params; it runs on collocated clusters only")
         return [executable("sglang-router"), "launch", "--host", "127.0.0.1", "--port", str(port),
                 "--prometheus-port", str(metrics_port), "--log-level", "warn", "--policy", spec.policy,
-                "--worker-urls", *inst.collocated]
+                "--worker-urls", *inst.collocated] + _peer_flags(spec)
     raise ValueError(f"no command for router kind {spec.kind!r}")
 
 
@@ -209,7 +231,7 @@ class RouterProcess:
             fd, self.log_path = tempfile.mkstemp(prefix=f"bench-{self.spec.kind}-", suffix=".log", dir=self._log_dir)
             env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "warn"))
             self.proc = subprocess.Popen(cmd, stdout=fd, stderr=fd, stdin=subprocess.DEVNULL, env=env,
-                                         start_new_session=True)
+                                         start_new_session=True, preexec_fn=die_with_parent)
             os.close(fd)
             self.url = f"http://127.0.0.1:{port}"
             if await self._wait_healthy(timeout):

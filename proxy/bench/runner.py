@@ -28,7 +28,7 @@ from .client import MODEL, drive, request_body
 from .cluster import ClusterSpec
 from .cpu import CpuMonitor
 from .metrics import SLO, RequestRecord, added_latency, goodput_qpm, summarize
-from .routers import Instances, RouterProcess, RouterSpec, RouterStartError, Unsupported
+from .routers import Instances, RouterProcess, RouterSpec, RouterStartError, Unsupported, die_with_parent
 from .workload import PromptBuilder, WorkloadRequest, at_rate, describe
 
 
@@ -74,7 +74,7 @@ class SimHost:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "proxy.bench.simhost", json.dumps(self.cluster.to_dict()),
             stdout=asyncio.subprocess.PIPE, stderr=self._log, stdin=asyncio.subprocess.DEVNULL,
-            start_new_session=True)
+            start_new_session=True, preexec_fn=die_with_parent)
         try:
             line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
             started = json.loads(line)

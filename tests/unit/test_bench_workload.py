@@ -178,9 +178,13 @@ def test_router_specs():
     assert parse_spec("vllm-router:power_of_two").policy == "power_of_two"
     assert parse_spec("sglang-router:cache_aware").kind == "sglang-router"
     assert parse_spec("direct").kind == "direct"
+    s = parse_spec("vllm-router:cache_aware,balance_abs_threshold=8")
+    assert s.options == (("balance_abs_threshold", "8"),)
     for bad, needle in (("nginx", "unknown router"), ("omni:fastest", "unknown omni policy"),
                         ("omni:round_robin,bypass_tokens=1", "not OPTION=VALUE"),
                         ("vllm-router", "give a policy"), ("vllm-router:magic", "policies here are"),
+                        ("sglang-router:cache_aware,workers=2", "not OPTION=VALUE"),
+                        ("vllm-router:cache_aware,cache_threshold=high", "takes a number"),
                         ("direct:x", "takes no policy")):
         with pytest.raises(ValueError, match=needle):
             parse_spec(bad)
