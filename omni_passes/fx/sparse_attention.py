@@ -1,0 +1,281 @@
+"""SparseAttentionPass: sink + recent attention (OmniAttn) in the layers of a pattern.
+
+A query at position p of a pattern layer attends to keys [0, sink) ∪ (p − recent, p] only;
+every other layer is left exactly as it was.
+
+Before (one pattern layer, transformers; SDPA node or its math decomposition on CPU)::
+
+    q, k, v ─► [bmm ─► scale ─► add(mask) ─► softmax ─► bmm]  or  _scaled_dot_product_*_attention
+            ─► attention output [B, H, Sq, Dv] (or [B*H, Sq, Dv] from the second bmm)
+
+After::
+
+    mask ─► allowed = (mask == 0) | bool mask ─► omni.mask_positions ─► q_pos [B, Sq]  (once per mask;
+            q_pos = allowed keys − 1, checked: every row allows exactly keys [0, q_pos])
+    q, k, v, q_pos ─► omni.sparse_attention(q, k, v, q_pos, sink, recent, scale) ─► output
+
+Query positions come from the attention mask, not from the model: in a causal mask the row of
+the query at position p allows exactly the keys [0, p] (key index j holds position j), so
+p = (number of allowed keys) − 1. This holds in prefill, in decode over a static cache (the
+unfilled tail is masked), and for the compressed cache of ``omni_passes.kvcache`` (its mask,
+cut to the cache's slots, allows [0, min(p, slots − 1)], which is what the op needs there).
+A mask that is not of that form (left padding, sliding windows, a float bias) would make the
+op compute something else, so ``omni::mask_positions`` checks each row and fails loudly at run
+time (``torch._assert_async``: an exception on CPU, a device assert on CUDA); a float bias that is not a 0/−inf mask is
+rejected when matching. SDPA called with ``is_causal=True`` and no mask gets q_pos = 0..Sq−1
+(SDPA's causal mask is top-left aligned).
+
+vLLM (CPU): ``auto_functionalized(vllm.unified_mla_attention_with_output, ...)`` of a pattern
+layer becomes ``auto_functionalized(omni_vllm.sparse_mla_attention, ..., sink, recent)`` with
+the same inputs, whose kernel runs vLLM's own MLA layer with the keys restricted to sink +
+recent (see ``omni_passes.kvcache.vllm_mla``).
+
+The report lists matched pattern layers; pattern layers that were not rewritten appear under
+``skipped`` with the reason; layers outside the pattern are listed in the notes as untouched.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+import kernels  # noqa: F401  (registers omni::sparse_attention)
+import kernels.sparse_attention_positions  # noqa: F401  (registers omni::mask_positions)
+from omni_passes.fx.attention_matcher import (
+    DenseAttention,
+    Operand,
+    VllmMlaAttention,
+    find_attention,
+    is_pure_mask,
+    mask_is_where_of_bool,
+    shape_of,
+)
+from omni_passes.fx.utils import PassReport
+
+class SparseAttentionPass:
+    name = "sparse_attention"
+
+    def __init__(self, sink: int, recent: int, pattern: list[int], check_mask: bool = True):
+        """
+        Args:
+            sink, recent: the op's window (sink >= 0, recent >= 1).
+            pattern: decoder-layer indices (``model.layers.N``) to compress.
+            check_mask: insert the device-side assert that each mask row is causal up to the
+                position derived from it (cheap: one compare over the mask per distinct mask).
+        """
+        if not isinstance(sink, int) or sink < 0:
+            raise ValueError(f"sparse_attention: sink must be an integer >= 0, got {sink!r}")
+        if not isinstance(recent, int) or recent < 1:
+            raise ValueError(f"sparse_attention: recent must be an integer >= 1, got {recent!r}")
+        bad = [i for i in pattern if not isinstance(i, int) or i < 0]
+        if bad:
+            raise ValueError(f"sparse_attention: pattern entries must be decoder-layer indices >= 0, got {bad}")
+        self.sink = sink
+        self.recent = recent
+        self.pattern = sorted(set(pattern))
+        self.check_mask = check_mask
+
+    # ------------------------------------------------------------------------------------
+    def __call__(self, graph: fx.Graph) -> PassReport:
+        report = PassReport(self.name)
+        match = find_attention(graph)
+        sites: list[tuple[int | None, Any]] = [(s.layer, s) for s in match.dense] + [(s.layer, s) for s in match.vllm_mla]
+        if not sites and not match.rejected:
+            for layer in self.pattern:
+                report.skip(layer, "no attention found in this graph (no SDPA node, softmax(q·kᵀ)·v bmm pair "
+                                   "or vLLM MLA attention op)")
+            return report
+        if sites and all(layer is None for layer, _ in sites):
+            # No module paths recorded: attention sites appear in model order, one per layer.
+            sites = [(i, site) for i, (_, site) in enumerate(sites)]
+            report.notes.append("no decoder-layer names in this graph: layers numbered by attention order")
+        for layer, reason in match.rejected:
+            if layer in self.pattern:
+                report.skip(layer, reason)
+            else:
+                report.notes.append(f"layer {layer}: attention not recognised ({reason})")
+        positions: dict[Any, fx.Node] = {}
+        seen: set[int] = set()
+        untouched: list[int] = []
+        for layer, site in sites:
+            if layer is None:
+                report.skip(None, "attention site without a decoder-layer index; left dense")
+                continue
+            if layer not in self.pattern:
+                untouched.append(layer)
+                continue
+            seen.add(layer)
+            if isinstance(site, VllmMlaAttention):
+                problem = self._rewrite_vllm(graph, site)
+            else:
+                problem = self._rewrite_dense(graph, site, layer, positions)
+            if problem:
+                report.skip(layer, problem)
+            else:
+                report.matched_layers.append(layer)
+                report.rewritten_nodes += 1
+        rejected_layers = {layer for layer, _ in match.rejected}
+        for layer in self.pattern:
+            if layer not in seen and layer not in rejected_layers:
+                report.skip(layer, f"no attention of decoder layer {layer} in this graph")
+        if untouched:
+            report.notes.append(f"layers {sorted(set(untouched))} are not in the pattern: left dense")
+        graph.lint()
+        return report
+
+    # ------------------------------------------------------------------------------------
+    def _rewrite_dense(self, graph: fx.Graph, site: DenseAttention, layer: int,
+                       positions: dict[Any, fx.Node]) -> str | None:
+        if site.mask is None and not site.is_causal:
+            return f"{site.form} attention without a mask and not causal: query positions unknown"
+        if site.mask is not None and not site.mask_is_bool and not is_pure_mask(site.mask):
+            return "attention mask is a float bias, not a 0/-inf mask; the sparse op cannot add it"
+        emit = _Emitter(graph, site.anchor)
+        with graph.inserting_before(site.anchor):
+            q = _operand(emit, site.q)
+            k = _operand(emit, site.k)
+            v = _operand(emit, site.v)
+            mask_source = _bool_source(site.mask) if site.mask is not None else None
+            key = mask_source if mask_source is not None else (site.mask if site.mask is not None
+                                                               else ("causal", shape_of(site.q.node)))
+            q_pos = positions.get(key)
+            if q_pos is None or not _dominates(graph, q_pos, site.anchor):
+                q_pos = self._positions(emit, site, q, layer, mask_source)
+                positions[key] = q_pos
+            out = emit(torch.ops.omni.sparse_attention.default, (q, k, v, q_pos, self.sink, self.recent, site.scale))
+            out.meta["omni_layer"] = layer
+            replacement = out
+            if site.output_is_3d:  # [B, H, Sq, Dv] -> the second bmm's [B*H, Sq, Dv]
+                sq, dv = site.q.shape[2], shape_of(out)[3]
+                replacement = emit(torch.ops.aten.reshape.default,
+                                   (out, [-1, _dim(emit, out, 2, sq), _dim(emit, out, 3, dv)]))
+        site.output.replace_all_uses_with(replacement)
+        return None
+
+    def _positions(self, emit: "_Emitter", site: DenseAttention, q: fx.Node, layer: int,
+                   mask_source: fx.Node | None) -> fx.Node:
+        """q_pos [B, Sq] int64 from the mask (see the module docstring)."""
+        B, _, Sq, _ = site.q.shape
+        if site.mask is None:  # SDPA is_causal: top-left aligned, query i sees keys 0..i
+            pos = emit(torch.ops.prims.iota.default, (_dim(emit, q, 2, Sq),),
+                       {"start": 0, "step": 1, "dtype": torch.int64, "device": _device(q), "requires_grad": False})
+            return emit(torch.ops.aten.expand.default, (emit(torch.ops.aten.unsqueeze.default, (pos, 0)), [_dim(emit, q, 0, B), -1]))
+        if mask_source is not None:
+            allowed = mask_source
+        else:
+            allowed = site.mask if site.mask_is_bool else emit(torch.ops.aten.eq.Scalar, (site.mask, 0))
+        for _ in range(4 - len(shape_of(allowed))):
+            allowed = emit(torch.ops.aten.unsqueeze.default, (allowed, 0))
+        pos = emit(torch.ops.omni.mask_positions.default,
+                   (allowed, self.check_mask, f"omni sparse_attention (layer {layer} and any sharing its mask)"))   # [b, Sq]
+        mask_batch = shape_of(pos)[0]
+        if mask_batch != B:
+            pos = emit(torch.ops.aten.expand.default, (pos, [_dim(emit, q, 0, B), -1]))
+        return pos
+
+    # ------------------------------------------------------------------------------------
+    def _rewrite_vllm(self, graph: fx.Graph, site: VllmMlaAttention) -> str | None:
+        from omni_passes.kvcache import vllm_mla  # registers omni_vllm::sparse_mla_attention
+
+        node, kw = site.node, site.kwargs
+        if node.target is not torch.ops.higher_order.auto_functionalized:
+            return f"{node.target}: only auto_functionalized (v1) vLLM graphs are handled"
+        if site.layer_name is None:
+            return "vLLM attention without a readable layer name (layer_name input has no LayerName value)"
+        for name in ("output_scale", "output_block_scale", "q_dcp_replicated"):
+            if kw.get(name) is not None:
+                return f"vLLM MLA attention with {name} set (quantised output / context parallel) is not supported"
+        if any(u.target is operator.getitem and u.args[1] not in (0, 1) and u.users for u in node.users):
+            return "vLLM MLA attention: an output other than `output` is used"
+        new_kwargs = {
+            "q": kw["q"], "kv_c_normed": kw["kv_c_normed"], "k_pe": kw["k_pe"], "output": kw["output"],
+            "layer_name": site.layer_name, "sink": self.sink, "recent": self.recent,
+            "kv_cache_dummy_dep": kw.get("kv_cache_dummy_dep"),
+        }
+        with graph.inserting_before(node):
+            new = graph.call_function(torch.ops.higher_order.auto_functionalized,
+                                      (vllm_mla.sparse_mla_attention_op(),), new_kwargs)
+        old_val = node.meta.get("val")
+        new.meta.update({k: v for k, v in node.meta.items() if k != "val"})
+        new.meta["val"] = (None, old_val[1]) if isinstance(old_val, tuple) and len(old_val) > 1 else old_val
+        new.meta["omni_layer"] = site.layer
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        return None
+
+
+# --------------------------------------------------------------------------- graph building
+class _Emitter:
+    """Inserts call_function nodes with fake values (``meta["val"]``) computed on the spot and
+    the module stack of the site they replace (so drawings and layer numbering keep working)."""
+
+    def __init__(self, graph: fx.Graph, anchor: fx.Node):
+        self.graph = graph
+        self.anchor = anchor
+
+    def __call__(self, target: Callable, args: tuple, kwargs: dict | None = None) -> fx.Node:
+        kwargs = kwargs or {}
+        node = self.graph.call_function(target, args, kwargs)
+        for key in ("nn_module_stack", "stack_trace"):
+            if key in self.anchor.meta:
+                node.meta[key] = self.anchor.meta[key]
+        node.meta["val"] = _fake_run(target, args, kwargs)
+        return node
+
+
+def _fake_run(target: Callable, args: tuple, kwargs: dict) -> Any:
+    from torch._guards import detect_fake_mode
+
+    values = torch.utils._pytree.tree_map(lambda a: a.meta.get("val") if isinstance(a, fx.Node) else a, (args, kwargs))
+    tensors = [t for t in torch.utils._pytree.tree_leaves(values) if isinstance(t, torch.Tensor)]
+    mode = detect_fake_mode(tensors)
+    if mode is None:
+        return None
+    with mode:
+        return target(*values[0], **values[1])
+
+
+def _operand(emit: _Emitter, operand: Operand) -> fx.Node:
+    node = operand.node
+    shape = tuple(operand.shape)
+    if len(shape_of(node)) == 3:  # a [B*H, S, D] bmm operand: split B*H back
+        sizes = [-1, shape[1]] + [_dim(emit, node, i, shape[i + 1]) for i in (1, 2)]
+        if operand.transpose:  # the operand is [B*H, D, S]
+            sizes = [-1, shape[1]] + [_dim(emit, node, i, shape[4 - i]) for i in (1, 2)]
+        node = emit(torch.ops.aten.reshape.default, (node, sizes))
+    if operand.transpose:
+        node = emit(torch.ops.aten.permute.default, (node, [0, 1, 3, 2]))
+    return node
+
+
+def _dim(emit: _Emitter, node: fx.Node, dim: int, size: Any) -> Any:
+    """A size for an op argument: the int, or a sym_size node when it is symbolic."""
+    if isinstance(size, int):
+        return size
+    return emit(torch.ops.aten.sym_size.int, (node, dim))
+
+
+def _bool_source(mask: fx.Node) -> fx.Node | None:
+    """For ``where(cond, 0, -inf)`` (how a bool mask becomes additive), ``cond``: layers that
+    each convert one shared bool mask then share one q_pos computation."""
+    if mask_is_where_of_bool(mask):
+        return mask.args[0]
+    return None
+
+
+def _device(node: fx.Node) -> torch.device:
+    value = node.meta.get("val")
+    return value.device if isinstance(value, torch.Tensor) else torch.device("cpu")
+
+
+def _dominates(graph: fx.Graph, a: fx.Node, b: fx.Node) -> bool:
+    """``a`` comes before ``b`` in graph order (so ``b`` may use it)."""
+    for node in graph.nodes:
+        if node is a:
+            return True
+        if node is b:
+            return False
+    return False
