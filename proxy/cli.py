@@ -14,7 +14,7 @@ SUBCOMMANDS = {
     "serve": ("proxy.server.command", "run the OpenAI-compatible proxy in front of vLLM instances (pd or collocated)"),
     "sim": ("proxy.sim.command", "run simulated vLLM instances (continuous batching, prefix cache, KV events, faults)"),
     "bench": ("proxy.bench", "serving benchmark: routers side by side on a simulated cluster"),
-    "plan-pd": ("proxy.plan_pd", "recommend a prefill:decode split for a workload and SLO"),
+    "plan-pd": ("proxy.bench.plan_pd", "recommend a prefill:decode split and PD-bypass threshold for a workload and SLO (simulated sweeps)"),
 }
 
 

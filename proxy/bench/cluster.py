@@ -116,17 +116,3 @@ class ClusterSpec:
         except json.JSONDecodeError as exc:
             raise ValueError(f"cluster file {path} is not valid JSON: {exc}") from None
         return cls.from_dict(data, source=str(path))
-
-    def with_split(self, prefill: int, decode: int) -> "ClusterSpec":
-        """The same profiles as a pd cluster of ``prefill`` + ``decode`` instances (plan-pd).
-        Prefill instances take the profile of this cluster's prefill (else first) group, decode
-        instances that of its decode (else first) group; ``prefill=0`` with ``decode=n`` and a
-        collocated source gives ``n`` collocated instances."""
-        first = self.groups[0].profile
-        p = next((g.profile for g in self.groups if g.role == "prefill"), first)
-        d = next((g.profile for g in self.groups if g.role in ("decode", "collocated")), first)
-        if prefill == 0 and decode > 0 and self.mode == "collocated":
-            return ClusterSpec((InstanceGroup("collocated", decode, d),), self.source)
-        groups = tuple(g for g in (InstanceGroup("prefill", prefill, p) if prefill else None,
-                                   InstanceGroup("decode", decode, d)) if g is not None)
-        return ClusterSpec(groups, self.source)

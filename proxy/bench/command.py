@@ -52,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", metavar="FILE", help="also write the JSON document to FILE")
     p.add_argument("--plot", metavar="DIR", help="write TTFT/TPOT CDFs and goodput-vs-rate PNGs to DIR")
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    p.add_argument("--clock", choices=("wall", "virtual"), default="wall",
+                   help="virtual: run omni routers in-process on a simulated clock (no CPU effects, no router "
+                        "latency; peers are skipped); for calibrating our policies quickly")
 
 
 def _rates(text: str) -> list[float]:
@@ -80,7 +83,8 @@ async def _run(args, cluster, workload, specs, slo, rates) -> dict:
 
         outcome = await bench_router(cluster, spec, workload, slo, rates=rates, sweep=args.sweep,
                                      patience=args.sweep_patience, timeout_s=args.timeout,
-                                     progress=not args.no_progress, on_point=on_point)
+                                     progress=not args.no_progress, on_point=on_point,
+                                     virtual=args.clock == "virtual")
         if "skipped" in outcome.entry or "error" in outcome.entry:
             say(f"  {spec.name}: {outcome.entry.get('skipped') or outcome.entry.get('error')}")
         outcomes.append(outcome)
@@ -109,7 +113,12 @@ def main(args: argparse.Namespace) -> int:
         print(f"omni-proxy bench: {exc}", file=sys.stderr)
         return 2
     machine = machine_info()
-    result = asyncio.run(_run(args, cluster, workload, specs, slo, rates))
+    if args.clock == "virtual":
+        from .vclock import run_virtual
+
+        result = run_virtual(_run(args, cluster, workload, specs, slo, rates))
+    else:
+        result = asyncio.run(_run(args, cluster, workload, specs, slo, rates))
     outcomes = result["outcomes"]
     entries = {o.spec.name: o.entry for o in outcomes}
     document = {
@@ -119,6 +128,7 @@ def main(args: argparse.Namespace) -> int:
         "rates": rates,
         "sweep": bool(args.sweep),
         "machine": machine,
+        "clock": args.clock,
         "routers": entries,
     }
     header = [f"cluster {cluster.label()} ({args.cluster}), workload {workload.name}, SLO TTFT <= {slo.ttft:g} s, "

@@ -194,9 +194,29 @@ class RouterOutcome:
     points: list[PointResult] = field(default_factory=list)
 
 
+def typed_options(spec: RouterSpec) -> dict[str, Any]:
+    """An omni spec's options with the types ``omni-proxy serve`` gives them."""
+    from proxy.server.command import POLICY_FLAGS
+
+    types = {opt: typ for opt, typ, _ in POLICY_FLAGS.values()}
+    return {key: types.get(key, float)(value) for key, value in spec.options}
+
+
+async def run_point_virtual(cluster: ClusterSpec, spec: RouterSpec, requests: Sequence[WorkloadRequest], slo: SLO, *,
+                            rate: float | None, seed: int = 0, timeout_s: float = 300.0, progress: bool = True) -> PointResult:
+    """The in-process point (simulated clock when the loop is a VirtualClockLoop); omni only."""
+    if spec.kind != "omni":
+        raise Unsupported("the virtual clock runs our proxy in-process; peers run in wall-clock time only")
+    from .inprocess import run_point_inprocess
+
+    return await run_point_inprocess(cluster, requests, slo, rate=rate, policy=spec.policy,
+                                     policy_options=typed_options(spec), seed=seed, timeout_s=timeout_s)
+
+
 async def bench_router(cluster: ClusterSpec, spec: RouterSpec, workload: WorkloadSource, slo: SLO, *,
                        rates: Sequence[float], sweep: bool, patience: int = 1, timeout_s: float = 300.0,
-                       progress: bool = True, on_point: Callable[[RouterSpec, dict], None] | None = None) -> RouterOutcome:
+                       progress: bool = True, on_point: Callable[[RouterSpec, dict], None] | None = None,
+                       virtual: bool = False) -> RouterOutcome:
     """One rate, or a sweep over ``rates`` (ascending) that stops after ``patience`` failing
     points in a row. Sweep entry: the summary at the goodput rate (the lowest rate when none
     passes), ``goodput_qpm``, and every point under ``sweep``."""
@@ -206,8 +226,8 @@ async def bench_router(cluster: ClusterSpec, spec: RouterSpec, workload: Workloa
     for rate in rates:
         requests = workload.requests_at(rate)
         try:
-            point = await run_point(cluster, spec, requests, slo, rate=rate, seed=workload.seed,
-                                    timeout_s=timeout_s, progress=progress)
+            point = await (run_point_virtual if virtual else run_point)(
+                cluster, spec, requests, slo, rate=rate, seed=workload.seed, timeout_s=timeout_s, progress=progress)
         except Unsupported as exc:
             return RouterOutcome(spec, {**base, "skipped": str(exc)})
         except RouterStartError as exc:
