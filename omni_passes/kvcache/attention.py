@@ -72,9 +72,15 @@ def register() -> None:
     if _registered:
         return
     from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
     AttentionInterface.register(REFERENCE, _reference_attention)
     AttentionInterface.register(SLICED, _sliced_attention)
+    # Same masks as SDPA: an attention name without a mask function gets no mask at all
+    # (transformers then relies on is_causal, which is wrong for decode over a static cache).
+    sdpa_mask = ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
+    AttentionMaskInterface.register(REFERENCE, sdpa_mask)
+    AttentionMaskInterface.register(SLICED, sdpa_mask)
     _registered = True
 
 
