@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from kernels.common import check_layer_rows
-from kernels.state import lookup
+from kernels.state import lookup, record_gate, record_hooks
 
 
 def record_expert_load_reference(expert_load: torch.Tensor, topk_ids: torch.Tensor, layer: int) -> None:
@@ -25,7 +25,12 @@ def record_expert_load_reference(expert_load: torch.Tensor, topk_ids: torch.Tens
 @torch.library.custom_op("omni::record_expert_load", mutates_args=())
 def record_expert_load(topk_ids: torch.Tensor, state: int, layer: int) -> None:
     """Accumulate MoE layer ``layer``'s per-expert token counts of this batch."""
+    gate = record_gate(state)
+    if gate is not None and not gate():
+        return
     record_expert_load_reference(lookup(state, "expert_load"), topk_ids, layer)
+    for hook in record_hooks(state):
+        hook(layer)
 
 
 @record_expert_load.register_fake

@@ -18,6 +18,8 @@ import torch
 _lock = threading.Lock()
 _next_handle = itertools.count(1)
 _states: dict[int, dict[str, torch.Tensor]] = {}
+_record_hooks: dict[int, list] = {}
+_record_gates: dict[int, object] = {}
 
 
 def register_state(tensors: dict[str, torch.Tensor]) -> int:
@@ -45,3 +47,27 @@ def lookup(handle: int, name: str) -> torch.Tensor:
 def unregister_state(handle: int) -> None:
     with _lock:
         _states.pop(handle, None)
+        _record_hooks.pop(handle, None)
+        _record_gates.pop(handle, None)
+
+
+def add_record_hook(handle: int, hook) -> None:
+    """Call ``hook(layer)`` after ``omni::record_expert_load`` adds a batch for ``handle``
+    (e.g. to write the loads to a file every N steps)."""
+    with _lock:
+        _record_hooks.setdefault(handle, []).append(hook)
+
+
+def record_hooks(handle: int) -> list:
+    return _record_hooks.get(handle, ())
+
+
+def set_record_gate(handle: int, gate) -> None:
+    """``gate() -> bool`` decides per call whether a batch counts (a host's warm-up runs
+    with dummy tokens must not show up as expert load)."""
+    with _lock:
+        _record_gates[handle] = gate
+
+
+def record_gate(handle: int):
+    return _record_gates.get(handle)
