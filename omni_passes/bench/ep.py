@@ -78,6 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plan-only", action="store_true", help="plan (and save) placements, print predicted balance, run nothing")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 with nccl, fp32 with gloo")
     parser.add_argument("--no-compile", action="store_true", help="run the per-rank regions eagerly")
+    parser.add_argument("--emulate-ranks", action="store_true",
+                        help="one device, no collectives: time each of the --world-size ranks' expert GEMM in turn "
+                             "on the rows it would receive (see omni_passes.ep.emulate)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     parser.add_argument("--plot", metavar="DIR", help="write per-rank load and time plots (PNG) to DIR")
@@ -102,7 +105,9 @@ def resolve(args: argparse.Namespace) -> dict:
     world = args.world_size
     if world is None:
         world = max(torch.cuda.device_count(), 1) if backend == "nccl" and torch.cuda.is_available() else 2
-    if not args.plan_only:
+    if world < 1:
+        raise UserError(f"--world-size must be >= 1, got {world}")
+    if not (args.plan_only or args.emulate_ranks):
         try:
             check_world(world, backend)
         except ValueError as exc:
@@ -414,6 +419,8 @@ def _run(args: argparse.Namespace) -> int:
             for name, value in predicted.items():
                 print(f"{name:<10} predicted max/mean rank load {value:.3f}")
         return 0
+    if args.emulate_ranks:
+        return _emulate(args, cfg, names, placements, trace, predicted, doc)
     if cfg["backend"] == "nccl":
         need = slot_bytes(cfg)
         have = torch.cuda.get_device_properties(0).total_memory
@@ -440,4 +447,49 @@ def _run(args: argparse.Namespace) -> int:
         emit_json(doc)
     else:
         print_tables(doc)
+    return 0
+
+
+def _emulate(args, cfg: dict, names: list[str], placements: dict, trace: torch.Tensor, predicted: dict, doc: dict) -> int:
+    """``--emulate-ranks``: per-rank expert compute of a ``world_size``-rank run, on this one device."""
+    from omni_passes.ep.emulate import summarise_ranks, time_ranks
+    from omni_passes.ep.weights import MoELayerWeights
+
+    device = torch.device("cuda", 0) if cfg["backend"] == "nccl" else torch.device("cpu")
+    dtype = DTYPES[cfg["dtype"]]
+    spec = MoESpec(**cfg["spec"])
+    measured = trace[cfg["plan_steps"]:]
+    routing = [[[ids for _, ids in layer] for layer in _routing(cfg, measured, rank, device)] for rank in range(cfg["world_size"])]
+    layers = [MoELayerWeights.seeded(spec, row, cfg["seed"], device=device, dtype=dtype) for row in range(cfg["layers"])]
+    results = {}
+    start = time.perf_counter()
+    for name in names:
+        say(f"emulating {cfg['world_size']} ranks of {name}")
+        timing = time_ranks(spec, placements[name], layers, routing, device, dtype,
+                            compile_backend=None if args.no_compile else "inductor")
+        results[name] = {"predicted_imbalance": predicted[name], **summarise_ranks(timing, spec.hidden_size, dtype.itemsize)}
+    if "identity" in results:
+        base = results["identity"]["step_expert_ms_slowest_rank"]
+        for entry in results.values():
+            entry["speedup_vs_identity"] = base / entry["step_expert_ms_slowest_rank"]
+    doc["mode"] = "emulated ranks: each rank's expert GEMM timed in turn on one device; no all-to-all"
+    doc["machine"]["device"] = _device_name(device)
+    doc["wall_s"] = time.perf_counter() - start
+    doc["results"] = results
+    if args.json:
+        emit_json(doc)
+        return 0
+    print(f"{cfg['world_size']} ranks emulated on {doc['machine']['device']}: {cfg['shape']} x {cfg['layers']} MoE layers, "
+          f"{cfg['tokens_per_rank']} tokens/rank, {cfg['slots_per_rank']} slots/rank, trace {cfg['trace']}, {cfg['dtype']}")
+    print(f"{'placement':<10} {'pred max/mean':>13} {'load max/mean':>13} {'time max/mean':>13} "
+          f"{'step expert ms (slowest rank per layer)':>40} {'vs identity':>11}")
+    for name, r in results.items():
+        print(f"{name:<10} {r['predicted_imbalance']:>13.3f} {r['rank_load_imbalance']:>13.3f} "
+              f"{r['expert_time_imbalance']:>13.3f} {r['step_expert_ms_slowest_rank']:>40.3f} "
+              f"{r.get('speedup_vs_identity', float('nan')):>10.3f}x")
+    for name, r in results.items():
+        for e in r["per_rank"]:
+            print(f"  {name:<10} rank {e['rank']:<3} rows {e['rows_per_step']:>9.1f}  active slots/layer "
+                  f"{e['active_slots_per_layer']:>6.1f}  expert ms {e['expert_ms_per_step']:>8.3f}  "
+                  f"receives {e['receive_mb_per_step']:>7.2f} MB/step")
     return 0
