@@ -119,7 +119,7 @@ class VllmMlaAttention:
 class AttentionMatch:
     dense: list[DenseAttention] = field(default_factory=list)
     vllm_mla: list[VllmMlaAttention] = field(default_factory=list)
-    rejected: list[tuple[int | None, str]] = field(default_factory=list)
+    rejected: list[tuple[int | None, str, fx.Node]] = field(default_factory=list)  # (layer, reason, node)
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -457,7 +457,7 @@ def find_attention(graph: fx.Graph) -> AttentionMatch:
                 match.vllm_mla.append(_match_vllm(node))
             elif any(inner.startswith(name) for name in VLLM_MHA_OPS):
                 match.rejected.append((layer_index(node), f"{inner}: vLLM non-MLA attention is not supported "
-                                                         "(this pass handles DeepSeek's MLA)"))
+                                                         "(this pass handles DeepSeek's MLA)", node))
             continue
         if is_op(node, *SDPA_OPS):
             found = _match_sdpa(node)
@@ -468,5 +468,5 @@ def find_attention(graph: fx.Graph) -> AttentionMatch:
         if isinstance(found, DenseAttention):
             match.dense.append(found)
         elif isinstance(found, str):
-            match.rejected.append((layer_index(node), found))
+            match.rejected.append((layer_index(node), found, node))
     return match

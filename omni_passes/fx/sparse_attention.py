@@ -82,17 +82,24 @@ class SparseAttentionPass:
     def __call__(self, graph: fx.Graph) -> PassReport:
         report = PassReport(self.name)
         match = find_attention(graph)
-        sites: list[tuple[int | None, Any]] = [(s.layer, s) for s in match.dense] + [(s.layer, s) for s in match.vllm_mla]
-        if not sites and not match.rejected:
+        # (graph node, layer, matched site or None, rejection reason or None), in graph order.
+        entries = [(s.anchor, s.layer, s, None) for s in match.dense]
+        entries += [(s.node, s.layer, s, None) for s in match.vllm_mla]
+        entries += [(node, layer, None, reason) for layer, reason, node in match.rejected]
+        if not entries:
             for layer in self.pattern:
                 report.skip(layer, "no attention found in this graph (no SDPA node, softmax(q·kᵀ)·v bmm pair "
                                    "or vLLM MLA attention op)")
             return report
-        if sites and all(layer is None for layer, _ in sites):
+        order = {node: i for i, node in enumerate(graph.nodes)}
+        entries.sort(key=lambda e: order[e[0]])
+        if all(layer is None for _, layer, _, _ in entries):
             # No module paths recorded: attention sites appear in model order, one per layer.
-            sites = [(i, site) for i, (_, site) in enumerate(sites)]
+            entries = [(node, i, site, reason) for i, (node, _, site, reason) in enumerate(entries)]
             report.notes.append("no decoder-layer names in this graph: layers numbered by attention order")
-        for layer, reason in match.rejected:
+        sites = [(layer, site) for _, layer, site, reason in entries if site is not None]
+        rejected = [(layer, reason) for _, layer, site, reason in entries if site is None]
+        for layer, reason in rejected:
             if layer in self.pattern:
                 report.skip(layer, reason)
             else:
@@ -117,7 +124,7 @@ class SparseAttentionPass:
             else:
                 report.matched_layers.append(layer)
                 report.rewritten_nodes += 1
-        rejected_layers = {layer for layer, _ in match.rejected}
+        rejected_layers = {layer for layer, _ in rejected}
         for layer in self.pattern:
             if layer not in seen and layer not in rejected_layers:
                 report.skip(layer, f"no attention of decoder layer {layer} in this graph")
@@ -213,8 +220,12 @@ class _Emitter:
     the module stack of the site they replace (so drawings and layer numbering keep working)."""
 
     def __init__(self, graph: fx.Graph, anchor: fx.Node):
+        from torch._guards import detect_fake_mode
+
         self.graph = graph
         self.anchor = anchor
+        vals = [n.meta.get("val") for n in anchor.all_input_nodes]
+        self.mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
 
     def __call__(self, target: Callable, args: tuple, kwargs: dict | None = None) -> fx.Node:
         kwargs = kwargs or {}
@@ -222,16 +233,13 @@ class _Emitter:
         for key in ("nn_module_stack", "stack_trace"):
             if key in self.anchor.meta:
                 node.meta[key] = self.anchor.meta[key]
-        node.meta["val"] = _fake_run(target, args, kwargs)
+        node.meta["val"] = _fake_run(target, args, kwargs, self.mode)
         return node
 
 
-def _fake_run(target: Callable, args: tuple, kwargs: dict) -> Any:
-    from torch._guards import detect_fake_mode
-
+def _fake_run(target: Callable, args: tuple, kwargs: dict, mode: Any) -> Any:
+    """The op on the arguments' fake values, in the graph's fake mode."""
     values = torch.utils._pytree.tree_map(lambda a: a.meta.get("val") if isinstance(a, fx.Node) else a, (args, kwargs))
-    tensors = [t for t in torch.utils._pytree.tree_leaves(values) if isinstance(t, torch.Tensor)]
-    mode = detect_fake_mode(tensors)
     if mode is None:
         return None
     with mode:
