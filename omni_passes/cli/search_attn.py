@@ -166,6 +166,8 @@ def _token_lists(path: Path) -> list[list[int]]:
         except json.JSONDecodeError as exc:
             raise UserError(f"--calib {path}: neither JSON nor JSONL ({exc})") from None
         rows = [r.get("token_ids") if isinstance(r, dict) else r for r in rows]
+    if isinstance(rows, list) and rows and all(isinstance(t, int) for t in rows):
+        rows = [rows]  # one prompt
     if not isinstance(rows, list) or not rows:
         raise UserError(f"--calib {path}: expected a non-empty list of token-id lists")
     for i, row in enumerate(rows):
