@@ -44,9 +44,9 @@ def _run(args: argparse.Namespace) -> int:
     inputs = torch.randint(0, hf_config.vocab_size, (args.batch, args.seq_len),
                            generator=torch.Generator().manual_seed(args.seed)).to(args.device)
     reference = None
+    reference_kind = "eager model, same weights and inputs"
     if args.check:
-        with torch.no_grad():
-            reference = model(inputs).logits.float()
+        reference, reference_kind = _reference(model, inputs, config)
     graphs: dict[str, list[str]] = {"before": [], "after": []}
     svgs: list[str] = []
     out_dir = Path(args.out) if args.out else None
@@ -73,7 +73,7 @@ def _run(args: argparse.Namespace) -> int:
         diff = float((out - reference).abs().max())
         tolerance = check_tolerance(getattr(torch, args.dtype))
         result["check"] = {"max_abs_diff": diff, "ok": diff <= tolerance, "tolerance": tolerance,
-                           "outputs": {"logits": diff}, "reference": "eager model, same weights and inputs"}
+                           "outputs": {"logits": diff}, "reference": reference_kind}
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         for stage, sources in graphs.items():
@@ -86,6 +86,25 @@ def _run(args: argparse.Namespace) -> int:
     else:
         _print_human(result)
     return 0 if result.get("check", {}).get("ok", True) else 1
+
+
+def _reference(model, inputs, config):
+    """The eager logits the rewrite must reproduce. With sparse_attention, the dense model is
+    the wrong reference once prompts exceed sink + recent: the reference is then the eager
+    model with the sink+recent mask applied on the pattern layers."""
+    attn = config.sparse_attention
+    with torch.no_grad():
+        if "sparse_attention" not in config.passes or not attn.pattern:
+            return model(inputs).logits.float(), "eager model, same weights and inputs"
+        from omni_passes.kvcache.attention import masked_reference
+
+        try:
+            with masked_reference(model, attn.sink, attn.recent, list(attn.pattern)):
+                logits = model(inputs).logits.float()
+        except ValueError as exc:
+            raise UserError(f"{config.source}: {exc}") from None
+    return logits, (f"eager model, same weights and inputs, with the sink {attn.sink} + recent {attn.recent} "
+                    f"attention mask on layers {list(attn.pattern)}")
 
 
 def _print_human(result: dict) -> None:
