@@ -245,3 +245,28 @@ def test_graph_without_attention_untouched():
     assert [s.layer for s in report.skipped] == [0, 1]
     assert all("no attention found" in s.reason for s in report.skipped)
     assert gm.graph.python_code("self").src == before
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-3), (torch.bfloat16, 6e-2)])
+def test_cuda_sdpa_graph_equals_masked_reference(dtype, atol):
+    """On CUDA transformers' attention is an SDPA node (efficient / cuDNN / flash); the pass
+    replaces it in the pattern layers and the Triton kernels run it."""
+    torch._dynamo.reset()
+    config = load_hf_config("tiny", layers=3)
+    model = build_model(config, dtype=dtype, device="cuda", seed=0)
+    ids = tokens(2, 40).cuda()
+    pattern = [0, 2]
+    with torch.no_grad():
+        dense = model(ids).logits.float()
+        with masked_reference(model, SINK, RECENT, pattern):
+            reference = model(ids).logits.float()
+    compiled, inserted = compile_and_capture(model, sparse_config(pattern))
+    with torch.no_grad():
+        out = compiled(ids).logits.float()
+    report = compiled.omni.report()["passes"]["sparse_attention"]
+    assert report["matched_layers"] == pattern, report
+    assert sorted(n.meta["omni_layer"] for n in inserted) == pattern
+    assert (out - reference).abs().max().item() < atol
+    assert (out - dense).abs().max().item() > 10 * atol
