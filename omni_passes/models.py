@@ -35,7 +35,6 @@ TINY_V3: dict[str, Any] = dict(
     qk_nope_head_dim=16,
     v_head_dim=16,
     max_position_embeddings=2048,
-    rope_scaling=None,
 )
 
 
@@ -44,13 +43,18 @@ class ModelConfigError(ValueError):
 
 
 def load_hf_config(model_config: str, layers: int | None = None, overrides: dict | None = None):
-    """``tiny`` or a path to a config.json (or a directory holding one) → transformers config."""
+    """``tiny`` or a path to a config.json (or a directory holding one) → transformers config.
+    For ``tiny``, ``overrides`` go into the constructor (derived sizes such as the rotary
+    dimension follow them); for files they are set on the loaded config."""
     from transformers import AutoConfig, DeepseekV3Config
 
     if model_config == "tiny":
-        values = dict(TINY_V3)
+        values = {**TINY_V3, **(overrides or {})}
         values.pop("model_type")
+        if layers is not None:
+            values["num_hidden_layers"] = layers
         config = DeepseekV3Config(**values)
+        overrides = None
     else:
         path = Path(model_config)
         if path.is_dir():
