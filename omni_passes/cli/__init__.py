@@ -23,6 +23,7 @@ BENCHES = {
     "attn": ("omni_passes.bench.attn", "decode attention kernels: ours vs SDPA vs FlexAttention"),
     "placement": ("omni_passes.bench.placement", "expert placement: ours vs vLLM's EPLB"),
     "ep": ("omni_passes.bench.ep", "expert parallelism across GPUs with each placement"),
+    "vllm": ("omni_passes.bench.vllm", "vLLM (CPU) offline throughput with the passes on vs off"),
 }
 
 
