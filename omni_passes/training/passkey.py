@@ -225,6 +225,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xlabel(f"compressed layers of {result['config']['layers']} (sink {result['config']['sink']} + "
                   f"recent {result['config']['recent']})")
     ax.set_ylabel("passkey accuracy")
+    ax.set_xticks(ks)
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=7)
     fig.tight_layout()
