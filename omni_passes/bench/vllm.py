@@ -34,8 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _engine(name, model, pass_config, cache_dir, commands, results):
     from omni_passes.testing.vllm_run import COMPILE_CONFIG, child_env
 
+    env = child_env(pass_config, cache_dir)
     os.environ.clear()
-    os.environ.update(child_env(pass_config, cache_dir))
+    os.environ.update(env)
     from vllm import LLM, SamplingParams
 
     kwargs = dict(model=model, dtype="float32", max_model_len=512, max_num_seqs=16, seed=0)
