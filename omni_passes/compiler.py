@@ -57,6 +57,31 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_placement(config: PassConfig, info: MoEModelInfo, placement: Placement | None = None) -> Placement:
+    """The placement to use: given, else the config's file, else identity; checked against
+    the model's MoE layers and experts."""
+    if placement is None and config.placement:
+        placement = Placement.load(config.placement)
+    if placement is None:
+        return Placement.identity(max(len(info.moe_layer_ids), 1), max(info.num_experts, 1))
+    if info.moe_layer_ids:
+        source = f"placement file {config.placement}" if config.placement else "placement"
+        placement.check_fits(len(info.moe_layer_ids), info.num_experts, source=source)
+    return placement
+
+
+def sparse_attention_pass(config: PassConfig, info: MoEModelInfo):
+    """The configured SparseAttentionPass; a pattern naming a missing layer is a ConfigError."""
+    from omni_passes.config import ConfigError
+    from omni_passes.fx.sparse_attention import SparseAttentionPass
+
+    attn = config.sparse_attention
+    bad = [i for i in attn.pattern if i >= info.num_layers]
+    if bad:
+        raise ConfigError(f"{config.source}: sparse_attention.pattern names layer(s) {bad}; the model has {info.num_layers} layers")
+    return SparseAttentionPass(sink=attn.sink, recent=attn.recent, pattern=list(attn.pattern))
+
+
 def prepare(model: nn.Module, config: PassConfig, placement: Placement | None = None) -> OmniRuntime:
     """Build the passes and run-time state for ``model`` (mutates it when R > 0)."""
     hf_config = getattr(model, "config", None)
@@ -69,12 +94,7 @@ def prepare(model: nn.Module, config: PassConfig, placement: Placement | None = 
     if "redundant_experts" in config.passes:
         if not info.moe_layer_ids:
             log.warning("model config has no MoE layers; the redundant_experts pass will report that")
-        if placement is None and config.placement:
-            placement = Placement.load(config.placement)
-        if placement is None:
-            placement = Placement.identity(max(len(info.moe_layer_ids), 1), max(info.num_experts, 1))
-        elif info.moe_layer_ids:
-            placement.check_fits(len(info.moe_layer_ids), info.num_experts, source=config.placement or "placement")
+        placement = resolve_placement(config, info, placement)
         state = ExpertPlacementState(placement, device=model_device(model))
         redundant = placement.num_slots > placement.num_logical_experts
         if redundant:
@@ -83,13 +103,7 @@ def prepare(model: nn.Module, config: PassConfig, placement: Placement | None = 
             RedundantExpertDispatchPass(state, moe_layer_ids=list(info.moe_layer_ids) or None, require_all=redundant)
         )
     if "sparse_attention" in config.passes:
-        from omni_passes.fx.sparse_attention import SparseAttentionPass
-
-        attn = config.sparse_attention
-        bad = [i for i in attn.pattern if i >= info.num_layers]
-        if bad:
-            raise ValueError(f"{config.source}: sparse_attention.pattern names layer(s) {bad}, the model has {info.num_layers} layers")
-        passes.append(SparseAttentionPass(sink=attn.sink, recent=attn.recent, pattern=list(attn.pattern)))
+        passes.append(sparse_attention_pass(config, info))
     fingerprint = config.fingerprint() + (placement.fingerprint() if placement is not None else "")
     manager = OmniPassManager(passes, fingerprint=fingerprint, report_path=config.report_path)
     return OmniRuntime(config=config, info=info, manager=manager, placement_state=state, experts=experts, extras=extras)

@@ -100,11 +100,11 @@ class _VllmRuntime:
 
     @classmethod
     def create(cls, graph: fx.Graph) -> "_VllmRuntime":
+        from kernels.state import set_record_gate
+        from omni_passes.compiler import resolve_placement, sparse_attention_pass
         from omni_passes.fx.redundant_experts import RedundantExpertDispatchPass
         from omni_passes.model_info import info_from_graph
         from omni_passes.pass_manager import OmniPassManager
-        from omni_passes.placement.placement import Placement
-        from kernels.state import set_record_gate
         from omni_passes.placement.runtime import ExpertPlacementState
 
         config = load_config_from_env()
@@ -112,18 +112,14 @@ class _VllmRuntime:
         passes: list = []
         state = load_writer = None
         if "redundant_experts" in config.passes:
-            if config.placement:
-                placement = Placement.load(config.placement)
-                placement.check_fits(len(info.moe_layer_ids), info.num_experts, source=f"placement file {config.placement}")
-                if placement.num_slots != placement.num_logical_experts:
-                    raise VllmPassSetupError(
-                        f"placement file {config.placement}: {placement.num_redundant} redundant slots per MoE layer, "
-                        "but under vLLM the expert weights are graph inputs shaped [E, ...] by vLLM's FusedMoE layer; "
-                        "this pass cannot materialise E + R slots there. Use a placement with num_ranks * "
-                        "slots_per_rank == num_logical_experts (a permutation), or omni_passes.compile for R > 0."
-                    )
-            else:
-                placement = Placement.identity(max(len(info.moe_layer_ids), 1), max(info.num_experts, 1))
+            placement = resolve_placement(config, info)
+            if placement.num_slots != placement.num_logical_experts:
+                raise VllmPassSetupError(
+                    f"placement file {config.placement}: {placement.num_redundant} redundant slots per MoE layer, "
+                    "but under vLLM the expert weights are graph inputs shaped [E, ...] by vLLM's FusedMoE layer; "
+                    "this pass cannot materialise E + R slots there. Use a placement with num_ranks * "
+                    "slots_per_rank == num_logical_experts (a permutation), or omni_passes.compile for R > 0."
+                )
             device = _graph_device(graph)
             state = ExpertPlacementState(placement, device=device)
             set_record_gate(state.handle, _serving_forward)
@@ -131,13 +127,7 @@ class _VllmRuntime:
             if config.expert_load_path:
                 load_writer = ExpertLoadWriter(state, config.expert_load_path, config.expert_load_interval_steps)
         if "sparse_attention" in config.passes:
-            from omni_passes.fx.sparse_attention import SparseAttentionPass
-
-            attn = config.sparse_attention
-            bad = [i for i in attn.pattern if i >= info.num_layers]
-            if bad:
-                raise ConfigError(f"{config.source}: sparse_attention.pattern names layer(s) {bad}; the model has {info.num_layers} layers")
-            passes.append(SparseAttentionPass(sink=attn.sink, recent=attn.recent, pattern=list(attn.pattern)))
+            passes.append(sparse_attention_pass(config, info))
         manager = OmniPassManager(passes, fingerprint=config.fingerprint(), report_path=config.report_path)
         return cls(config, manager, state, load_writer)
 

@@ -250,7 +250,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             seconds = timer.time_graph(step) if compiled else timer.time_callable(step)
             entry.setdefault("decode_step_us_by_context", {})[str(context)] = seconds * 1e6
             entry["kv_bytes_by_context"][str(context)] = _kv_bytes(cache)
-            del cache, step
+            step = cache = None  # free this context's cache before the next one
         entry["decode_step_us"] = entry["decode_step_us_by_context"][str(contexts_here[-1])]
         entry["kv_bytes"] = entry["kv_bytes_by_context"][str(contexts_here[-1])]
         if device == "cuda":
