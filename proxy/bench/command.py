@@ -51,6 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout (table on stderr)")
     p.add_argument("--output", metavar="FILE", help="also write the JSON document to FILE")
     p.add_argument("--plot", metavar="DIR", help="write TTFT/TPOT CDFs and goodput-vs-rate PNGs to DIR")
+    p.add_argument("--save-workload", metavar="FILE.jsonl",
+                   help="write the workload of the first rate as JSONL (rerun it with --workload)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     p.add_argument("--clock", choices=("wall", "virtual"), default="wall",
                    help="virtual: run omni routers in-process on a simulated clock (no CPU effects, no router "
@@ -112,6 +114,11 @@ def main(args: argparse.Namespace) -> int:
     except (ValueError, WorkloadError) as exc:
         print(f"omni-proxy bench: {exc}", file=sys.stderr)
         return 2
+    if args.save_workload:
+        from .workload import save_jsonl
+
+        save_jsonl(workload.requests_at(rates[0]), args.save_workload)
+        say(f"omni-proxy bench: wrote the workload at {rates[0]:g} req/s to {args.save_workload}")
     machine = machine_info()
     if args.clock == "virtual":
         from .vclock import run_virtual
@@ -139,7 +146,7 @@ def main(args: argparse.Namespace) -> int:
 
         for path in write_plots(outcomes, slo, args.plot, title=f"({workload.name}, {cluster.label()})"):
             say(f"omni-proxy bench: wrote {path}")
-    dumped = json.dumps(document, indent=1, default=float)
+    dumped = json.dumps(document, indent=1)
     if args.output:
         Path(args.output).write_text(dumped + "\n")
     if args.json:

@@ -34,7 +34,7 @@ def _cpu(entry: dict[str, Any], name: str) -> str:
 def table(entries: dict[str, dict[str, Any]]) -> str:
     """One row per router: rate or goodput, counts, TTFT/TPOT/ITL/E2E, SLO share, CPU."""
     header = ["router", "mode", "rate", "QPM@SLO", "done/fail", "TTFT p50/p90/p99 s", "TPOT p50/p90/p99 ms",
-              "ITL p50/p99 ms", "E2E p50/p99 s", "SLO met", "cache hit", "CPU% rtr/sim/cli/other", "sim lag p99 ms"]
+              "ITL p50/p99 ms", "E2E p50/p99 s", "SLO met", "cache hit", "CPU% rtr/sim/cli/other", "lag p99 ms sim/cli"]
     rows = [header]
     for name, e in entries.items():
         if "ttft" not in e:
@@ -53,7 +53,7 @@ def table(entries: dict[str, dict[str, Any]]) -> str:
             f"{_s(x['p50'], 2)}/{_s(x['p99'], 2)}",
             _pct(e.get("slo_attainment")), _hit(e),
             "/".join(_cpu(e, n).split("/")[0] for n in ("router", "simulator", "client", "others")),
-            _ms(lag),
+            f"{_ms(lag)}/{_ms((e.get('send_lag') or {}).get('p99'))}",
         ])
     widths = [max(len(r[k]) for r in rows) for k in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
