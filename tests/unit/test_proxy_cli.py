@@ -24,17 +24,6 @@ def test_every_flag_is_in_help_and_in_the_docs(command, capsys):
         assert re.search(re.escape(flag) + r"\b", docs), f"{flag} of omni-proxy {command} is not in docs/proxy.md"
 
 
-def test_commands_of_issue_7_say_they_are_not_built(capsys):
-    import importlib.util
-
-    if importlib.util.find_spec("proxy.plan_pd") is not None:
-        pytest.skip("plan-pd is built")
-    with pytest.raises(SystemExit) as exit_:
-        main(["plan-pd"])
-    assert exit_.value.code == 2
-    assert "not built yet" in capsys.readouterr().err
-
-
 @pytest.mark.parametrize("argv, message", [
     (["serve", "--mode", "pd", "--prefill", "http://a:1"], "--mode pd needs at least one --decode URL"),
     (["serve", "--mode", "collocated", "--instance", "http://a:1", "--kv-events", "http://a:1"], "URL=ENDPOINT"),
