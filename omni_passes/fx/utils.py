@@ -79,10 +79,6 @@ def to_networkx(graph: fx.Graph, exclude: Iterable[fx.Node] = ()) -> nx.DiGraph:
     return dag
 
 
-def fake_value(node: fx.Node) -> Any:
-    return node.meta.get("val")
-
-
 def fake_like(value: Any) -> Any:
     """A fresh fake tensor with ``value``'s metadata (own storage, so no false aliasing)."""
     if not isinstance(value, torch.Tensor):
