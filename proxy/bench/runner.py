@@ -218,27 +218,46 @@ async def bench_router(cluster: ClusterSpec, spec: RouterSpec, workload: Workloa
                        progress: bool = True, on_point: Callable[[RouterSpec, dict], None] | None = None,
                        virtual: bool = False) -> RouterOutcome:
     """One rate, or a sweep over ``rates`` (ascending) that stops after ``patience`` failing
-    points in a row. Sweep entry: the summary at the goodput rate (the lowest rate when none
-    passes), ``goodput_qpm``, and every point under ``sweep``."""
+    points in a row (and steps below the lowest rate when that one fails already).
+    Sweep entry: the summary at the goodput rate (the lowest rate when none passes),
+    ``goodput_qpm``, and every point under ``sweep``."""
     base: dict[str, Any] = {"router": spec.kind, "policy": spec.policy, "mode": cluster.mode}
     points: list[PointResult] = []
-    misses = 0
-    for rate in rates:
-        requests = workload.requests_at(rate)
-        try:
-            point = await (run_point_virtual if virtual else run_point)(
-                cluster, spec, requests, slo, rate=rate, seed=workload.seed, timeout_s=timeout_s, progress=progress)
-        except Unsupported as exc:
-            return RouterOutcome(spec, {**base, "skipped": str(exc)})
-        except RouterStartError as exc:
-            return RouterOutcome(spec, {**base, "error": str(exc)}, points)
-        points.append(point)
+
+    async def one(rate: float) -> PointResult:
+        point = await (run_point_virtual if virtual else run_point)(
+            cluster, spec, workload.requests_at(rate), slo, rate=rate, seed=workload.seed, timeout_s=timeout_s,
+            progress=progress)
         if on_point is not None:
             on_point(spec, point.summary)
-        if sweep:
-            misses = misses + 1 if point.summary["slo_attainment"] < slo.attainment else 0
-            if misses >= patience:
+        return point
+
+    def passed(point: PointResult) -> bool:
+        return point.summary["slo_attainment"] >= slo.attainment
+
+    try:
+        misses = 0
+        for rate in rates:
+            points.append(await one(rate))
+            if sweep:
+                misses = 0 if passed(points[-1]) else misses + 1
+                if misses >= patience:
+                    break
+        # the lowest rate already fails: step down by the grid's first step (up to 4 times)
+        # until one passes, so a weak router gets its goodput instead of 0
+        step = rates[1] - rates[0] if len(rates) > 1 else rates[0] / 4
+        probe = rates[0]
+        for _ in range(4 if sweep and not passed(points[0]) else 0):
+            probe = round(probe - step, 3)
+            if probe <= 0:
                 break
+            points.insert(0, await one(probe))
+            if passed(points[0]):
+                break
+    except Unsupported as exc:
+        return RouterOutcome(spec, {**base, "skipped": str(exc)})
+    except RouterStartError as exc:
+        return RouterOutcome(spec, {**base, "error": str(exc)}, points)
     if not sweep:
         return RouterOutcome(spec, {**base, **points[0].summary}, points)
     qpm = goodput_qpm([(p.summary["offered_rate"], p.summary["slo_attainment"]) for p in points], slo.attainment)

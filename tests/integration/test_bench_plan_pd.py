@@ -71,3 +71,16 @@ def test_plan_pd_gives_decode_heavy_work_more_decode(tmp_path):
     assert by[(1, 2, 64)] == 240.0
     assert (rec["prefill"], rec["decode"]) in ((0, 3), (1, 2)) and rec["goodput_qpm"] == 240.0
     assert any(c["mode"] == "collocated" for c in doc["candidates"])
+
+
+def test_sweep_steps_below_a_failing_lowest_rate(tmp_path):
+    # one instance, 0.4 s of prefill per request: 3 req/s cannot be served, 2 req/s can
+    write_inputs(tmp_path, {"step_overhead_s": 0.005, "prefill_token_s": 0.002}, n=20, gap=0.5, prompt=200,
+                 output=2, instances=1)
+    doc = cli("bench", "--clock", "virtual", "--cluster", str(tmp_path / "cluster.json"), "--workload",
+              str(tmp_path / "w.jsonl"), "--router", "omni", "--sweep", "--rates", "3,4", "--slo", "ttft=1,tpot=1",
+              "--no-progress")
+    omni = doc["routers"]["omni"]
+    assert [p["offered_rate"] for p in omni["sweep"]] == [2.0, 3.0]
+    assert [p["slo_attainment"] >= 0.9 for p in omni["sweep"]] == [True, False]
+    assert omni["goodput_qpm"] == 120.0 and omni["offered_rate"] == 2.0
