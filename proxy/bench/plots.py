@@ -54,10 +54,9 @@ def write_plots(outcomes: Sequence, slo: SLO, out_dir: str | Path, title: str = 
         ax.set_ylabel("share of completed requests")
         ax.set_title(f"{metric.upper()} CDF at {rate:g} req/s {title}".strip() if rate is not None else metric.upper())
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         path = out / f"{metric}_cdf.png"
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
         written.append(str(path))
     swept = [o for o in outcomes if len(o.points) > 1 or "sweep" in o.entry]
@@ -75,11 +74,10 @@ def write_plots(outcomes: Sequence, slo: SLO, out_dir: str | Path, title: str = 
         ax2.set_ylabel("SLO-meeting requests per second")
         for ax in (ax1, ax2):
             ax.grid(alpha=0.3)
-        ax1.legend(fontsize=8)
+        ax2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.suptitle(f"goodput vs rate {title}".strip())
-        fig.tight_layout()
         path = out / "goodput_vs_rate.png"
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
         written.append(str(path))
     return written
