@@ -53,6 +53,7 @@ class WorkloadRequest:
 
     def to_json(self) -> str:
         d = asdict(self)
+        d["arrival_s"] = round(self.arrival_s, 6)  # microseconds are plenty
         if self.system_group is None and not self.system_tokens:
             del d["system_group"], d["system_tokens"]
         return json.dumps(d)
