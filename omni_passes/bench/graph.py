@@ -74,6 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--plot", metavar="DIR")
     parser.add_argument("--out", metavar="FILE", help="also write the JSON document here")
+    parser.add_argument("--profile", type=int, default=0, metavar="TOP",
+                        help="also profile 10 decode steps per variant (no CUDA graph) and keep the TOP kernels by "
+                             "device time under 'profile' in the JSON")
 
 
 # ----------------------------------------------------------------------------------------
@@ -248,6 +251,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     return module(input_ids=step_ids, past_key_values=cache, cache_position=position, use_cache=True).logits
 
             seconds = timer.time_graph(step) if compiled else timer.time_callable(step)
+            if args.profile:
+                entry.setdefault("profile_by_context", {})[str(context)] = _profile_kernels(step, device, args.profile)
             entry.setdefault("decode_step_us_by_context", {})[str(context)] = seconds * 1e6
             entry["kv_bytes_by_context"][str(context)] = _kv_bytes(cache)
             step = cache = None  # free this context's cache before the next one
@@ -324,6 +329,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "torch": torch.__version__,
         "variants": variants,
     }
+
+
+def _profile_kernels(step: Callable[[], Any], device: str, top: int, steps: int = 10) -> dict[str, Any]:
+    """Per-step device time of the ``top`` most expensive kernels over ``steps`` plain (not
+    graph-captured) steps: where a variant's time goes, e.g. what still scales with the cache."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    step()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    rows = []
+    for event in prof.key_averages():
+        us = getattr(event, "self_device_time_total", 0.0) if device == "cuda" else event.self_cpu_time_total
+        if us > 0 and (device != "cuda" or event.device_type == torch.autograd.DeviceType.CUDA):
+            rows.append({"kernel": event.key[:160], "us_per_step": us / steps, "calls_per_step": event.count / steps})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    return {"steps": steps, "total_us_per_step": sum(r["us_per_step"] for r in rows), "top": rows[:top]}
 
 
 def _sparse_pass_available() -> bool:
