@@ -104,6 +104,15 @@ def summary(out: Path) -> str:
             ratio = lambda a, b: "-" if not b else f"{a / b:.2f}x"  # noqa: E731
             lines.append(f"| {run} | {o:.0f} ({o_name}) | {'-' if rr is None else f'{rr:.0f}'} | {p:.0f} ({p_name}) | "
                          f"{ratio(o, rr)} | {ratio(o, p)} |")
+    for n, d in swept.items():
+        lines += ["", f"{n}: each router at its goodput rate (the highest passing rate of its sweep)", "",
+                  "| router | QPM | SLO met | TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) | prefix hit share | router CPU mean / peak | machine CPU peak |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, e in d["routers"].items():
+            if "goodput_qpm" not in e:
+                lines.append(f"| {name} | {'skipped' if 'skipped' in e else 'error'} |||||||")
+                continue
+            lines.append(f"| {name} | " + " | ".join(_detail_cells(e)) + " |")
     for n, d in docs.items():
         if d.get("sweep"):
             continue
@@ -118,6 +127,19 @@ def summary(out: Path) -> str:
             row = [f(a["ttft"]["p50"]), f(a["ttft"]["p99"]), f(a["e2e"]["p50"]), f(a["e2e"]["p99"])] if a else ["(baseline)"] + [""] * 3
             lines.append(f"| {name} | " + " | ".join(row + [c("router"), c("simulator"), c("client")]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _detail_cells(e: dict) -> list[str]:
+    """QPM, SLO attainment, TTFT/TPOT p50 and p99, prefix hit share and CPU of one router entry."""
+    roles = (e.get("simulator") or {}).get("roles") or {}
+    prompt = sum(r.get("prompt_tokens", 0) for r in roles.values())
+    cached = sum(r.get("cached_tokens", 0) for r in roles.values())
+    cpu = e.get("cpu") or {}
+    pct = lambda k, f: f"{cpu[k][f]:.0f} %" if k in cpu else "-"  # noqa: E731
+    return [f"{e['goodput_qpm']:.0f}", f"{100 * e['slo_attainment']:.0f} %",
+            f"{e['ttft']['p50']:.3f} / {e['ttft']['p99']:.3f}", f"{1e3 * e['tpot']['p50']:.1f} / {1e3 * e['tpot']['p99']:.1f}",
+            f"{cached / prompt:.2f}" if prompt else "-", f"{pct('router', 'mean')} / {pct('router', 'peak')}",
+            pct("machine", "peak")]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,7 +35,10 @@ def test_table_rows_for_results_skips_and_errors():
 
 
 def test_suite_summary_ratios(tmp_path):
-    routers = {"omni:cache_aware": entry(240.0), "omni": entry(180.0), "vllm-router:round_robin": entry(120.0),
+    cached = entry(240.0, cpu={"router": {"mean": 12.0, "peak": 30.0}, "machine": {"mean": 20.0, "peak": 40.0}},
+                   simulator={"roles": {"collocated": {"prompt_tokens": 600, "cached_tokens": 450},
+                                        "prefill": {"prompt_tokens": 400, "cached_tokens": 350}}})
+    routers = {"omni:cache_aware": cached, "omni": entry(180.0), "vllm-router:round_robin": entry(120.0),
                "sglang-router:cache_aware": entry(200.0)}
     (tmp_path / "colloc4_multi_turn.json").write_text(json.dumps({"sweep": True, "rates": [1.0], "routers": routers}))
     over = {"direct": entry(), "omni": entry(added_latency={"ttft": {"p50": 0.0008, "p99": 0.004},
@@ -46,3 +49,6 @@ def test_suite_summary_ratios(tmp_path):
     assert "| colloc4_multi_turn | 240 (omni:cache_aware) | 120 | 200 (sglang-router:cache_aware) | 2.00x | 1.20x |" in text
     assert "| omni | 0.80 | 4.00 | 1.00 | 5.00 | 12 | - | - |" in text
     assert "| direct | (baseline) |" in text
+    # per-router detail at the goodput rate: hit share (450 + 350) / (600 + 400), CPU mean / peak
+    assert "| omni:cache_aware | 240 | 95 % | 0.100 / 0.300 | 20.0 / 60.0 | 0.80 | 12 % / 30 % | 40 % |" in text
+    assert "| omni | 180 | 95 % | 0.100 / 0.300 | 20.0 / 60.0 | - | 12 % / 30 % | - |" in text
