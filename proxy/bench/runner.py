@@ -134,6 +134,20 @@ class SimHost:
         return result
 
 
+class PointError(RuntimeError):
+    """A point whose measurement is void: the simulator or the router died during it."""
+
+
+def _check_alive(sims: SimHost, router: RouterProcess) -> None:
+    """Void the point when a process under measurement exited before it ended (a killed
+    simulator turns every later request into a connection error, not into a router's result)."""
+    if sims.proc is not None and sims.proc.returncode is not None:
+        raise PointError(f"the simulator process exited with code {sims.proc.returncode} during the point")
+    code = router.proc.poll() if router.proc is not None else None
+    if code is not None:
+        raise PointError(f"the router process ({router.spec.name}) exited with code {code} during the point")
+
+
 @dataclass
 class PointResult:
     summary: dict[str, Any]
@@ -174,8 +188,12 @@ async def run_point(cluster: ClusterSpec, spec: RouterSpec, requests: Sequence[W
         label = f"{spec.name} @ {rate:g}/s" if rate is not None else spec.name
         records = await drive(targets, requests, prompts, timeout_s=timeout_s, progress=progress, label=label)
         cpu = await monitor.stop()
-        async with aiohttp.ClientSession() as session:
-            sim_stats = await sims.stats(session)
+        _check_alive(sims, router)
+        try:
+            async with aiohttp.ClientSession() as session:
+                sim_stats = await sims.stats(session)
+        except aiohttp.ClientError as exc:
+            raise PointError(f"could not read the simulator's counters after the point: {exc}") from None
     finally:
         await router.stop()
         lag = await sims.stop()
@@ -256,7 +274,7 @@ async def bench_router(cluster: ClusterSpec, spec: RouterSpec, workload: Workloa
                 break
     except Unsupported as exc:
         return RouterOutcome(spec, {**base, "skipped": str(exc)})
-    except RouterStartError as exc:
+    except (RouterStartError, PointError) as exc:
         return RouterOutcome(spec, {**base, "error": str(exc)}, points)
     if not sweep:
         return RouterOutcome(spec, {**base, **points[0].summary}, points)

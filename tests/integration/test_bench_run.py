@@ -2,6 +2,7 @@
 sockets, the JSON document on stdout."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -104,3 +105,55 @@ def test_bench_rejects_bad_input(tmp_path):
     done = subprocess.run(cmd[:-4] + ["--router", "haproxy", "--rate", "1"], cwd=REPO, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 2 and "unknown router 'haproxy'" in done.stderr
+
+
+def _children_running(parent: int, needle: str) -> list[int]:
+    """PIDs of processes whose parent is ``parent`` and whose command line contains ``needle``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and needle in cmdline:
+            found.append(int(proc.name))
+    return found
+
+
+def test_bench_reports_a_simulator_killed_mid_point_as_an_error(tmp_path):
+    """A simulator that dies during a point voids that router's result with a message naming it;
+    the run still ends with its JSON document (other routers would go on; exit code 1 since
+    every router of this run failed)."""
+    import signal
+    import time
+
+    cluster = {"instances": [{"role": "collocated", "count": 2, "profile": PROFILE}]}
+    (tmp_path / "cluster.json").write_text(json.dumps(cluster))
+    # 10 s of requests; the kill comes 5 s after the router process appears (start-up and
+    # warm-up take 1-2 s here), so it lands inside the point
+    (tmp_path / "w.jsonl").write_text("\n".join(json.dumps(x) for x in spaced(100, 0.1, output=8)) + "\n")
+    cmd = [sys.executable, "-m", "proxy.cli", "bench", "--cluster", str(tmp_path / "cluster.json"),
+           "--workload", str(tmp_path / "w.jsonl"), "--json", "--no-progress", "--router", "omni", "--rate", "10",
+           "--timeout", "20"]
+    bench_proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        sims: list[int] = []
+        routers: list[int] = []
+        while not (sims and routers) and time.monotonic() < deadline:
+            sims = _children_running(bench_proc.pid, "proxy.bench.simhost")
+            routers = _children_running(bench_proc.pid, "proxy.cli serve")
+            time.sleep(0.1)
+        assert sims and routers, "the simulator or the router never started"
+        time.sleep(5.0)
+        os.kill(sims[0], signal.SIGKILL)
+        out, err = bench_proc.communicate(timeout=120)
+    finally:
+        if bench_proc.poll() is None:
+            bench_proc.kill()
+    assert bench_proc.returncode == 1, err[-3000:]  # 1: every router of the run failed
+    entry = json.loads(out)["routers"]["omni"]
+    assert "simulator process exited with code -9 during the point" in entry["error"], entry
