@@ -7,9 +7,12 @@ a copy of expert ``phy2log[j]``, and the experts module is told it has ``num_slo
 (its grouped GEMM then runs over slots). Routing still produces logical ids; the dispatch
 pass maps them to slots.
 
-The logical weights are kept so that a new placement can be applied in place: slot tensors
-are rewritten with ``index_select(..., out=slot_tensor)``; their identity, shape and device
-never change, so a compiled model is not recompiled.
+No copy of the logical weights is kept (it would double the experts' memory: at DeepSeek-V3
+scale 22.5 GB per MoE layer). A new placement is applied in place from the slots themselves:
+every logical expert has at least one slot in any valid placement, so each slot whose expert
+changes is filled from a slot that holds that expert now. Only the changed slots are copied
+(through a temporary of their size, so a slot is read before any write); slot tensors keep
+their identity, shape and device, so a compiled model is not recompiled.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ STACKED_EXPERT_WEIGHTS = ("gate_up_proj", "down_proj", "up_proj", "gate_proj")
 @dataclass
 class _SlottedLayer:
     experts: nn.Module
-    logical: dict[str, torch.Tensor]    # name → [E, ...] original weights
     physical: dict[str, nn.Parameter]   # name → [num_slots, ...] slot weights (what the model uses)
 
 
@@ -55,35 +57,39 @@ class PhysicalExperts:
         self.placement = placement
         self.layers: list[_SlottedLayer] = []
         for row, module in enumerate(experts_modules):
-            logical, physical = {}, {}
+            physical = {}
             for name in STACKED_EXPERT_WEIGHTS:
                 weight = getattr(module, name, None)
                 if not isinstance(weight, nn.Parameter):
                     continue
-                logical[name] = weight.detach()
                 slots = weight.detach().index_select(0, placement.phy2log[row].to(weight.device))
                 physical[name] = nn.Parameter(slots, requires_grad=False)
                 setattr(module, name, physical[name])
             module.num_experts = placement.num_slots
-            self.layers.append(_SlottedLayer(module, logical, physical))
+            self.layers.append(_SlottedLayer(module, physical))
 
     def apply(self, placement: Placement) -> None:
         """Rewrite the slot weights for ``placement`` in place (same tensors, new contents)."""
         if placement.num_slots != self.placement.num_slots or placement.num_layers != len(self.layers):
             raise PlacementError("new placement has a different number of slots or MoE layers than the materialised one")
         for row, layer in enumerate(self.layers):
-            changed = placement.phy2log[row] != self.placement.phy2log[row]
-            if not bool(changed.any()):
+            old, new = self.placement.phy2log[row].long().cpu(), placement.phy2log[row].long().cpu()
+            changed = (new != old).nonzero().flatten()
+            if changed.numel() == 0:
                 continue
-            for name, slots in layer.physical.items():
-                logical = layer.logical[name]
-                index = placement.phy2log[row].to(logical.device)
+            # a slot holding each logical expert now (which one, when there are several, does not
+            # matter: replicas are identical)
+            holder = torch.empty(placement.num_logical_experts, dtype=torch.long)
+            holder[old] = torch.arange(old.numel())
+            source = holder[new[changed]]
+            for slots in layer.physical.values():
                 with torch.no_grad():
-                    torch.index_select(logical, 0, index, out=slots.data)
+                    moved = slots.data.index_select(0, source.to(slots.device))  # read all before writing
+                    slots.data.index_copy_(0, changed.to(slots.device), moved)
         self.placement = placement
 
     def slot_bytes(self) -> int:
         """Bytes held by replica slots beyond one copy per logical expert."""
         extra = self.placement.num_slots - self.placement.num_logical_experts
-        per_expert = sum(t[0].numel() * t.element_size() for layer in self.layers for t in layer.logical.values())
+        per_expert = sum(t[0].numel() * t.element_size() for layer in self.layers for t in layer.physical.values())
         return extra * per_expert

@@ -69,3 +69,46 @@ def test_identity_and_tables():
     for expert in range(5):
         used = slots[0, expert, : counts[0, expert]]
         assert torch.all(placement.phy2log[0][used] == expert)
+
+
+def test_physical_experts_apply_moves_only_changed_slots_and_keeps_no_logical_copy():
+    """Slot weights after a chain of placements equal the original experts indexed by the
+    current phy2log, and the materialised model holds one tensor per stacked weight."""
+    from torch import nn
+
+    from omni_passes.placement.materialize import PhysicalExperts
+
+    E, S, layers = 6, 9, 2
+
+    class Experts(nn.Module):
+        def __init__(self, seed):
+            super().__init__()
+            g = torch.Generator().manual_seed(seed)
+            self.gate_up_proj = nn.Parameter(torch.randn(E, 4, 3, generator=g))
+            self.down_proj = nn.Parameter(torch.randn(E, 3, 2, generator=g))
+            self.num_experts = E
+
+    model = nn.Sequential(*[Experts(k) for k in range(layers)])
+    originals = [{n: getattr(m, n).detach().clone() for n in ("gate_up_proj", "down_proj")} for m in model]
+
+    def placement(rows):
+        return Placement(num_layers=layers, num_logical_experts=E, num_ranks=1, num_nodes=1, slots_per_rank=S,
+                         phy2log=torch.tensor(rows))
+
+    first = placement([[0, 1, 2, 3, 4, 5, 0, 1, 2]] * layers)
+    experts = PhysicalExperts(model, first)
+    tensors = [(m.gate_up_proj, m.down_proj) for m in model]
+    chain = [placement([[5, 4, 3, 2, 1, 0, 5, 5, 5], [0, 1, 2, 3, 4, 5, 0, 1, 2]]),  # layer 1 unchanged
+             placement([[3, 3, 3, 0, 1, 2, 4, 5, 0], [2, 0, 1, 5, 4, 3, 3, 2, 1]]),
+             placement([[0, 1, 2, 3, 4, 5, 1, 1, 1]] * layers)]
+    for p in chain:
+        experts.apply(p)
+        for layer, module in enumerate(model):
+            for name in ("gate_up_proj", "down_proj"):
+                assert torch.equal(getattr(module, name), originals[layer][name][p.phy2log[layer]])
+    # same tensors (a compiled graph keeps pointing at them) and no other expert weights held
+    assert [(m.gate_up_proj, m.down_proj) for m in model] == tensors
+    held = {id(t) for layer in experts.layers for t in layer.physical.values()}
+    assert held == {id(t) for pair in tensors for t in pair}
+    assert not hasattr(experts.layers[0], "logical")
+    assert experts.slot_bytes() == (S - E) * sum(t[0].numel() * 4 for t in tensors[0]) * layers
