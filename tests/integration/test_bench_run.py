@@ -67,7 +67,9 @@ def test_bench_sweep_reports_goodput_and_pd_mode(tmp_path):
                              {"role": "decode", "count": 1, "profile": PROFILE}]}
     doc, _ = bench(tmp_path, cluster, spaced(5, 0.3, prompt=200, group="g", prefix=16), "--router", "omni",
                    "--router", "sglang-router:cache_aware", "--sweep", "--rates", "2,4",
-                   "--slo", "ttft=1,tpot=0.5")
+                   "--slo", "ttft=1,tpot=0.5", "--plot", str(tmp_path / "plots"))
+    for name in ("ttft_cdf.png", "tpot_cdf.png", "goodput_vs_rate.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     omni = doc["routers"]["omni"]
     check_entry_schema(omni, 5)
     assert omni["mode"] == "pd" and omni["goodput_qpm"] == pytest.approx(240.0)
