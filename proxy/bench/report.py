@@ -18,12 +18,19 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.0f}%"
 
 
-def _hit(entry: dict[str, Any]) -> str:
+def prefix_hit_share(entry: dict[str, Any]) -> float | None:
+    """Share of prompt tokens served from the prefix cache where prompts are computed:
+    collocated instances, else prefill ones (decode instances receive the KV and count its
+    prompt as uncached, so pooling them in would halve the share)."""
     roles = (entry.get("simulator") or {}).get("roles") or {}
     for role in ("collocated", "prefill"):
         if role in roles:
-            return _pct(roles[role].get("prefix_hit_share"))
-    return "-"
+            return roles[role].get("prefix_hit_share")
+    return None
+
+
+def _hit(entry: dict[str, Any]) -> str:
+    return _pct(prefix_hit_share(entry))
 
 
 def _cpu(entry: dict[str, Any], name: str) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .command import add_arguments as bench_arguments
 from .command import main as bench_main
+from .report import prefix_hit_share
 
 SLO = "ttft=1,tpot=0.1"
 # our policies with their token limits given in the scaled workloads' tokens (1 = 16 real), and
@@ -132,14 +133,12 @@ def summary(out: Path) -> str:
 
 def _detail_cells(e: dict) -> list[str]:
     """QPM, SLO attainment, TTFT/TPOT p50 and p99, prefix hit share and CPU of one router entry."""
-    roles = (e.get("simulator") or {}).get("roles") or {}
-    prompt = sum(r.get("prompt_tokens", 0) for r in roles.values())
-    cached = sum(r.get("cached_tokens", 0) for r in roles.values())
+    hit = prefix_hit_share(e)
     cpu = e.get("cpu") or {}
     pct = lambda k, f: f"{cpu[k][f]:.0f} %" if k in cpu else "-"  # noqa: E731
     return [f"{e['goodput_qpm']:.0f}", f"{100 * e['slo_attainment']:.0f} %",
             f"{e['ttft']['p50']:.3f} / {e['ttft']['p99']:.3f}", f"{1e3 * e['tpot']['p50']:.1f} / {1e3 * e['tpot']['p99']:.1f}",
-            f"{cached / prompt:.2f}" if prompt else "-", f"{pct('router', 'mean')} / {pct('router', 'peak')}",
+            "-" if hit is None else f"{hit:.2f}", f"{pct('router', 'mean')} / {pct('router', 'peak')}",
             pct("machine", "peak")]
 
 

@@ -36,8 +36,9 @@ def test_table_rows_for_results_skips_and_errors():
 
 def test_suite_summary_ratios(tmp_path):
     cached = entry(240.0, cpu={"router": {"mean": 12.0, "peak": 30.0}, "machine": {"mean": 20.0, "peak": 40.0}},
-                   simulator={"roles": {"collocated": {"prompt_tokens": 600, "cached_tokens": 450},
-                                        "prefill": {"prompt_tokens": 400, "cached_tokens": 350}}})
+                   # PD counters: decode instances count the prompts whose KV they pulled as uncached
+                   simulator={"roles": {"prefill": {"prompt_tokens": 1000, "cached_tokens": 800, "prefix_hit_share": 0.8},
+                                        "decode": {"prompt_tokens": 1000, "cached_tokens": 0, "prefix_hit_share": 0.0}}})
     routers = {"omni:cache_aware": cached, "omni": entry(180.0), "vllm-router:round_robin": entry(120.0),
                "sglang-router:cache_aware": entry(200.0)}
     (tmp_path / "colloc4_multi_turn.json").write_text(json.dumps({"sweep": True, "rates": [1.0], "routers": routers}))
@@ -49,6 +50,7 @@ def test_suite_summary_ratios(tmp_path):
     assert "| colloc4_multi_turn | 240 (omni:cache_aware) | 120 | 200 (sglang-router:cache_aware) | 2.00x | 1.20x |" in text
     assert "| omni | 0.80 | 4.00 | 1.00 | 5.00 | 12 | - | - |" in text
     assert "| direct | (baseline) |" in text
-    # per-router detail at the goodput rate: hit share (450 + 350) / (600 + 400), CPU mean / peak
+    # per-router detail at the goodput rate: the prefill side's hit share (not pooled with
+    # decode's, which would give 0.40), CPU mean / peak
     assert "| omni:cache_aware | 240 | 95 % | 0.100 / 0.300 | 20.0 / 60.0 | 0.80 | 12 % / 30 % | 40 % |" in text
-    assert "| omni | 180 | 95 % | 0.100 / 0.300 | 20.0 / 60.0 | - | 12 % / 30 % | - |" in text
+    assert "| omni | 180 | 95 % | 0.100 / 0.300 | 20.0 / 60.0 | 0.50 | 12 % / 30 % | - |" in text
