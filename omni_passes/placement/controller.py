@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 
+from kernels.state import add_tensors
 from omni_passes.placement.layout import RowLayout, compact_layout
 from omni_passes.placement.materialize import ExpertRows
 from omni_passes.placement.placement import Placement, PlacementError
@@ -52,6 +53,9 @@ class PlacementController:
                 raise PlacementError(f"placement with {placement.num_redundant} redundant slots per MoE layer refused: {cannot_extend}")
             self.weights = rows(layout)
         self.state = ExpertPlacementState(placement, device=device, layout=layout)
+        if self.weights is not None:  # ops that run on the rows find them by name (kernels.slot_fused_moe)
+            add_tensors(self.state.handle, {f"rows{layer}.{name}": tensor for layer, tensors in enumerate(self.weights.storage)
+                                            for name, tensor in tensors.items()})
         self.rows_copied = 0
 
     # ---- the invariant -----------------------------------------------------------------------
