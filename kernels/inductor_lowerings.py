@@ -80,7 +80,7 @@ class _Lowering:
 
     # ---- the two ops -------------------------------------------------------------------------
     def dispatch(self, ids, state: int, layer: int):
-        if not enabled():
+        if not enabled() or not _constants(state, layer):
             return self.fallback(torch.ops.omni.expert_dispatch.default, add_to_fallback_set=False)(ids, state, layer)
         slots_t, count_t = lookup(state, "replica_slots"), lookup(state, "replica_count")
         check_layer("expert_dispatch", slots_t, count_t, layer)
@@ -97,7 +97,7 @@ class _Lowering:
         return self.L[self.aten.view.default](rows, list(ids.get_size()))
 
     def record(self, ids, state: int, layer: int):
-        if not enabled():
+        if not enabled() or not _constants(state, layer):
             return self.fallback(torch.ops.omni.record_expert_load.default, add_to_fallback_set=False)(ids, state, layer)
         load_t = lookup(state, "expert_load")
         check_layer_rows("record_expert_load", load_t, layer)
@@ -106,7 +106,7 @@ class _Lowering:
         return None
 
     # ---- pieces ------------------------------------------------------------------------------
-    def constant(self, state: int, name: str, tensor: torch.Tensor):
+    def constant(self, state, name: str, tensor: torch.Tensor):
         return self.V.graph.add_tensor_constant(tensor, name=f"omni_state{state}_{name}")
 
     def to_int64(self, x):
@@ -147,6 +147,12 @@ class _Lowering:
             return
         ones = L[aten.expand.default](gate, list(values.get_size()))
         L[aten.index_put_.default](counter, [values], ones, True)
+
+
+def _constants(state, layer) -> bool:
+    """The lowering binds the state's tensors at compile time: only for literal ints (a traced
+    function whose handle dynamo made symbolic runs the eager kernel, which reads it per call)."""
+    return isinstance(state, int) and isinstance(layer, int)
 
 
 def _static(size) -> int | None:

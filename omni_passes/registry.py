@@ -99,9 +99,11 @@ def resolve_placement(config: PassConfig, info: MoEModelInfo, placement: Placeme
         placement = Placement.load(config.placement)
     if placement is None:
         return Placement.identity(max(len(info.moe_layer_ids), 1), max(info.num_experts, 1))
+    source = f"placement file {config.placement}" if config.placement else "placement"
     if info.moe_layer_ids:
-        source = f"placement file {config.placement}" if config.placement else "placement"
         placement.check_fits(len(info.moe_layer_ids), info.num_experts, source=source)
+    elif info.num_experts:  # layers unknown (a graph without module names): experts still checkable
+        placement.check_fits(placement.num_layers, info.num_experts, source=source)
     return placement
 
 
