@@ -35,8 +35,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context", type=int, default=None, help="static cache length (default: cpu 1024, cuda 4096)")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps", type=int, default=None, help="decode steps per variant and round (default: cpu 5, cuda 50)")
+    parser.add_argument("--variants", default=None, help=f"comma list (default all: {', '.join(VARIANTS)})")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--out", metavar="FILE")
+
+
+# name → (redundant slots?, OMNI_OPS_LOWERING)
+VARIANTS = {"compiled": (None, "1"), "dispatch:lowered": (False, "1"), "dispatch:eager-kernels": (False, "0"),
+            "dispatch-redundant:lowered": (True, "1"), "dispatch-redundant:eager-kernels": (True, "0")}
 
 
 def _config(args):
@@ -128,14 +134,17 @@ def run(args) -> dict:
     context = args.context or (4096 if device == "cuda" else 1024)
     steps = args.steps or (50 if device == "cuda" else 5)
     extra = max(1, config.n_routed_experts // 8)
-    placement = _hot_placement(config, device, extra)
-    variants = {"compiled": ([], None, "1"), "dispatch:lowered": (["redundant_experts"], None, "1"),
-                "dispatch:eager-kernels": (["redundant_experts"], None, "0"),
-                "dispatch-redundant:lowered": (["redundant_experts"], placement, "1"),
-                "dispatch-redundant:eager-kernels": (["redundant_experts"], placement, "0")}
+    wanted = [v.strip() for v in (args.variants or ",".join(VARIANTS)).split(",") if v.strip()]
+    unknown = [v for v in wanted if v not in VARIANTS]
+    if unknown or "compiled" not in wanted:
+        raise SystemExit(f"--variants: unknown {unknown} (known: {', '.join(VARIANTS)}; 'compiled' is required)")
+    placement = _hot_placement(config, device, extra) if any(VARIANTS[v][0] for v in wanted) else None
     built: dict[str, Step] = {}
     compile_s = {}
-    for name, (passes, p, lowering) in variants.items():
+    for name in wanted:
+        redundant, lowering = VARIANTS[name]
+        passes = [] if redundant is None else ["redundant_experts"]
+        p = placement if redundant else None
         os.environ[inductor_lowerings.ENV] = lowering
         torch._dynamo.reset()
         start = time.perf_counter()

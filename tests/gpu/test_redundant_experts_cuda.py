@@ -65,13 +65,14 @@ def test_every_placement_exact_on_cuda(kind, dtype):
 def test_cuda_graph_replays_count_every_token_and_follow_in_place_placements():
     """Capture one compiled forward in a CUDA graph; each replay counts its tokens (tensor-side
     gate), gate 0 replays count nothing, and a placement applied in place between replays is
-    read by the replays (same tensors), still exact."""
+    read by the replays (same tensors), still exact. bf16: transformers' fp32 grouped-GEMM
+    fallback reads offsets on the host and cannot be captured."""
     config = tiny_config("v3-ngroup4")
     inputs = inputs_for(config)
-    expected = reference(config, torch.float32, inputs)
+    expected = reference(config, torch.bfloat16, inputs)
     g = torch.Generator().manual_seed(8)
     torch._dynamo.reset()
-    compiled = omni_passes.compile(build_model(config, device="cuda"), {"passes": ["redundant_experts"]},
+    compiled = omni_passes.compile(build_model(config, dtype=torch.bfloat16, device="cuda"), {"passes": ["redundant_experts"]},
                                    placement=redundant_permuted(MOE_LAYERS, E, 8, g, ranks=4))
     controller = compiled.omni.placement_state
     stream = torch.cuda.Stream()
@@ -99,13 +100,13 @@ def test_cuda_graph_replays_count_every_token_and_follow_in_place_placements():
     controller.gate.fill_(1)
     torch.cuda.synchronize()
     assert torch.equal(controller.take_load(), 5 * per_forward)
-    torch.testing.assert_close(out.float(), expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(out.float(), expected, atol=TOLERANCE[torch.bfloat16], rtol=0)
     slots_before = controller.total_slot_load()
     copied = compiled.omni.apply_placement(redundant_permuted(MOE_LAYERS, E, 8, g, ranks=4))
     graph.replay()
     torch.cuda.synchronize()
     assert copied > 0
-    torch.testing.assert_close(out.float(), expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(out.float(), expected, atol=TOLERANCE[torch.bfloat16], rtol=0)
     step_slots = controller.total_slot_load() - slots_before
     per_expert = torch.zeros_like(per_forward).scatter_add_(1, controller.placement.phy2log, step_slots)
     assert torch.equal(per_expert, controller.take_load())

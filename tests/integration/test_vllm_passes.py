@@ -86,7 +86,8 @@ def redundant_run(tiny_checkpoint, root):
     start = save(redundant_permuted(MOE_LAYERS, EXPERTS, RANKS * SLOTS_PER_RANK - EXPERTS, g, ranks=RANKS), root / "red0.json")
     chain = [save(redundant_permuted(MOE_LAYERS, EXPERTS, RANKS * SLOTS_PER_RANK - EXPERTS, g, ranks=RANKS),
                   root / f"red{i}.json") for i in (1, 2)]
-    rebalance = {"interval_steps": 6, "window_steps": 12, "min_gain": 0.0, "layer_min_gain": 0.0, "max_moves": 8}
+    # a generate() of PROMPTS is about 12 steps: the first rebalance comes in the second one
+    rebalance = {"interval_steps": 24, "window_steps": 24, "min_gain": 0.0, "layer_min_gain": 0.0, "max_moves": 8}
     config = write_config(root, "red", placement=start, rebalance=rebalance)
     phases = [{"rounds": 3}] + [{"apply": p} for p in chain]
     result = run_engine(tiny_checkpoint, PROMPTS, MAX_TOKENS, pass_config=config, repeats=0, phases=phases)
@@ -156,6 +157,7 @@ def test_replica_slots_receive_tokens(redundant_run):
     """A replicated expert's tokens are split over its slots (the j-th takes replica j mod c)."""
     result, _ = redundant_run
     status = result["status"]  # after the first generate, on the starting placement
+    assert status["placement_updates"] == 0 and not status["rebalance_events"]
     phy2log = np.array(status["placement"]["phy2log"])
     experts, slots = np.array(status["total_expert_load"]), np.array(status["total_slot_load"])
     per_expert = np.zeros_like(experts)
