@@ -78,11 +78,13 @@ class OmniPassManager(CustomGraphPass):
 
 
 def source_hash(passes: list) -> str:
-    """sha256 over the source files of the passes' modules and the omni kernels."""
+    """sha256 over the source files of the passes' modules and of the omni ops (``kernels/``,
+    whose Inductor lowerings end up in the compiled code)."""
     import kernels
 
+    files = {inspect.getsourcefile(type(p)) for p in passes}
+    files |= {str(f) for f in Path(inspect.getsourcefile(kernels)).parent.glob("*.py")}
     digest = hashlib.sha256()
-    files = {inspect.getsourcefile(type(p)) for p in passes} | {inspect.getsourcefile(kernels)}
     for path in sorted(f for f in files if f):
         digest.update(Path(path).read_bytes())
     return digest.hexdigest()[:16]

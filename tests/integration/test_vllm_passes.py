@@ -203,7 +203,7 @@ def test_api_server_serves_a_redundant_placement_and_loads_reach_disk_after_sigt
         tiny_checkpoint, run_off, root, tmp_path):
     """The README's command line, no extra flags: same tokens as passes off; after SIGTERM the
     load files hold every request's tokens."""
-    start = save(redundant_permuted(MOE_LAYERS, EXPERTS, 4, torch.Generator().manual_seed(1), ranks=RANKS), root / "srv.json")
+    start = save(redundant_permuted(MOE_LAYERS, EXPERTS, 4, torch.Generator().manual_seed(1), ranks=RANKS), root / "srv_placement.json")
     config = write_config(root, "srv", placement=start, expert_load_interval_steps=1000)
     proc, port, log = _server(tiny_checkpoint, config, tmp_path / "server.log", tmp_path / "inductor")
     try:
