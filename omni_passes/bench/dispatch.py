@@ -6,7 +6,7 @@
 Variants, each a fresh model compiled with Inductor: ``compiled`` (no pass), and the dispatch
 pass with the identity placement and with redundant slots for the hottest experts, each with
 the ops lowered into the graph (``kernels.inductor_lowerings``, the default) and with their
-eager kernels (``OMNI_OPS_LOWERING=0``). Timing interleaves the variants round by round (on a
+eager kernels (``OMNI_OPS_LOWERING=0``). Timing interleaves the variants round by round, after one dropped warm-up round (on a
 shared machine noise then falls on all of them): per round each variant runs ``--steps`` decode
 steps (CUDA: replays of one captured CUDA graph, timed with events); reported are the median
 step per variant and the median over rounds of each variant's ratio to ``compiled`` in the same
@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=None, help="decode batch (default: cpu 4, cuda 16)")
     parser.add_argument("--context", type=int, default=None, help="static cache length (default: cpu 1024, cuda 4096)")
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--steps", type=int, default=None, help="decode steps per variant and round (default: cpu 5, cuda 50)")
+    parser.add_argument("--steps", type=int, default=None, help="decode steps per variant and round (default: cpu 10, cuda 50)")
     parser.add_argument("--variants", default=None, help=f"comma list (default all: {', '.join(VARIANTS)})")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--out", metavar="FILE")
@@ -132,7 +132,7 @@ def run(args) -> dict:
     config = _config(args)
     batch = args.batch or (16 if device == "cuda" else 4)
     context = args.context or (4096 if device == "cuda" else 1024)
-    steps = args.steps or (50 if device == "cuda" else 5)
+    steps = args.steps or (50 if device == "cuda" else 10)
     extra = max(1, config.n_routed_experts // 8)
     wanted = [v.strip() for v in (args.variants or ",".join(VARIANTS)).split(",") if v.strip()]
     unknown = [v for v in wanted if v not in VARIANTS]
@@ -158,17 +158,19 @@ def run(args) -> dict:
     reference = built["compiled"].logits.float()
     check = {name: float((s.logits.float() - reference).abs().max()) for name, s in built.items()}
     samples: dict[str, list[float]] = {name: [] for name in built}
-    for r in range(args.rounds):
+    for r in range(args.rounds + 1):  # round 0 warms every variant up (first calls are slow) and is dropped
         names = list(built)
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
-            samples[name].append(built[name].time(steps))
+            seconds = built[name].time(steps)
+            if r:
+                samples[name].append(seconds)
     ratios = {name: statistics.median(a / b for a, b in zip(samples[name], samples["compiled"])) for name in built}
     result = {
         "device": device if device == "cpu" else torch.cuda.get_device_name(), "shape": args.shape,
         "layers": config.num_hidden_layers, "experts": config.n_routed_experts, "top_k": config.num_experts_per_tok,
         "batch": batch, "context": context, "dtype": str(_dtype(device)).replace("torch.", ""), "redundant_slots": extra,
-        "rounds": args.rounds, "steps_per_round": steps, "torch": torch.__version__,
+        "rounds": args.rounds, "steps_per_round": steps, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "variants": {name: {"step_us_median": statistics.median(samples[name]) * 1e6, "vs_compiled": ratios[name],
                             "max_abs_diff_vs_compiled": check[name], "compile_s": compile_s[name],
                             "step_us_rounds": [s * 1e6 for s in samples[name]]} for name in built},
