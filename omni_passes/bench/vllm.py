@@ -159,6 +159,14 @@ class Engines:
     def stop(self) -> None:
         for proc, commands in self.procs.values():
             commands.put(None)
+        waiting = set(self.procs)
+        while waiting:  # each engine says "done" as it shuts down; drain them before any other start
+            try:
+                who, kind, _ = self.results.get(timeout=120)
+            except Exception:
+                break
+            if kind == "done":
+                waiting.discard(who)
         for proc, _ in self.procs.values():
             proc.join(timeout=120)
         self.procs.clear()
@@ -290,6 +298,8 @@ def main(args: argparse.Namespace) -> int:
             engines.start(name, ENGINES[name].pass_config(work, info))
         result = {"model": model, "prompts": args.prompts, "max_tokens": args.max_tokens, "rounds": args.rounds,
                   "engines": throughput(engines, names, prompts, args)}
+        if args.out:  # keep the throughput figures if the balance run fails
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
         engines.stop()
         if args.balance_rounds > 0:
             result["balance"] = balance(engines, info, args)
