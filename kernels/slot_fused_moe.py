@@ -41,11 +41,14 @@ def slot_fused_moe(output: torch.Tensor, input: torch.Tensor, w13: torch.Tensor,
                    w13_bias: Optional[torch.Tensor], w2_bias: Optional[torch.Tensor], topk_weights: torch.Tensor,
                    topk_id: torch.Tensor, skip_weighted: bool, act: str, isa: str, state: int, layer: int) -> None:
     expert_load = lookup(state, "expert_load")
+    w13_rows = row_tensor(state, layer, "w13_weight", None)
+    if w13_rows is not None and w13.data_ptr() != w13_rows.data_ptr():  # the graph's [E, ...] input is the rows' head
+        raise RuntimeError(f"omni::slot_fused_moe: the expert parameter of MoE layer {layer} is no longer a view of "
+                           "its storage rows (was it replaced after compile?); the rows would be stale")
     if layer == 0:
         run_step_hooks(state, "begin")
     gate = lookup(state, "gate")
     record_expert_load_reference(expert_load, topk_id, layer, gate)
-    w13_rows = row_tensor(state, layer, "w13_weight", None)
     if w13_rows is None:  # no redundant slots: row e is expert e, the parameters are the rows
         rows = topk_id
         w13_rows, w2_rows, b13, b2 = w13, w2, w13_bias, w2_bias

@@ -137,10 +137,15 @@ def test_slot_fused_moe_on_rows_equals_vllm_kernel_on_experts():
                             "w2_weight": extend_rows(packed2, layout.row_expert[0])}], layout, E)
 
     controller = PlacementController(p, rows=rows)
+    storage = controller.weights.storage[0]
+    head13, head2 = storage["w13_weight"][:E], storage["w2_weight"][:E]  # what vLLM's parameters become
     out = torch.empty(T, H)
-    torch.ops.omni.slot_fused_moe(out, x, packed13, packed2, None, None, weights, ids.int(), False, "silu", "vec",
+    torch.ops.omni.slot_fused_moe(out, x, head13, head2, None, None, weights, ids.int(), False, "silu", "vec",
                                   controller.handle, 0)
     assert torch.equal(out, expected)
+    with pytest.raises(RuntimeError, match="no longer a view of its storage rows"):  # a parameter replaced behind our back
+        torch.ops.omni.slot_fused_moe(out, x, packed13, packed2, None, None, weights, ids.int(), False, "silu", "vec",
+                                      controller.handle, 0)
     assert torch.equal(controller.expert_load[0], torch.bincount(ids.flatten(), minlength=E))
     slots = controller.total_slot_load()[0]
     hot_slots = (p.phy2log[0] == 3).nonzero().flatten()
