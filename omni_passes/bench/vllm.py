@@ -12,7 +12,8 @@ redundant slots on an emulated 4 ranks and the online rebalancer on, serving a s
 set (few distinct prompts, repeated) round after round. After each round the worker's
 per-slot loads give that round's rank loads (slot j on rank j // S) and balancedness
 (mean/max rank load, averaged over MoE layers); rounds before the first applied rebalance
-are "before", rounds after the last applied one "after".
+are "before", rounds after the one in which it was applied "after" (the loop keeps running
+in them; each round's own figure and events are in the JSON).
 
     omni-passes bench vllm [--model DIR] [--rounds 6] [--prompts 16] [--max-tokens 32]
         [--engines off,identity,redundant] [--balance-rounds 6] [--json] [--out FILE] [--plot DIR]
@@ -77,8 +78,8 @@ ENGINES: dict[str, EngineSpec] = {
 def rebalancing_config(work: Path, info: dict, interval_steps: int) -> dict:
     return {"passes": ["redundant_experts"], "placement": _redundant_placement(work, info, "rebalance"),
             **_loads(work, "rebalance"),
-            "rebalance": {"interval_steps": interval_steps, "window_steps": interval_steps, "min_gain": 0.005,
-                          "layer_min_gain": 0.0, "max_moves": 16}}
+            "rebalance": {"interval_steps": interval_steps, "window_steps": interval_steps, "min_gain": 0.02,
+                          "layer_min_gain": 0.01, "max_moves": 16}}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -241,7 +242,7 @@ def balance(engines: Engines, info: dict, args) -> dict:
         previous = status
     applied = [r["round"] for r in rounds if r["applied_rebalances"]]
     before = [r["balancedness"] for r in rounds if not applied or r["round"] < applied[0]]
-    after = [r["balancedness"] for r in rounds if applied and r["round"] > applied[-1]]
+    after = [r["balancedness"] for r in rounds if applied and r["round"] > applied[0]]
     return {"ranks": RANKS, "slots_per_rank": previous["placement"]["slots_per_rank"], "prompts": skewed[:2],
             "interval_steps": steps_per_round, "rounds": rounds,
             "balancedness_before": statistics.mean(before) if before else None,
