@@ -258,10 +258,16 @@ def plot(result: dict, out_dir: str) -> list[str]:
 
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    names = list(result["engines"])
-    axes[0].bar(names, [result["engines"][n]["tokens_per_s"]["median"] for n in names], color="tab:blue")
-    axes[0].set_ylabel("output tokens/s (median of rounds)")
-    axes[0].set_title("vLLM CPU throughput, tiny DeepSeek-V3 (fp32)")
+    names = [n for n in result["engines"] if "ratio_vs_off" in result["engines"][n]]
+    for i, name in enumerate(names):
+        ratio = result["engines"][name]["ratio_vs_off"]
+        axes[0].scatter([i] * len(ratio["rounds"]), ratio["rounds"], color="tab:blue", alpha=0.5)
+        axes[0].hlines(ratio["median_of_round_ratios"], i - 0.25, i + 0.25, color="tab:red")
+    axes[0].axhline(1.0, color="grey", lw=0.8)
+    axes[0].axhline(0.97, color="tab:green", lw=0.8, ls="--")
+    axes[0].set_xticks(range(len(names)), names)
+    axes[0].set_ylabel("tokens/s / passes off, same round (red: median)")
+    axes[0].set_title("vLLM CPU throughput vs passes off (green: 0.97 goal)")
     if result.get("balance"):
         rounds = result["balance"]["rounds"]
         axes[1].plot([r["round"] for r in rounds], [r["balancedness"] for r in rounds], marker="o")
