@@ -15,6 +15,7 @@ the field, never a traceback from deep inside transformers.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +133,18 @@ def _build_config(source: str, data: dict):
     try:
         return AutoConfig.for_model(model_type, **data)
     except Exception as exc:  # transformers' own validation: one line, not its traceback
-        raise ModelConfigError(f"model config {source}: {_one_line(exc)}") from None
+        raise ModelConfigError(f"model config {source}: {_field_error(exc)}") from None
+
+
+def _field_error(exc: BaseException) -> str:
+    """transformers' "Validation error for field 'X':\n  TypeError: Field 'X' expected int, ..."
+    as "field 'X' expected int, ..."; other errors as one line."""
+    match = re.match(r"Validation error for field '([^']+)'", str(exc))
+    if match:
+        detail = str(exc).strip().splitlines()[-1].strip()
+        detail = re.sub(rf"^\w+: Field '{re.escape(match.group(1))}'\s*", "", detail)
+        return f"field '{match.group(1)}' {detail}"
+    return _one_line(exc)
 
 
 def _one_line(exc: BaseException) -> str:
