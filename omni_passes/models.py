@@ -90,11 +90,15 @@ def load_hf_config(model_config: str, layers: int | None = None, overrides: dict
                 data[key] = (data[key] * layers)[:layers] if data[key] else data[key]
     config = _build_config(source, data)
     check_moe_config(config, source)
+    model_class = causal_lm_class(config)
     # Grouped GEMM experts: the form that compiles to one graph (fullgraph) with aten
-    # grouped_mm; the default loop-over-experts form is data-dependent.
-    config._experts_implementation = "grouped_mm"
+    # grouped_mm; the default loop-over-experts form is data-dependent. Models without
+    # transformers' experts interface are built as they are (the dispatch pass refuses them).
+    can_set = getattr(model_class, "_can_set_experts_implementation", None)
+    if can_set is None or can_set():
+        config._experts_implementation = "grouped_mm"
     # SDPA where the model supports it (the form the sparse-attention pass matches), else eager.
-    config._attn_implementation = "sdpa" if getattr(causal_lm_class(config), "_supports_sdpa", False) else "eager"
+    config._attn_implementation = "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
     return config
 
 

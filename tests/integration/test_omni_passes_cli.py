@@ -137,3 +137,14 @@ def test_inspect_bad_model_config_is_one_line_exit_2(tmp_path, overrides, field)
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("omni-passes inspect: error:")]
     assert len(errors) == 1 and f"model config {path}: field '{field}'" in errors[0], proc.stderr
+
+
+def test_inspect_refuses_an_architecture_it_cannot_rewrite(tmp_path):
+    """JetMoE's experts are its own per-expert loop, not transformers' experts interface."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_type": "jetmoe", "vocab_size": 256, "hidden_size": 64,
+                                "num_hidden_layers": 2, "num_key_value_heads": 2, "kv_channels": 16,
+                                "intermediate_size": 64, "num_local_experts": 4, "num_experts_per_tok": 2}))
+    proc = run_cli("inspect", "--model-config", str(path), "--json")
+    assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
+    assert "omni-passes inspect: error: redundant_experts cannot rewrite this model: JetMoeForCausalLM" in proc.stderr

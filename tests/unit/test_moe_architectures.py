@@ -158,3 +158,19 @@ def test_sparse_attention_on_gqa_sdpa_equals_masked_reference(arch):
 
 def test_tiny_names_are_all_tested():
     assert sorted(TINY_CONFIGS) == sorted(ARCHITECTURES)
+
+
+JETMOE = {"model_type": "jetmoe", "vocab_size": 256, "hidden_size": 64, "num_hidden_layers": 2,
+          "num_key_value_heads": 2, "kv_channels": 16, "intermediate_size": 64, "num_local_experts": 4,
+          "num_experts_per_tok": 2, "max_position_embeddings": 256}
+
+
+def test_dispatch_refuses_experts_outside_the_experts_interface(tmp_path):
+    """JetMoE runs its experts as its own per-expert loop: nothing to dispatch into."""
+    import json
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(JETMOE))
+    model = build_model(load_hf_config(str(path)))
+    reason = dispatch_refusal(model)
+    assert reason is not None and reason.startswith("JetMoeForCausalLM: its experts are not stacked")
