@@ -140,12 +140,21 @@ def to_dot(graph: fx.Graph, core: set[fx.Node], context: set[fx.Node], routing: 
             attrs = ""
             if target_name(node).startswith("omni.expert_dispatch"):
                 attrs, rewired = f' [color="{REWIRED}", penwidth=2.5, label=" slots", fontcolor="{REWIRED}"]', True
-            elif target_name(user).startswith("omni."):
-                attrs = ' [label=" logical ids"]'
+            elif kind_of(user) == "inserted":
+                attrs = f' [label=" {_argument_name(user, node)}"]'
             lines.append(f'  "{node.name}" -> "{user.name}"{attrs};')
     lines.append(_legend([k for k in KINDS if k in kinds_drawn], rewired))
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def _argument_name(user: fx.Node, node: fx.Node) -> str:
+    """The schema name of the argument ``node`` fills in ``user`` (``topk_ids``, ``q``, ...)."""
+    schema = getattr(user.target, "_schema", None)
+    for i, arg in enumerate(user.args):
+        if arg is node and schema is not None and i < len(schema.arguments):
+            return schema.arguments[i].name
+    return ""
 
 
 def _legend(kinds: list[str], rewired: bool) -> str:
