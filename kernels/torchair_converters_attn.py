@@ -1,20 +1,19 @@
 """GE converters (torchair, Ascend) for ``omni::sparse_attention`` and
 ``omni::sparse_attention_mla_decode``.
 
-UNVERIFIED: no Ascend device or torchair is reachable from this project's machines. Written
-against torchair's documented API: ``torchair.register_fx_node_ge_converter(op)`` as a decorator
-of ``fn(*op_args, meta_outputs=None)``, and ``torchair.ge.custom_op(op_type, inputs={...},
-outputs=[...], attrs={...})`` with ``torchair.ge.attr`` values, emitting standard Ascend IR ops
-(Cast, Shape, GatherV2, ConcatV2, Reshape, ExpandDims, Range, Less/LessEqual/Greater, Sub,
-LogicalAnd/LogicalOr, SelectV2, SoftmaxV2, Mul, BatchMatMulV2, Slice).
+Built against torchair 2.13's real sources (``register_fx_node_ge_converter``; the typed raw ops
+of ``torchair._ge_concrete_graph.ge_apis``, generated from CANN's IR prototypes) and checked on
+CPU through torchair's real FX → GE pipeline, each emitted op against those prototypes; not run
+on an NPU. The ops: Cast, Shape, GatherV2, ConcatV2, Reshape, ExpandDims, Range,
+Less/LessEqual/Greater, Sub, LogicalAnd/LogicalOr, SelectV2, SoftmaxV2, Mul, BatchMatMulV2, Slice.
 
 The graph is the dense masked form (scores over all Sk keys, sink+recent causal mask built from
 q_pos in the graph): correct on any shape, not fast. A fast Ascend path would hand the sink and
 recent blocks to FusedInferAttentionScore through a trimmed block table, as OmniInfer does.
 
 ``build_sparse_attention`` takes the op emitter as a parameter, so the composition itself is
-checked on CPU by ``tests/unit/test_sparse_attention_op.py`` with a torch emulator of those IR
-ops (that checks the arithmetic of the graph, not torchair's API).
+also checked by ``tests/unit/test_sparse_attention_op.py`` with a torch emulator of those IR
+ops, without torchair.
 
 Call ``register()`` once after ``import torchair``; it returns False when torchair is absent.
 """
@@ -99,46 +98,61 @@ def build_mla_decode(op: Emit, const: MakeConst, q, kv, q_pos, sink: int, recent
 def register() -> bool:
     """Register both converters with torchair. False (nothing done) when torchair is absent."""
     try:
-        import torchair
-        from torchair import ge
+        from torchair._ge_concrete_graph import ge_apis as ge
+        from torchair._ge_concrete_graph.fx2ge_converter import register_fx_node_ge_converter
+        from torchair.ge._ge_graph import ge_type_to_torch_type, torch_type_to_ge_type
     except ImportError:
         return False
 
     import kernels.sparse_attention  # noqa: F401  (defines the ops)
 
-    ge_dtypes = {torch.float32: ge.DataType.DT_FLOAT, torch.float16: ge.DataType.DT_FLOAT16,
-                 torch.bfloat16: ge.DataType.DT_BF16, torch.int64: ge.DataType.DT_INT64,
-                 torch.bool: ge.DataType.DT_BOOL}
-
     def attr(value):
-        if isinstance(value, torch.dtype):
-            return ge.attr.Int(ge_dtypes[value])
-        if isinstance(value, bool):
-            return ge.attr.Bool(value)
-        if isinstance(value, int):
-            return ge.attr.Int(value)
-        if isinstance(value, float):
-            return ge.attr.Float(value)
-        if isinstance(value, (list, tuple)):
-            return ge.attr.ListInt(list(value))
-        return ge.attr.Str(str(value))
+        return torch_type_to_ge_type(value) if isinstance(value, torch.dtype) else value
 
     def op(op_type, inputs, attrs):
-        return ge.custom_op(op_type, inputs=inputs, outputs=["y"],
-                            attrs={name: attr(value) for name, value in attrs.items()})
+        return emit_raw_op(ge, op_type, inputs, {name: attr(value) for name, value in attrs.items()})
 
     def const(value, dtype):
-        return ge.Const(value, dtype=ge_dtypes[dtype])
+        return ge.Const(value, dtype=torch_type_to_ge_type(dtype))
 
-    @torchair.register_fx_node_ge_converter(torch.ops.omni.sparse_attention.default)
+    def heads(q) -> int:
+        size = q.symsize[1]
+        if not isinstance(size, int):
+            raise NotImplementedError(f"omni sparse attention on GE needs a static head count, got {size}")
+        return size
+
+    @register_fx_node_ge_converter(torch.ops.omni.sparse_attention.default)
     def _convert_sparse_attention(q, k, v, q_pos, sink, recent, scale, meta_outputs=None):
-        size = meta_outputs.size()  # static shapes in torchair's decode graphs
-        return build_sparse_attention(op, const, q, k, v, q_pos, sink, recent, scale, size[1], meta_outputs.dtype)
+        return build_sparse_attention(op, const, q, k, v, q_pos, sink, recent, scale, heads(q),
+                                      ge_type_to_torch_type(meta_outputs.dtype))
 
-    @torchair.register_fx_node_ge_converter(torch.ops.omni.sparse_attention_mla_decode.default)
+    @register_fx_node_ge_converter(torch.ops.omni.sparse_attention_mla_decode.default)
     def _convert_mla(q, kv, q_pos, sink, recent, scale, v_head_dim, meta_outputs=None):
-        size = meta_outputs.size()
-        return build_mla_decode(op, const, q, kv, q_pos, sink, recent, scale, v_head_dim, size[1],
-                                meta_outputs.dtype)
+        return build_mla_decode(op, const, q, kv, q_pos, sink, recent, scale, v_head_dim, heads(q),
+                                ge_type_to_torch_type(meta_outputs.dtype))
 
     return True
+
+
+# Python keywords among IR input names: torchair's generated functions rename them.
+_RENAMED_INPUTS = {"else": "else_changed_as_is_python_key"}
+
+
+def emit_raw_op(ge, op_type: str, inputs: dict, attrs: dict):
+    """Call torchair's generated function for IR ``op_type`` with named inputs: every input of
+    the prototype in order (optional ones absent → None), attributes as keywords. A name the
+    prototype does not have is an error, so the builder cannot drift from the IR. Ops with
+    several outputs return their first (the builders use single-output ops only)."""
+    import inspect
+
+    fn = getattr(ge, op_type, None)
+    if fn is None:
+        raise NotImplementedError(f"GE op {op_type} is not among torchair's IR ops")
+    params = [p for p in inspect.signature(fn).parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
+    names = {_RENAMED_INPUTS.get(name, name) for name in inputs}
+    unknown = names - {p.name for p in params}
+    if unknown:
+        raise TypeError(f"GE op {op_type} has no input(s) {sorted(unknown)}; its inputs: {[p.name for p in params]}")
+    by_name = {_RENAMED_INPUTS.get(name, name): value for name, value in inputs.items()}
+    out = fn(*[by_name.get(p.name) for p in params], **attrs)
+    return out[0] if isinstance(out, (tuple, list)) else out
