@@ -167,29 +167,52 @@ def import_vllm_ascend() -> VllmAscend:
                       str(Path(package.__file__).parent))
 
 
-def vllm_ascend_fusion_backend(gm, example_inputs):
+class VllmAscendFusionBackend:
     """A torch.compile backend for vLLM on CPU that compiles the way vllm-ascend's
     ``AscendCompiler`` does with npugraph_ex off: vllm-ascend's real ``fusion_pass_compile``
     (aot_autograd, forward compiler = the pass manager), with a real ``GraphFusionPassManager``
-    holding the pass vLLM resolved for the ``graph_fusion_manager`` key, as vLLM's
-    ``VllmBackend.configure_post_pass`` adds it on an NPU. Used by
-    ``compilation_config={"mode": 2, "backend": "omni_passes.testing.ascend.vllm_ascend_fusion_backend",
-    "inductor_passes": {"graph_fusion_manager": "omni_passes.vllm_ascend_fusion_pass"}}``.
-    """
-    from vllm.compilation.passes.inductor_pass import pass_context
-    from vllm.config import get_current_vllm_config
-    from vllm.config.utils import Range
+    holding the pass vLLM resolved for the ``graph_fusion_manager`` key, added as vLLM's
+    ``VllmBackend.configure_post_pass`` adds it on an NPU.
 
-    ascend = import_vllm_ascend()
-    vllm_config = get_current_vllm_config()
-    passes = vllm_config.compilation_config.inductor_compile_config
-    if ascend.pass_key not in passes:
-        raise RuntimeError(f"compilation_config.inductor_passes has no {ascend.pass_key!r} entry: nothing for "
-                           "vllm-ascend's GraphFusionPassManager to run")
-    manager = ascend.pass_manager.GraphFusionPassManager()
-    manager.add(passes[ascend.pass_key])  # asserts a VllmInductorPass, as on an NPU
-    compile_range = Range(1, vllm_config.scheduler_config.max_num_batched_tokens)
-    with pass_context(compile_range):
-        compiled, _ = ascend.compiler_interface.fusion_pass_compile(
-            gm, example_inputs, {ascend.pass_key: manager}, compile_range)
-    return compiled
+    vLLM names the backend by qualified name (``compilation_config={"mode": 2, "backend":
+    "omni_passes.testing.ascend.vllm_ascend_fusion_backend", "inductor_passes":
+    {"graph_fusion_manager": "omni_passes.vllm_ascend_fusion_pass"}}``) and resolves it while
+    its config is current; the module ``__getattr__`` below builds one per resolution then, since
+    the config is no longer current when dynamo calls the backend.
+    """
+
+    def __init__(self, vllm_config):
+        self.vllm_config = vllm_config
+        self.compiled_graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        from vllm.compilation.passes.inductor_pass import pass_context
+        from vllm.config.utils import Range
+
+        ascend = import_vllm_ascend()
+        passes = self.vllm_config.compilation_config.inductor_compile_config
+        if ascend.pass_key not in passes:
+            raise RuntimeError(f"compilation_config.inductor_passes has no {ascend.pass_key!r} entry: nothing for "
+                               "vllm-ascend's GraphFusionPassManager to run")
+        from vllm.compilation.passes.vllm_inductor_pass import VllmInductorPass
+
+        graph_pass = passes[ascend.pass_key]
+        if not isinstance(graph_pass, VllmInductorPass):  # the manager's bare assert, with a message
+            raise TypeError(f"inductor_passes[{ascend.pass_key!r}] resolved to {graph_pass!r}, not a VllmInductorPass: "
+                            "vllm-ascend's GraphFusionPassManager refuses it")
+        manager = ascend.pass_manager.GraphFusionPassManager()
+        manager.add(graph_pass)
+        compile_range = Range(1, self.vllm_config.scheduler_config.max_num_batched_tokens)
+        with pass_context(compile_range):
+            compiled, _ = ascend.compiler_interface.fusion_pass_compile(
+                gm, example_inputs, {ascend.pass_key: manager}, compile_range)
+        self.compiled_graphs += 1
+        return compiled
+
+
+def __getattr__(name: str):
+    if name == "vllm_ascend_fusion_backend":
+        from vllm.config import get_current_vllm_config
+
+        return VllmAscendFusionBackend(get_current_vllm_config())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
