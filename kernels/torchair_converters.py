@@ -55,10 +55,16 @@ def bound_tables(state: int, layer: int) -> tuple[list, list]:
     return slots.tolist(), counts.tolist()
 
 
-def check_bound_tables() -> None:
-    """Raise StaleGEGraph if any bound table differs from its live state."""
+def bound_keys() -> set[tuple[int, int]]:
+    """The (state, layer) tables bound so far; a backend diffs it around one compile."""
     with _lock:
-        items = list(_bound.items())
+        return set(_bound)
+
+
+def check_bound_tables(keys: set[tuple[int, int]] | None = None) -> None:
+    """Raise StaleGEGraph if a bound table (of ``keys``, default all) differs from its live state."""
+    with _lock:
+        items = [(key, value) for key, value in _bound.items() if keys is None or key in keys]
     for (state, layer), (slots, counts) in items:
         live_slots = lookup(state, "replica_slots")[layer]
         live_counts = lookup(state, "replica_count")[layer]

@@ -105,6 +105,7 @@ def register() -> bool:
         return False
 
     import kernels.sparse_attention  # noqa: F401  (defines the ops)
+    import kernels.sparse_attention_positions  # noqa: F401
 
     def attr(value):
         return torch_type_to_ge_type(value) if isinstance(value, torch.dtype) else value
@@ -121,6 +122,10 @@ def register() -> bool:
             raise NotImplementedError(f"omni sparse attention on GE needs a static head count, got {size}")
         return size
 
+    @register_fx_node_ge_converter(torch.ops.omni.mask_positions.default)
+    def _convert_mask_positions(allowed, check, context, meta_outputs=None):
+        return emit_mask_positions(ge, allowed, check)
+
     @register_fx_node_ge_converter(torch.ops.omni.sparse_attention.default)
     def _convert_sparse_attention(q, k, v, q_pos, sink, recent, scale, meta_outputs=None):
         return build_sparse_attention(op, const, q, k, v, q_pos, sink, recent, scale, heads(q),
@@ -132,6 +137,33 @@ def register() -> bool:
                                 ge_type_to_torch_type(meta_outputs.dtype))
 
     return True
+
+
+def emit_mask_positions(ge, allowed, check: bool):
+    """``omni::mask_positions`` in GE: allowed bool [b, h, Sq, Sk] -> int64 [b, Sq], the count of
+    allowed keys per row minus one (head 0). With ``check``, an Assert (kept alive by a control
+    edge into the result) fails the graph unless every row allows exactly the keys [0, p] and all
+    heads agree: the same refusal as the reference, in place of its Python exception."""
+    from torchair.ge import DataType
+    from torchair.ge._ge_graph import ControlTensor, get_default_ge_graph
+
+    i64 = DataType.DT_INT64
+    allowed_i64 = ge.Cast(allowed, dst_type=i64)
+    counts = ge.ReduceSum(allowed_i64, ge.Const([-1], dtype=i64), keep_dims=True)            # [b, h, Sq, 1]
+    last = ge.Sub(ge.Reshape(counts, ge.Slice(ge.Shape(allowed, dtype=i64), ge.Const([0], dtype=i64),
+                                              ge.Const([3], dtype=i64))), ge.Const(1, dtype=i64))  # [b, h, Sq]
+    positions = ge.GatherV2(last, ge.Const(0, dtype=i64), ge.Const(1, dtype=i64))             # [b, Sq]
+    if not check:
+        return positions
+    keys = ge.Range(ge.Const(0, dtype=i64), ge.GatherV2(ge.Shape(allowed, dtype=i64), ge.Const(3, dtype=i64),
+                                                          ge.Const(0, dtype=i64)), ge.Const(1, dtype=i64))
+    prefix = ge.Equal(allowed, ge.Less(keys, counts))                # row j allowed <=> j < count
+    heads_agree = ge.Equal(last, ge.ExpandDims(positions, ge.Const(1, dtype=i64)))
+    ok = ge.LogicalAnd(ge.ReduceAll(prefix, ge.Const([0, 1, 2, 3], dtype=i64)),
+                       ge.ReduceAll(heads_agree, ge.Const([0, 1, 2], dtype=i64)))
+    ge.Assert(ok, [positions])
+    assertion = ControlTensor(get_default_ge_graph().op[-1])
+    return ge.Identity(positions, dependencies=[assertion])
 
 
 # Python keywords among IR input names: torchair's generated functions rename them.

@@ -106,13 +106,15 @@ def torchair_backend(manager: OmniPassManager, compiler_config: Any = None, torc
 
 
 def _guarded_backend(npu_backend: Callable, gm, example_inputs):
-    from kernels.torchair_converters import check_bound_tables
+    from kernels.torchair_converters import bound_keys, check_bound_tables
 
+    before = bound_keys()
     compiled = npu_backend(gm, example_inputs)
+    mine = bound_keys() - before  # the tables this graph's converters bound
 
     @functools.wraps(compiled)
     def run(*args, **kwargs):
-        check_bound_tables()
+        check_bound_tables(mine)
         return compiled(*args, **kwargs)
 
     return run

@@ -63,7 +63,7 @@ def _ints(t: torch.Tensor) -> list[int]:
 def _gather_v2(x, indices, axis, batch_dims=0, **_):
     axis = int(axis) % x.dim()
     picked = x.index_select(axis, indices.reshape(-1).long())
-    return picked.reshape(*x.shape[:axis], *indices.shape, *x.shape[axis + 1:])
+    return picked.reshape((*x.shape[:axis], *indices.shape, *x.shape[axis + 1:]))
 
 
 def _slice(x, offsets, size, **_):
@@ -169,7 +169,18 @@ OPS: dict[str, Callable] = {
     "SoftmaxV2": lambda x, axes=(-1,), **_: torch.softmax(x, dim=axes[0]) if len(axes) == 1 else _nope("SoftmaxV2 axes"),
     "BatchMatMulV2": _batch_matmul,
     "Identity": lambda x, **_: x,
+    "Equal": lambda x1, x2, **_: x1 == x2,
+    "LogicalNot": lambda x, **_: ~x,
+    "ReduceSum": lambda x, axes, keep_dims=False, **_: x.sum(dim=_ints(axes), keepdim=keep_dims, dtype=x.dtype),
+    "ReduceAll": lambda x, axes, keep_dims=False, **_: x.all(dim=tuple(_ints(axes)), keepdim=keep_dims),
+    "Assert": lambda input_condition, input_data, **_: _assert(input_condition, input_data),
 }
+
+
+def _assert(condition, data):
+    if not bool(condition.all()):
+        raise AssertionError(f"GE Assert failed (emulated); data: {[d.tolist() for d in data]}")
+    return []
 
 
 def _unsqueeze(x, axes):

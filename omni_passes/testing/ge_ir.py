@@ -56,7 +56,7 @@ ATTR_FIELDS = {"Int": {"i"}, "Float": {"f"}, "Bool": {"b"}, "String": {"s"}, "Ty
 
 TORCH_TO_GE = {torch.float32: "DT_FLOAT", torch.float16: "DT_FLOAT16", torch.bfloat16: "DT_BF16",
                torch.float64: "DT_DOUBLE", torch.int8: "DT_INT8", torch.int16: "DT_INT16", torch.int32: "DT_INT32",
-               torch.int64: "DT_INT64", torch.uint8: "DT_UINT8", torch.bool: "DT_BOOL",
+               torch.int64: "DT_INT64", torch.uint8: "DT_UINT8", torch.bool: "DT_BOOL", torch.uint64: "DT_UINT64",
                torch.complex64: "DT_COMPLEX64", torch.complex128: "DT_COMPLEX128"}
 
 # ops torchair writes itself, not from a REG_OP function: graph inputs, constants, the output
@@ -107,7 +107,8 @@ def _dtypes(spec: str, datatypes: dict[str, frozenset[str]]) -> frozenset[str]:
     spec = spec.strip()
     if spec.startswith('"') and spec.endswith('"'):
         return datatypes.get(spec.strip('"'), frozenset())
-    found = set(re.findall(r"\bDT_[A-Z0-9_]+", spec))
+    # a few shipped prototypes spell DT_FLOAT as DT_FLOAT32 (GraphDef has no such name)
+    found = {"DT_FLOAT" if t == "DT_FLOAT32" else t for t in re.findall(r"\bDT_[A-Z0-9_]+", spec)}
     for group in re.findall(r"(\w+)\(\)", spec):
         found |= TENSOR_TYPE_GROUPS.get(group.lower(), frozenset())
     return frozenset(found)

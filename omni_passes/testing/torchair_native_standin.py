@@ -63,6 +63,13 @@ class TorchNpuGraphBase:
     def __init__(self, name: str = ""):
         self.name = name
 
+    # torchair calls these through super(), which bypasses __getattr__: each must exist
+    load = staticmethod(_needs_cann("TorchNpuGraphBase.load"))
+    compile = staticmethod(_needs_cann("TorchNpuGraphBase.compile"))
+    auto_tune = staticmethod(_needs_cann("TorchNpuGraphBase.auto_tune"))
+    run = staticmethod(_needs_cann("TorchNpuGraphBase.run"))
+    set_hint_shape = staticmethod(_needs_cann("TorchNpuGraphBase.set_hint_shape"))
+
     def __getattr__(self, attr: str):
         if attr.startswith("__"):
             raise AttributeError(attr)
