@@ -12,8 +12,8 @@ model's graph never reaches GE. ``register()`` adds each only where torchair has
   x and one weight tensor, split along M (group_type 0), cumulative group list (type 0), one
   output (split_item 3): the form torch_npu's ``npu_grouped_matmul`` takes for MoE experts;
 - index_put(x, [i0, ..., ik-1], values, accumulate) with k index tensors of one shape (what
-  ``inv_perm[perm] = arange(n)`` traces to) → TensorScatterUpdate / TensorScatterAdd on the
-  stacked indices (negative ones wrapped), values broadcast to the updated slices.
+  ``inv_perm[perm] = arange(n)`` traces to) → TensorScatterUpdate on the stacked indices
+  (negative ones wrapped), values broadcast to the updated slices; accumulate → x + ScatterNd.
 """
 
 from __future__ import annotations
@@ -64,8 +64,9 @@ def emit_index_put(ge, DataType, x, indices: list, values, accumulate: bool):
     slice_shape = ge.Slice(shape_x, ge.Const([len(indices)], dtype=i64), ge.Const([rank - len(indices)], dtype=i64))
     target = ge.ConcatV2([ge.Shape(wrapped[0], dtype=i64), slice_shape], ge.Const(0, dtype=i64), N=2)
     updates = ge.BroadcastTo(ge.Cast(values, dst_type=x.dtype), target)
-    scatter = ge.TensorScatterAdd if accumulate else ge.TensorScatterUpdate
-    return scatter(x, stacked, updates)
+    if accumulate:  # ScatterNd adds duplicates and takes every basic dtype (TensorScatterAdd: no int64)
+        return ge.Add(x, ge.ScatterNd(stacked, updates, shape_x))
+    return ge.TensorScatterUpdate(x, stacked, updates)
 
 
 def _has_working_converter(op) -> bool:

@@ -51,15 +51,17 @@ def build_sparse_attention(op: Emit, const: MakeConst, q, k, v, q_pos, sink: int
     def concat(parts):
         return op("ConcatV2", {"x": parts, "concat_dim": const(0, i64)}, {"N": len(parts)})
 
+    # fp32 first: the arithmetic is fp32, and Shape / ExpandDims do not take bf16 (IR prototypes)
+    q, k, v = cast(q, f32), cast(k, f32), cast(v, f32)
     shape_q = op("Shape", {"x": q}, {"dtype": i64})
     shape_k = op("Shape", {"x": k}, {"dtype": i64})
     shape_v = op("Shape", {"x": v}, {"dtype": i64})
     minus_one = const([-1], i64)
 
     # scores [B, Hkv, G*Sq, Sk] in fp32
-    q_grouped = op("Reshape", {"x": cast(q, f32), "shape": concat([dims(shape_k, [0, 1]), minus_one,
+    q_grouped = op("Reshape", {"x": q, "shape": concat([dims(shape_k, [0, 1]), minus_one,
                                                                     dims(shape_q, [3])])}, {})
-    scores = op("BatchMatMulV2", {"x1": q_grouped, "x2": cast(k, f32)}, {"adj_x1": False, "adj_x2": True})
+    scores = op("BatchMatMulV2", {"x1": q_grouped, "x2": k}, {"adj_x1": False, "adj_x2": True})
     scores = op("Mul", {"x1": scores, "x2": const(scale, f32)}, {})
     shape_scores = op("Shape", {"x": scores}, {"dtype": i64})
     # view as [B, Hkv, G, Sq, Sk] so the [B, 1, 1, Sq, Sk] mask broadcasts over heads and groups
@@ -80,7 +82,7 @@ def build_sparse_attention(op: Emit, const: MakeConst, q, k, v, q_pos, sink: int
     probs = op("SoftmaxV2", {"x": masked}, {"axes": [-1]})
     probs = op("Mul", {"x1": probs, "x2": cast(visible, f32)}, {})  # rows with nothing visible -> 0
     probs = op("Reshape", {"x": probs, "shape": shape_scores}, {})
-    out = op("BatchMatMulV2", {"x1": probs, "x2": cast(v, f32)}, {"adj_x1": False, "adj_x2": False})
+    out = op("BatchMatMulV2", {"x1": probs, "x2": v}, {"adj_x1": False, "adj_x2": False})
     out = op("Reshape", {"x": out, "shape": concat([dims(shape_q, [0]), const([q_heads], i64),
                                                     dims(shape_q, [2]), dims(shape_v, [3])])}, {})
     return cast(out, out_dtype)
@@ -90,6 +92,7 @@ def build_mla_decode(op: Emit, const: MakeConst, q, kv, q_pos, sink: int, recent
                      v_head_dim: int, q_heads: int, out_dtype: torch.dtype):
     """Absorbed MLA: kv [B, Sk, Dk] is one shared head; values are its first v_head_dim dims."""
     i64 = torch.int64
+    kv = op("Cast", {"x": kv}, {"dst_type": torch.float32})  # ExpandDims takes no bf16
     k = op("ExpandDims", {"x": kv, "axis": const(1, i64)}, {})  # [B, 1, Sk, Dk]
     v = op("Slice", {"x": k, "offsets": const([0, 0, 0, 0], i64), "size": const([-1, -1, -1, v_head_dim], i64)}, {})
     return build_sparse_attention(op, const, q, k, v, q_pos, sink, recent, scale, q_heads, out_dtype)

@@ -118,3 +118,24 @@ def _guarded_backend(npu_backend: Callable, gm, example_inputs):
         return compiled(*args, **kwargs)
 
     return run
+
+
+def compile_for_ge_dump(model, config, dump_dir, torchair: Any = None):
+    """``omni_passes.compile``'s torchair twin for ``omni-passes inspect --backend torchair``:
+    the passes on torchair's hook, torchair's converters build the GE graph and dump it as text
+    into ``dump_dir``; ``debug.run_eagerly``, so CANN compiles nothing and the rewritten FX graph
+    runs. Returns the compiled module with ``.omni`` attached, as ``omni_passes.compile`` does."""
+    import torch
+
+    from omni_passes.compiler import prepare
+
+    torchair = torchair or import_torchair()
+    runtime = prepare(model, config)
+    compiler_config = torchair.CompilerConfig()
+    compiler_config.debug.run_eagerly = True
+    compiler_config.debug.graph_dump.type = "txt"
+    compiler_config.debug.graph_dump.path = str(dump_dir)
+    backend = torchair_backend(runtime.manager, compiler_config, torchair=torchair)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    compiled.omni = runtime
+    return compiled

@@ -57,11 +57,28 @@ def manifest() -> dict:
     return json.loads(path.read_text())
 
 
+_added_paths: list[str] = []
+
+
+def unload() -> None:
+    """Take the unpacked torchair / vllm-ascend back out of this process (``sys.path`` entries
+    and modules), so later code in a shared process (a test session) sees no torchair. The
+    converters they registered on torch ops stay (harmless without torchair)."""
+    for entry in _added_paths:
+        while entry in sys.path:
+            sys.path.remove(entry)
+    _added_paths.clear()
+    ours = ("kernels.torchair_converters",)  # they hold torchair's module objects
+    for name in [m for m in sys.modules if m.split(".")[0] in ("torchair", "vllm_ascend") or m.startswith(ours)]:
+        del sys.modules[name]
+
+
 def _add_path(entry: Path) -> None:
     if not entry.is_dir():
         raise AscendSourcesMissing(f"{entry} is missing although {sources_dir() / MANIFEST} exists: re-run `make install`")
     if str(entry) not in sys.path:
         sys.path.insert(0, str(entry))
+        _added_paths.append(str(entry))
 
 
 def _real_torchair():
