@@ -374,3 +374,39 @@ def test_mask_positions_and_its_check(torchair, protos, tmp_path):
     padded[1, :, :, 0] = False  # left padding: row p allows [1, p], not [0, p]
     with pytest.raises(AssertionError, match="GE Assert failed"):
         GEEmulator(graph, protos).run([padded])
+
+
+# -- omni-passes inspect --backend torchair ----------------------------------------------------
+
+def test_inspect_writes_the_ge_graph_and_says_cann_did_not_compile_it(torchair, protos, tmp_path, capsys):
+    import json
+
+    from omni_passes.cli import main
+
+    out = tmp_path / "inspect"
+    code = main(["inspect", "--model-config", "tiny", "--passes", "redundant_experts", "--backend", "torchair",
+                 "--out", str(out), "--check", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0
+    result = json.loads(captured.out)
+    assert result["check"]["ok"] and result["check"]["max_abs_diff"] <= 1e-5
+    ge = result["ge_graph"]
+    assert ge["compiled_by_cann"] is False and "CANN did not compile it" in captured.err
+    (dump,) = ge["files"]
+    counts = op_counts(load_graph(dump))
+    assert counts.get("Cummax") == 3 and counts.get("GroupedMatmul") == 6
+    assert json.loads((out / "report.json").read_text())["ge_graph"]["files"] == [dump]
+
+
+def test_inspect_without_torchair_prints_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMNI_ASCEND_SOURCES=str(tmp_path / "none"))
+    proc = subprocess.run([sys.executable, "-m", "omni_passes.cli", "inspect", "--model-config", "tiny",
+                           "--passes", "redundant_experts", "--backend", "torchair", "--out", str(tmp_path / "o")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("omni-passes inspect:")]
+    assert proc.returncode == 2 and len(lines) == 1 and "torchair is not available here" in lines[0]
+    assert "make install" in lines[0] and not (tmp_path / "o").exists()
