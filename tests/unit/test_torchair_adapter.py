@@ -84,3 +84,34 @@ def test_vllm_ascend_pass_builds_its_state_under_an_active_fake_mode(tmp_path, m
     assert not isinstance(state.replica_slots, FakeTensor) and not isinstance(state.expert_load, FakeTensor)
     assert torch.equal(state.replica_slots[0, :, 0], torch.arange(4))
     assert json.loads((tmp_path / "r.json").read_text())["passes"]["redundant_experts"]["matched_layers"] == [0]
+
+
+def test_sources_unpack_only_python_and_say_what_failed(tmp_path):
+    """make install's unpack step: the package's Python, no native libraries, no dist-info
+    (no entry points); a broken or unexpected wheel is named in the error."""
+    import zipfile
+
+    from omni_passes.testing.ascend_sources import TORCH_NPU, FetchError, sys_path_entry, unpack
+
+    wheel = tmp_path / "torch_npu-2.13.0-cp311-cp311-manylinux_2_28_x86_64.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("torch_npu/dynamo/torchair/__init__.py", "x = 1\n")
+        archive.writestr("torch_npu/dynamo/torchair/core/_torchair.so", b"\x7fELF")
+        archive.writestr("torch_npu/__init__.py", "raise ImportError\n")
+        archive.writestr("torch_npu-2.13.0.dist-info/entry_points.txt", "[torch.backends]\n")
+    dest = tmp_path / "dest"
+    assert unpack(wheel, dest, TORCH_NPU) == 1
+    root = sys_path_entry(dest, TORCH_NPU)
+    assert (root / "torchair" / "__init__.py").read_text() == "x = 1\n"
+    assert not (root / "torchair" / "core" / "_torchair.so").exists()
+    assert not list(dest.rglob("*.dist-info")) and not (root.parent / "__init__.py").exists()
+
+    broken = tmp_path / "torch_npu-2.13.0-broken.whl"
+    broken.write_bytes(b"not a zip")
+    with pytest.raises(FetchError, match="torch_npu-2.13.0-broken.whl is not a readable wheel"):
+        unpack(broken, dest, TORCH_NPU)
+    empty = tmp_path / "torch_npu-2.13.0-empty.whl"
+    with zipfile.ZipFile(empty, "w") as archive:
+        archive.writestr("other/file.py", "")
+    with pytest.raises(FetchError, match="has no files under torch_npu/dynamo/torchair/"):
+        unpack(empty, dest, TORCH_NPU)
