@@ -127,6 +127,80 @@ def _batch_matmul(x1, x2, bias=None, offset_w=None, adj_x1=False, adj_x2=False, 
     return out + bias if bias is not None else out
 
 
+
+
+def _assert(condition, data):
+    if not bool(condition.all()):
+        raise AssertionError(f"GE Assert failed (emulated); data: {[d.tolist() for d in data]}")
+    return []
+
+
+def _unsqueeze(x, axes):
+    for axis in sorted(a % (x.dim() + len(axes)) for a in axes):
+        x = x.unsqueeze(axis)
+    return x
+
+
+def _strided_slice_v2(x, begin, end, axes=None, strides=None, begin_mask=0, end_mask=0, ellipsis_mask=0,
+                      new_axis_mask=0, shrink_axis_mask=0, **_):
+    if ellipsis_mask or new_axis_mask or shrink_axis_mask:
+        raise NotEmulated("StridedSliceV2 with ellipsis / new-axis / shrink masks")
+    begins, ends = _ints(begin), _ints(end)
+    dims = _ints(axes) if axes is not None else list(range(len(begins)))
+    steps = _ints(strides) if strides is not None else [1] * len(begins)
+    index = [slice(None)] * x.dim()
+    for i, (dim, b, e, step) in enumerate(zip(dims, begins, ends, steps)):
+        index[dim % x.dim()] = slice(None if begin_mask >> i & 1 else b, None if end_mask >> i & 1 else e, step)
+    return x[tuple(index)]
+
+
+def _index_by_tensor(x, indices, indices_mask=(), **_):
+    given = iter(indices)
+    index = tuple(next(given).long() if present else slice(None) for present in indices_mask)
+    return x[index]
+
+
+def _split_v(x, size_splits, split_dim, num_split, **_):
+    dim = int(split_dim) % x.dim()
+    sizes = _ints(size_splits)
+    if -1 in sizes:
+        sizes[sizes.index(-1)] = x.shape[dim] - (sum(sizes) + 1)
+    return list(torch.split(x, sizes, dim=dim))
+
+
+def _matmul(x1, x2, bias=None, transpose_x1=False, transpose_x2=False, **_):
+    out = (x1.t() if transpose_x1 else x1) @ (x2.t() if transpose_x2 else x2)
+    return out + bias if bias is not None else out
+
+
+def _scatter_elements(data, indices, updates, axis=0, reduction="none", **_):
+    if reduction == "none":
+        return data.clone().scatter_(axis, indices.long(), updates)
+    if reduction == "add":
+        return data.clone().scatter_add_(axis, indices.long(), updates)
+    raise NotEmulated(f"ScatterElements reduction {reduction}")
+
+
+def _cumsum(x, axis, exclusive=False, reverse=False, **_):
+    dim = int(axis)
+    y = x.flip(dim) if reverse else x
+    out = torch.cumsum(y, dim=dim, dtype=x.dtype)
+    if exclusive:
+        out = out - y
+    return out.flip(dim) if reverse else out
+
+
+def _topk(x, k, sorted=True, dim=-1, largest=True, **_):  # noqa: A002
+    values, indices = torch.topk(x, int(k), dim=dim, largest=largest, sorted=sorted)
+    return values, indices.int()
+
+
+def _softmax(x, axes):
+    if len(axes) != 1:
+        raise NotEmulated(f"SoftmaxV2 over several axes {axes}")
+    return torch.softmax(x, dim=axes[0])
+
+
 OPS: dict[str, Callable] = {
     "Cast": lambda x, dst_type, **_: x.to(GE_DTYPE_CODES[dst_type]),
     "Reshape": lambda x, shape, **_: x.reshape(_ints(shape)),
@@ -139,7 +213,7 @@ OPS: dict[str, Callable] = {
     "ConcatV2": lambda x, concat_dim, **_: torch.cat(x, dim=int(concat_dim)),
     "Pack": lambda x, axis=0, **_: torch.stack(x, dim=axis),
     "ExpandDims": lambda x, axis, **_: x.unsqueeze(int(axis)),
-    "Unsqueeze": lambda x, axes, **_: x.reshape(*x.shape, *([1] * 0)) if not axes else _unsqueeze(x, axes),
+    "Unsqueeze": lambda x, axes=(), **_: _unsqueeze(x, axes),
     "BroadcastTo": lambda x, shape, **_: x.expand(_ints(shape)).clone(),
     "Fill": lambda dims, value, **_: torch.full(_ints(dims), value.item(), dtype=value.dtype),
     "ZerosLike": lambda x, **_: torch.zeros_like(x),
@@ -166,7 +240,7 @@ OPS: dict[str, Callable] = {
     "GatherNd": lambda x, indices, **_: x[tuple(indices.long().unbind(-1))],
     "UnsortedSegmentSum": _unsorted_segment_sum,
     "GroupedMatmul": _grouped_matmul,
-    "SoftmaxV2": lambda x, axes=(-1,), **_: torch.softmax(x, dim=axes[0]) if len(axes) == 1 else _nope("SoftmaxV2 axes"),
+    "SoftmaxV2": lambda x, axes=(-1,), **_: _softmax(x, axes),
     "BatchMatMulV2": _batch_matmul,
     "Identity": lambda x, **_: x,
     "Equal": lambda x1, x2, **_: x1 == x2,
@@ -174,23 +248,30 @@ OPS: dict[str, Callable] = {
     "ReduceSum": lambda x, axes, keep_dims=False, **_: x.sum(dim=_ints(axes), keepdim=keep_dims, dtype=x.dtype),
     "ReduceAll": lambda x, axes, keep_dims=False, **_: x.all(dim=tuple(_ints(axes)), keepdim=keep_dims),
     "Assert": lambda input_condition, input_data, **_: _assert(input_condition, input_data),
+    # the rest of the ops torchair emits for the tiny DeepSeek-V3
+    "Transpose": lambda x, perm, **_: x.permute(_ints(perm)),
+    "StridedSliceV2": _strided_slice_v2,
+    "MatMul": _matmul,
+    "BatchMatMul": lambda x1, x2, adj_x1=False, adj_x2=False, **_: _batch_matmul(x1, x2, None, None, adj_x1, adj_x2),
+    "Rsqrt": lambda x, **_: torch.rsqrt(x),
+    "ReduceMean": lambda x, axes, keep_dims=False, **_: x.mean(dim=_ints(axes), keepdim=keep_dims),
+    "Pow": lambda x1, x2, **_: torch.pow(x1, x2),
+    "SplitV": _split_v,
+    "TopKV2": _topk,
+    "IndexByTensor": _index_by_tensor,
+    "Swish": lambda x, scale=1.0, **_: x * torch.sigmoid(scale * x),
+    "Tril": lambda x, diagonal=0, **_: torch.tril(x, diagonal),
+    "Empty": lambda shape, dtype=3, **_: torch.zeros(_ints(shape), dtype=GE_DTYPE_CODES[dtype]),
+    "Sigmoid": lambda x, **_: torch.sigmoid(x),
+    "ScatterElements": _scatter_elements,
+    "RealDiv": lambda x1, x2, **_: x1 / x2,
+    "FloorDiv": lambda x1, x2, **_: torch.div(x1, x2, rounding_mode="floor"),
+    "MaskedFill": lambda x, mask, value, **_: torch.where(mask, value.to(x.dtype), x),
+    "GatherElements": lambda x, index, dim=0, **_: torch.gather(x, dim, index.long()),
+    "Cumsum": _cumsum,
+    "Sin": lambda x, **_: torch.sin(x),
+    "Cos": lambda x, **_: torch.cos(x),
 }
-
-
-def _assert(condition, data):
-    if not bool(condition.all()):
-        raise AssertionError(f"GE Assert failed (emulated); data: {[d.tolist() for d in data]}")
-    return []
-
-
-def _unsqueeze(x, axes):
-    for axis in sorted(a % (x.dim() + len(axes)) for a in axes):
-        x = x.unsqueeze(axis)
-    return x
-
-
-def _nope(what):
-    raise NotEmulated(what)
 
 
 _RENAMED = {"else": "else_"}  # Python keywords among IR input names
