@@ -132,6 +132,7 @@ PLACEMENT_CASES = [
 ]
 
 
+@pytest.mark.slow  # a whole-model compile
 @pytest.mark.parametrize("placement_kind", PLACEMENT_CASES)
 def test_dispatch_pass_through_torchair_hook_and_ge_conversion(torchair, protos, tmp_path, placement_kind):
     model = build_model(load_hf_config("tiny"))
@@ -168,6 +169,7 @@ def test_dispatch_pass_through_torchair_hook_and_ge_conversion(torchair, protos,
 TORCHAIR_OWN_DTYPE_DEVIATIONS = {"Tril", "TopKV2"}
 
 
+@pytest.mark.slow  # a whole-model compile
 def test_sparse_attention_and_dispatch_through_torchair(torchair, protos, tmp_path, monkeypatch):
     """Also runs the whole dumped GE graph in the emulator, on the arguments torchair's compiled
     graph received, and checks it reproduces the logits."""
@@ -218,6 +220,7 @@ def test_sparse_attention_and_dispatch_through_torchair(torchair, protos, tmp_pa
     assert deviations <= TORCHAIR_OWN_DTYPE_DEVIATIONS, deviations
 
 
+@pytest.mark.slow  # a whole-model compile
 def test_stale_tables_refused_in_ge_mode(torchair, tmp_path):
     """Without run_eagerly the GE graph holds the tables as constants: applying a placement after
     the graph was built must make the compiled callable refuse to run, not run stale tables."""
@@ -405,6 +408,7 @@ def test_mask_positions_and_its_check(torchair, protos, tmp_path):
 
 # -- omni-passes inspect --backend torchair ----------------------------------------------------
 
+@pytest.mark.slow  # a whole-model compile
 def test_inspect_writes_the_ge_graph_and_says_cann_did_not_compile_it(torchair, protos, tmp_path, capsys):
     import json
 
