@@ -21,8 +21,9 @@ Two consequences handled here:
 
 When vllm-ascend does *not* call graph passes (README, docs/ascend.md): with
 ``cudagraph_mode`` NONE compilation is off; in FULL / FULL_DECODE_ONLY modes npugraph_ex
-(``enable_npugraph_ex``, on by default) compiles without ``graph_fusion_manager``. Use
-PIECEWISE, or turn npugraph_ex off in ``additional_config.ascend_compilation_config``.
+(``enable_npugraph_ex``, on by default) compiles without ``graph_fusion_manager``. Modes with
+piecewise graphs (PIECEWISE, FULL_AND_PIECEWISE) turn it off; or turn it off in
+``additional_config.ascend_compilation_config``.
 
 The run-time logic (config, state, report, load files) is ``omni_passes.vllm_pass._VllmRuntime``,
 the same as under vLLM's Inductor hook.
