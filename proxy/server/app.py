@@ -54,7 +54,7 @@ class ProxyServer:
         self.policy = make_policy(c.policy, **c.policy_options)
         self.intake = Intake(
             PrepareSpec(c.mode, c.tokenizer, c.chars_per_token, c.block_size, c.hash_algo, c.hash_seed,
-                        c.default_max_tokens, self.policy.uses_prefix_index),
+                        c.default_max_tokens, self.policy.uses_prefix_index, c.max_prefix_blocks),
             max_body_bytes=c.max_body_bytes, body_timeout=c.body_timeout, offload_bytes=c.offload_bytes,
             workers=c.prompt_workers)
         self.tokenizer, self.hasher = self.intake.tokenizer, self.intake.hasher
@@ -195,6 +195,7 @@ class ProxyServer:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         await self.prober.stop()
+        self.router.close()
         if self._server is not None:
             self._server.close()
         if self._runner is not None:
@@ -223,9 +224,9 @@ class ProxyServer:
     def _completion(self, chat: bool) -> Callable[[Call], Awaitable[web.StreamResponse]]:
         async def serve(call: Call) -> web.StreamResponse:
             raw = await self.intake.read(call.request)
-            call.prepared = prepared = await self.intake.prepare(raw, chat)
-            if self.intake.offload_bytes and len(raw) >= self.intake.offload_bytes:
+            if not isinstance(raw, bytes):
                 self.metrics.offloaded.inc()
+            call.prepared = prepared = await self.intake.prepare(raw, chat)
             for name in prepared.dropped:
                 self.metrics.dropped_fields.labels(name).inc()
             call.info = RequestInfo(call.rid, prepared.prompt_tokens, prepared.max_tokens, prepared.block_keys(), call.t0)

@@ -56,6 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hash-seed", default=DEFAULT_SEED,
                    help="seed of vLLM's first block hash: the instances' PYTHONHASHSEED if they set one")
     g.add_argument("--index-capacity-blocks", type=int, default=1 << 18, help="prefix-index entries kept per instance (LRU)")
+    g.add_argument("--max-prefix-blocks", type=int, default=16384,
+                   help="leading blocks of a prompt that routing hashes and matches (longer prompts: routed on that prefix)")
     g.add_argument("--approx-ttl", type=float, default=30.0,
                    help="seconds a routing-time guess lives on an instance with KV events unless an event confirms it")
 
@@ -110,6 +112,7 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         index_capacity_blocks=args.index_capacity_blocks, approx_ttl=args.approx_ttl,
         default_max_tokens=args.default_max_tokens, body_timeout=args.body_timeout,
         keepalive_timeout=args.keepalive_timeout, offload_bytes=args.offload_bytes, prompt_workers=args.prompt_workers,
+        max_prefix_blocks=args.max_prefix_blocks,
     )
 
 

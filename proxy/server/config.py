@@ -49,6 +49,7 @@ class ProxyConfig:
     keepalive_timeout: float = 20.0
     body_timeout: float = 30.0
     offload_bytes: int = 1 << 16
+    max_prefix_blocks: int = 16384
     prompt_workers: int = 2
 
     def check(self) -> "ProxyConfig":
@@ -86,7 +87,7 @@ class ProxyConfig:
         positive = ("chars_per_token", "block_size", "max_body_bytes", "breaker_failures", "index_capacity_blocks",
                     "default_max_tokens", "connect_timeout", "first_byte_timeout", "idle_timeout",
                     "request_timeout", "health_timeout", "health_misses", "queue_timeout", "keepalive_timeout",
-                    "body_timeout", "prompt_workers")
+                    "body_timeout", "prompt_workers", "max_prefix_blocks")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)!r}")

@@ -88,7 +88,7 @@ class Passthrough:
     async def _simple_post(self, request: web.Request, path: str) -> web.StreamResponse:
         rid = _rid(request)
         try:
-            raw = await self.intake.read(request)
+            raw = await self.intake.read_bytes(request)
             body = parse_json_body(raw)
         except RequestError as exc:
             return client_error(exc.message, exc.status, rid, param=exc.param)
@@ -137,14 +137,14 @@ class Passthrough:
         return await self.serve(request, "responses", self._responses, "/v1/responses")
 
     async def _responses(self, call: Call) -> web.StreamResponse:
-        raw = await self.intake.read(call.request)
+        raw = await self.intake.read_bytes(call.request)
         body = parse_json_body(raw)
         text = _responses_text(body)
         dropped = scrub(body)
         payload = json.dumps(body).encode() if dropped else raw
         stream = bool(body.get("stream"))
         max_tokens = body.get("max_output_tokens") or self.default_max_tokens
-        if len(raw) < self.intake.offload_bytes:
+        if not self.intake.offloads(len(raw)):
             tokens = len(self.intake.tokenizer.text_ids(text, False))
         else:  # not worth a worker: routing only needs a size here
             tokens = len(text) // 4

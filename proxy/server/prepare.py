@@ -38,6 +38,7 @@ class PrepareSpec:
     hash_seed: str
     default_max_tokens: int
     hash_blocks: bool  # the policy uses the prefix index
+    max_prefix_blocks: int = 16384  # routing looks at no more leading blocks than this
 
 
 @dataclass
@@ -101,7 +102,8 @@ def prepare(raw: bytes, chat: bool, spec: PrepareSpec, tokenizer, hasher) -> Pre
     validate_request(body, chat)
     dropped = scrub(body)
     ids = tokenizer.prompt_ids(body, chat)
-    keys = array("Q", hasher.keys(ids) if spec.hash_blocks else ()).tobytes()
+    prefix = ids[: spec.max_prefix_blocks * spec.block_size] if spec.hash_blocks else ()
+    keys = array("Q", hasher.keys(prefix)).tobytes()
     stream = bool(body.get("stream"))
     max_tokens = max_tokens_of(body, spec.default_max_tokens)
     if spec.mode == "pd":

@@ -8,6 +8,7 @@ pass what the proxy sees to the policy's hooks.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from proxy.server.holding import HoldQueue, NoInstance
@@ -17,6 +18,8 @@ from scheduling.load import LoadModel, Ticket
 from scheduling.policies import Choice, ClusterState, Observation, Policy, RequestInfo
 from scheduling.prefix_index import PrefixIndex
 from scheduling.queue_order import Held
+
+GUESS_SLICE = 512  # block keys inserted into the prefix index per loop turn
 
 
 class Router:
@@ -34,6 +37,7 @@ class Router:
         self.queues = {s: HoldQueue(("decode" if s == "decode" else "prefill") if omni else "fifo") for s in stages}
         self._choose = {"prefill": policy.choose_prefill, "decode": policy.choose_decode,
                         "collocated": policy.choose_collocated}
+        self._background: set[asyncio.Task] = set()
 
     def state(self) -> ClusterState:
         return ClusterState(self.loads, self.index, self.block_size, self.now())
@@ -83,11 +87,31 @@ class Router:
         m = self.metrics
         m.decisions.labels(stage, choice.instance, choice.reason).inc()
         if info.block_keys:
-            self.index.insert_approx(choice.instance, info.block_keys, self.now())
+            self._guess(choice.instance, info.block_keys)
         if stage != "decode" or prefill_work:
             m.prompt_tokens.inc(info.prompt_tokens)
             m.matched_tokens.inc(min(info.prompt_tokens, choice.matched_blocks * bs))
         return choice, ticket
+
+    def _guess(self, instance: str, keys) -> None:
+        """Record the routing-time guess; a long prompt's in slices, yielding between them, so
+        one huge prompt does not hold the loop (the guess is approximate anyway)."""
+        if len(keys) <= GUESS_SLICE:
+            self.index.insert_approx(instance, keys, self.now())
+            return
+
+        async def insert() -> None:
+            for start in range(0, len(keys), GUESS_SLICE):
+                self.index.insert_approx(instance, keys[start:start + GUESS_SLICE], self.now())
+                await asyncio.sleep(0)
+
+        task = asyncio.get_running_loop().create_task(insert())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def close(self) -> None:
+        for task in self._background:
+            task.cancel()
 
     def release(self, ticket: Ticket) -> None:
         ticket.release()

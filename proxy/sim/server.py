@@ -378,8 +378,11 @@ class SimInstance:
         if fault == "stall":
             await asyncio.Event().wait()  # until the client goes away
         p = self.profile
-        prompts = await self._prompts(body, chat, len(raw))
         max_tokens = max_tokens_of(body, p.default_max_tokens)
+        if hasattr(self.tokenizer, "longest") and self.tokenizer.longest(body, chat) + max_tokens > p.max_model_len:
+            prompts = [[0] * self.tokenizer.longest(body, chat)]  # over the limit: no need to tokenize it
+        else:
+            prompts = await self._prompts(body, chat, len(raw))
         too_long = check_lengths(self, prompts, max_tokens)
         if too_long:
             return too_long

@@ -66,6 +66,12 @@ class CharBlockTokenizer(_Tokenizer):
     def text_ids(self, text: str, add_special_tokens: bool) -> list[int]:
         return char_block_ids(text, self.chars_per_token)
 
+    def longest(self, body: dict[str, Any], chat: bool) -> int:
+        """Tokens of the longest prompt, without tokenizing (one token per ``chars_per_token``)."""
+        if chat:
+            return -(-len(render_chat(body["messages"])) // self.chars_per_token)
+        return max(len(p) if isinstance(p, list) else -(-len(p) // self.chars_per_token) for p in prompt_items(body))
+
 
 class HFTokenizer(_Tokenizer):
     def __init__(self, path: str):
