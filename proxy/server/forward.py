@@ -2,7 +2,8 @@
 
 An attempt that fails before any byte reached the client (connect error, 5xx, timeout, a bad
 answer, a stream cut before its first event, or its instance declared down meanwhile) is
-retried on another instance of the stage, ``--retries`` times. Deadlines, counted from the
+retried on another instance of the stage, ``--retries`` times (on one that already failed it
+when no other is left). Deadlines, counted from the
 moment the attempt is sent: ``--first-byte-timeout`` to a stream's first event,
 ``--request-timeout`` to a whole non-streaming answer; a silent instance is caught earlier by
 the prober (``proxy.server.prober``). Once the client has bytes, a broken stream ends with an
@@ -86,8 +87,15 @@ class Forwarder:
             if attempt_no:
                 self.metrics.retries.labels(stage).inc()
             try:
-                choice, ticket = await self.router.place(stage, call.info, tried, prefill_work=kv_params is None,
-                                                         pinned=pinned)
+                try:
+                    choice, ticket = await self.router.place(stage, call.info, tried, prefill_work=kv_params is None,
+                                                             pinned=pinned)
+                except NoInstance:
+                    if not tried:
+                        raise
+                    # no other instance left: one that failed this request may still serve it
+                    choice, ticket = await self.router.place(stage, call.info, set(), prefill_work=kv_params is None,
+                                                             pinned=pinned)
             except NoInstance:
                 if failures:
                     break

@@ -2,8 +2,11 @@
 
 ``place`` asks the policy among the usable instances of a stage (minus those that already
 failed this request), takes the load, and holds the request in the proxy while every
-candidate is over the policy's limits (``proxy.server.holding``). The observation helpers
-pass what the proxy sees to the policy's hooks.
+candidate is over the policy's limits (``proxy.server.holding``). When none is usable but some
+are merely behind an open circuit (not declared down by the prober), those are the candidates
+(Envoy calls this panic routing): a circuit keeps traffic off an instance while others can
+take it, not at the price of failing requests. The observation helpers pass what the proxy
+sees to the policy's hooks.
 """
 
 from __future__ import annotations
@@ -68,6 +71,8 @@ class Router:
         def try_place():
             state = self.state()
             candidates = [u for u in self.registry.usable(stage, state.now) if u not in exclude]
+            if not candidates:  # panic routing: open circuits only shield an instance while others can serve
+                candidates = [i.url for i in self.registry.of_role(stage) if not i.down and i.url not in exclude]
             if pinned is not None:
                 candidates = [u for u in candidates if u == pinned]
             if not candidates:

@@ -218,7 +218,7 @@ async def test_no_usable_instance_gives_503_or_502_without_internal_urls(caplog)
             err = json.loads(text)["error"]
             assert status == 502 and err["type"] == "upstream_error" and "nu-1" in err["message"]
             assert headers["X-Request-Id"] == "nu-1" and "127.0.0.1" not in text
-            await wait_for(lambda: not c.proxy.registry.instances[d.url].usable(c.proxy.now()))
+            await wait_for(lambda: c.proxy.registry.instances[d.url].down)  # probes: it is gone, not only failing
             status, text, _ = await call(s, c.proxy.url, {"prompt": PROMPT, "max_tokens": 2}, rid="nu-2")
             err = json.loads(text)["error"]
             assert status == 503 and err["message"].startswith("no usable decode instance: 1 registered, 1 down")
@@ -313,14 +313,21 @@ async def test_stream_cut_mid_event_drops_the_partial_event_then_error_and_done(
 
 @pytest.mark.parametrize("stream", [False, True])
 async def test_200_that_is_not_json_or_not_sse_is_a_502_or_a_retry(stream):
-    async with await Cluster.start("collocated", collocated=1, profile=FAST, faults={0: FaultPlan(garbage_next=1)}) as c:
+    async with await Cluster.start("collocated", collocated=1, profile=FAST, retries=2,
+                                   faults={0: FaultPlan(garbage_next=3)}) as c:  # every attempt of one request
         async with aiohttp.ClientSession() as s:
             status, text, headers = await call(s, c.proxy.url, {"prompt": PROMPT, "max_tokens": 3, "stream": stream},
                                                rid="junk")
         err = json.loads(text)["error"]
         assert status == 502 and headers["Content-Type"].startswith("application/json")
         assert err["type"] == "upstream_error" and "junk" in err["message"] and "overflow" not in text
-        assert metric(c.proxy, f'omni_proxy_upstream_errors_total{{instance="{c.sims[0].url}",kind="bad_response"}}') == 1
+        assert metric(c.proxy, f'omni_proxy_upstream_errors_total{{instance="{c.sims[0].url}",kind="bad_response"}}') == 3
+        # the only instance is retried: it serves the next attempt
+        c.sims[0].faults.garbage_next = 1
+        async with aiohttp.ClientSession() as s:
+            status, text, _ = await call(s, c.proxy.url, {"prompt": PROMPT, "max_tokens": 3, "stream": stream},
+                                         rid="junk1")
+        assert status == 200 and c.sims[0].faults.injected["garbage"] == 4
     async with await Cluster.start("collocated", collocated=2, profile=FAST, policy="round_robin",
                                    faults={0: FaultPlan(garbage_next=1)}) as c:
         async with aiohttp.ClientSession() as s:
