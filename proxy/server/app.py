@@ -46,6 +46,7 @@ __all__ = ["ProxyServer", "ProxyConfig"]
 log = logging.getLogger("omni_proxy")
 
 UPSTREAM_KEEPALIVE_S = 4.0
+LINGER_S = 1.0
 
 
 class ProxyServer:
@@ -177,9 +178,11 @@ class ProxyServer:
         await self.upstream.start()
         for url in self.registry.instances:
             self._watch(url)
-        # keepalive_timeout closes a connection idle (or with an incomplete request head) that long
+        # keepalive_timeout closes a connection idle (or with an incomplete request head) that long;
+        # after an answer to a body not read to its end (408, 413), the rest is drained for
+        # LINGER_S at most before the connection closes (aiohttp's default is 10 s)
         self._runner = web.AppRunner(self.build_app(), handler_cancellation=True, access_log=None,
-                                     keepalive_timeout=c.keepalive_timeout)
+                                     keepalive_timeout=c.keepalive_timeout, lingering_time=LINGER_S)
         await self._runner.setup()
         self._server = await self._loop.create_server(self._runner.server, c.host, c.port, reuse_address=True,
                                                       backlog=4096)
