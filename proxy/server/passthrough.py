@@ -66,12 +66,14 @@ class Passthrough:
 
     # -- any instance ---------------------------------------------------------------------------
     def _any(self) -> list[str]:
-        urls = [u for role in ("collocated", "decode", "prefill") for u in self.router.usable(role)]
-        if urls:
-            self._turn += 1
-            k = self._turn % len(urls)
-            urls = urls[k:] + urls[:k]
-        return urls
+        """Usable instances to ask, in turn: collocated or decode ones first, prefill ones last."""
+        groups = [self.router.usable(role) for role in ("collocated", "decode", "prefill")]
+        self._turn += 1
+        out = []
+        for urls in groups:
+            k = self._turn % len(urls) if urls else 0
+            out += urls[k:] + urls[:k]
+        return out
 
     async def models(self, request: web.Request) -> web.StreamResponse:
         return await self._simple(request, "GET", "/v1/models", None, self._any())

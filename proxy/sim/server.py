@@ -277,7 +277,7 @@ class SimInstance:
         return _json({"prompt_tokens": held.prompt_len})
 
     # -- tokenizer endpoints --------------------------------------------------------------------
-    def _modelerror(self, body: dict[str, Any]) -> web.Response | None:
+    def _model_error(self, body: dict[str, Any]) -> web.Response | None:
         model = body.get("model")
         if model is not None and model != self.model:
             return error(f"The model `{model}` does not exist. Valid aliases: {self.model}.", 404, "NotFoundError",
@@ -291,7 +291,7 @@ class SimInstance:
             validate_request(body, chat)
         except RequestError as exc:
             return error(exc.message, exc.status, param=exc.param)
-        wrong = self._modelerror(body)
+        wrong = self._model_error(body)
         if wrong:
             return wrong
         ids = self.tokenizer.prompt_ids(body, chat)
@@ -317,7 +317,7 @@ class SimInstance:
         tokens = body.get("tokens")
         if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
             return error(f"field 'tokens' must be a list of token ids, got {tokens!r:.60}", 400, param="tokens")
-        wrong = self._modelerror(body)
+        wrong = self._model_error(body)
         if wrong:
             return wrong
         if hasattr(self.tokenizer, "decode"):
@@ -366,7 +366,7 @@ class SimInstance:
             validate_request(body, chat)
         except RequestError as exc:
             return error(exc.message, exc.status, param=exc.param)
-        wrong = self._modelerror(body)
+        wrong = self._model_error(body)
         if wrong:
             return wrong
         rid = request.headers.get("X-Request-Id") or uuid.uuid4().hex
