@@ -5,7 +5,8 @@ body a byte at a time holds nothing for long) and within ``--max-body-bytes`` (4
 Bodies of ``--offload-bytes`` or more (by their Content-Length) are prepared (parsed,
 tokenized, hashed, re-encoded: over 1 s of CPU for a 15 MB prompt) in a pool of
 ``--prompt-workers`` processes, so the loop keeps serving everyone else meanwhile; a thread
-would not do, since that work holds the GIL. Such a body is read straight into shared memory
+would not do, since that work holds the GIL. The workers run at niceness +10, so on a busy
+machine the event loop gets the CPU first. Such a body is read straight into shared memory
 and large payloads come back the same way (through a pipe, 15 MB take hundreds of GIL
 hand-offs that stall the loop). The pool starts on first use (``warm()`` starts it at once)
 and restarts if a worker dies. As with any spawned worker, a script that embeds the proxy
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import shared_memory
@@ -31,6 +33,7 @@ from scheduling.block_hash import BlockHasher
 log = logging.getLogger("omni_proxy")
 
 SHARED_BYTES = 1 << 20  # payloads above this come back from a worker in shared memory
+WORKER_NICENESS = 10
 
 _worker: tuple | None = None  # (spec, tokenizer, hasher) inside a worker process
 _PAYLOADS = ("payload", "decode_base", "prefill_payload")
@@ -38,6 +41,10 @@ _PAYLOADS = ("payload", "decode_base", "prefill_payload")
 
 def _init_worker(spec: PrepareSpec) -> None:
     global _worker
+    try:  # preparing prompts is batch work: the event loop's process comes first for the CPU
+        os.nice(WORKER_NICENESS)
+    except OSError:
+        pass
     _worker = (spec, make_tokenizer(spec.tokenizer, spec.chars_per_token),
                BlockHasher(spec.block_size, spec.hash_algo, spec.hash_seed))
 

@@ -21,6 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     large.add_argument("--quiet-s", type=float, default=2.0, help="seconds of small requests alone first")
     large.add_argument("--variants", default="offload,inline",
                        help="proxies to compare: offload (default settings), inline (--offload-bytes 0)")
+    large.add_argument("--plot", default=None, metavar="PNG", help="write small-request latency over time to PNG")
     for q in (soak, large):
         q.add_argument("--json", action="store_true", help="print one JSON document on stdout")
         q.add_argument("--out", default=None, metavar="FILE", help="also write the JSON document to FILE")
@@ -43,6 +44,10 @@ def main(args: argparse.Namespace) -> int:
             return 2
         result = run(args.prompt_mb, args.rate, args.quiet_s, variants)
         ok = all(v["small_failures"] == 0 for v in result["variants"].values())
+        if args.plot:
+            from proxy.stress.large_prompt import plot
+
+            plot(result, args.plot)
     text = json.dumps(result, indent=1)
     if args.out:
         Path(args.out).write_text(text + "\n")

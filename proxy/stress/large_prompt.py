@@ -40,21 +40,24 @@ def stats(values: list[float]) -> dict[str, float]:
             "max_ms": v[-1] * 1e3, "mean_ms": sum(v) / len(v) * 1e3}
 
 
-async def _small(session: aiohttp.ClientSession, base: str, k: int, out: list[float], failures: list[int]) -> None:
+async def _small(session: aiohttp.ClientSession, base: str, k: int, out: list[float], failures: list[int],
+                 timeline: list[tuple[float, float]] | None = None) -> None:
     t0 = time.monotonic()
     async with session.post(base + "/v1/completions", json={"prompt": f"small request {k}", "max_tokens": 1}) as r:
         await r.read()
         if r.status != 200:
             failures.append(r.status)
     out.append(time.monotonic() - t0)
+    if timeline is not None:
+        timeline.append((t0, out[-1]))
 
 
 async def _drive(session, base: str, rate: float, until: asyncio.Event, out: list[float], failures: list[int],
-                 start_k: int) -> int:
+                 start_k: int, timeline: list) -> int:
     tasks, k = [], start_k
     t0 = time.monotonic()
     while not until.is_set():
-        tasks.append(asyncio.ensure_future(_small(session, base, k, out, failures)))
+        tasks.append(asyncio.ensure_future(_small(session, base, k, out, failures, timeline)))
         k += 1
         delay = t0 + (k - start_k) / rate - time.monotonic()
         try:
@@ -71,12 +74,13 @@ async def measure(base: str, prompt_bytes: int, rate: float, quiet_s: float) -> 
                                      timeout=aiohttp.ClientTimeout(total=300)) as s:
         for k in range(20):  # warm connections and code paths
             await _small(s, base, -k - 1, [], [])
-        quiet, during, failures = [], [], []
+        quiet, during, failures, timeline = [], [], [], []
         stop = asyncio.Event()
         asyncio.get_running_loop().call_later(quiet_s, stop.set)
-        k = await _drive(s, base, rate, stop, quiet, failures, 0)
+        start = time.monotonic()
+        k = await _drive(s, base, rate, stop, quiet, failures, 0, timeline)
         stop = asyncio.Event()
-        driver = asyncio.ensure_future(_drive(s, base, rate, stop, during, failures, k))
+        driver = asyncio.ensure_future(_drive(s, base, rate, stop, during, failures, k, timeline))
         t0 = time.monotonic()
         async with s.post(base + "/v1/completions", data=big, headers={"Content-Type": "application/json"}) as r:
             answer = await r.text()
@@ -88,7 +92,18 @@ async def measure(base: str, prompt_bytes: int, rate: float, quiet_s: float) -> 
             offloaded = any(line.startswith("omni_proxy_offloaded_prompts_total 1.0") for line in (await r.text()).splitlines())
     return {"quiet": stats(quiet), "during": stats(during), "small_failures": len(failures),
             "large": {"bytes": len(big), "status": status, "seconds": big_s, "offloaded": offloaded,
-                      "answer": answer[:200]}}
+                      "sent_at_s": t0 - start, "answer": answer[:200]},
+            "timeline": [(round(t - start, 4), round(lat * 1e3, 3)) for t, lat in sorted(timeline)]}
+
+
+def _run_loop(coro):
+    """uvloop when installed, as the proxy and sims use: asyncio's own write buffer copies a
+    15 MB body around quadratically while sending it, which would stall the client instead."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def run(prompt_mb: float = 15.0, rate: float = 100.0, quiet_s: float = 2.0,
@@ -107,7 +122,7 @@ def run(prompt_mb: float = 15.0, rate: float = 100.0, quiet_s: float = 2.0,
             with Process(args):
                 print(f"large-prompt: {variant}: {quiet_s:g} s of small requests alone, then with a "
                       f"{prompt_mb:g} MB prompt", file=log, flush=True)
-                result = asyncio.run(measure(f"http://127.0.0.1:{port}", int(prompt_mb * 1e6), rate, quiet_s))
+                result = _run_loop(measure(f"http://127.0.0.1:{port}", int(prompt_mb * 1e6), rate, quiet_s))
             out["variants"][variant] = result
             d, q = result["during"], result["quiet"]
             print(f"large-prompt: {variant}: small requests p50 {q['p50_ms']:.1f} / p99 {q['p99_ms']:.1f} ms alone, "
@@ -121,3 +136,30 @@ def run(prompt_mb: float = 15.0, rate: float = 100.0, quiet_s: float = 2.0,
     if "offload" in v and "inline" in v:
         out["p99_during_inline_over_offload"] = v["inline"]["during"]["p99_ms"] / v["offload"]["during"]["p99_ms"]
     return out
+
+
+def plot(result: dict[str, Any], path: str) -> None:
+    """Small-request latency over time, one panel per variant, the large request shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = result["variants"]
+    fig, axes = plt.subplots(1, len(variants), figsize=(6 * len(variants), 4), sharey=True, squeeze=False)
+    for ax, (name, v) in zip(axes[0], variants.items()):
+        xs, ys = zip(*v["timeline"])
+        ax.scatter(xs, ys, s=4)
+        start = v["large"]["sent_at_s"]
+        ax.axvspan(start, start + v["large"]["seconds"], alpha=0.15, color="tab:red",
+                   label=f"{result['prompt_mb']:g} MB prompt in flight")
+        ax.axhline(50, ls="--", color="gray", lw=0.8, label="50 ms goal")
+        d = v["during"]
+        ax.set_title(f"{name}: p50 {d['p50_ms']:.0f} ms, p99 {d['p99_ms']:.0f} ms while it is in flight")
+        ax.set_xlabel("seconds since the first small request")
+        ax.set_yscale("log")
+        ax.legend(loc="upper left", fontsize=8)
+    axes[0][0].set_ylabel("small request latency (ms)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
