@@ -100,6 +100,8 @@ def prepare(raw: bytes, chat: bool, spec: PrepareSpec, tokenizer, hasher) -> Pre
     """Everything the proxy needs to route and forward one request; RequestError if it is wrong."""
     body = parse_json_body(raw)
     validate_request(body, chat)
+    if spec.mode == "pd":
+        refuse_in_pd(body)
     dropped = scrub(body)
     ids = tokenizer.prompt_ids(body, chat)
     prefix = ids[: spec.max_prefix_blocks * spec.block_size] if spec.hash_blocks else ()
@@ -107,7 +109,6 @@ def prepare(raw: bytes, chat: bool, spec: PrepareSpec, tokenizer, hasher) -> Pre
     stream = bool(body.get("stream"))
     max_tokens = max_tokens_of(body, spec.default_max_tokens)
     if spec.mode == "pd":
-        refuse_in_pd(body)
         return Prepared(stream, max_tokens, len(ids), keys, None, json.dumps(body).encode(),
                         json.dumps(prefill_body(body)).encode(), dropped)
     payload = json.dumps(body).encode() if dropped else None

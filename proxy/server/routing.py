@@ -41,6 +41,9 @@ class Router:
         self._choose = {"prefill": policy.choose_prefill, "decode": policy.choose_decode,
                         "collocated": policy.choose_collocated}
         self._background: set[asyncio.Task] = set()
+        # hooks the policy overrides (the others are not worth building an Observation for)
+        self._hooks = {h for h in ("on_first_byte", "on_prefill_done", "on_complete")
+                       if getattr(type(policy), h) is not getattr(Policy, h)}
 
     def state(self) -> ClusterState:
         return ClusterState(self.loads, self.index, self.block_size, self.now())
@@ -131,7 +134,9 @@ class Router:
     # -- observations for the policy ------------------------------------------------------------
     def observe(self, hook: str, info: RequestInfo, instance: str, stage: str, sent_at: float, ok: bool = True,
                 usage: dict | None = None, chunks: int | None = None) -> None:
-        usage = usage or {}
+        if hook not in self._hooks:
+            return
+        usage = usage if isinstance(usage, dict) else {}
         completion = usage.get("completion_tokens", chunks)
         getattr(self.policy, hook)(Observation(info, instance, stage, sent_at, self.now(), ok,
                                                usage.get("prompt_tokens"), completion))

@@ -231,3 +231,45 @@ def test_fault_plan_counters_rates_and_errors():
         plan.update({"fail_rate": 2})
     with pytest.raises(ValueError, match="add up to more than 1"):
         FaultPlan(fail_rate=0.6, html_rate=0.6)
+
+
+# -- observations reach the policy's hooks --------------------------------------------------------
+@pytest.mark.asyncio
+async def test_policy_hooks_get_what_the_proxy_saw():
+    import aiohttp
+
+    from proxy.harness import Cluster, call
+    from scheduling.policies import POLICIES, LeastLoad
+
+    seen = []
+
+    class Watching(LeastLoad):
+        name = "watching"
+
+        def on_first_byte(self, obs):
+            seen.append(("first", obs))
+
+        def on_prefill_done(self, obs):
+            seen.append(("prefill", obs))
+
+        def on_complete(self, obs):
+            seen.append(("complete", obs))
+
+    POLICIES["watching"] = Watching
+    try:
+        fast = SimProfile(step_overhead_s=0.001)
+        async with await Cluster.start("pd", prefill=1, decode=1, profile=fast, policy="watching") as c:
+            p, d = c.sims
+            async with aiohttp.ClientSession() as s:
+                await call(s, c.proxy.url, {"prompt": "x" * 400, "max_tokens": 5, "stream": True,
+                                            "stream_options": {"include_usage": True}}, rid="o1")
+                await call(s, c.proxy.url, {"prompt": "y" * 400, "max_tokens": 3}, rid="o2")
+        kinds = [(k, o.request.request_id, o.instance, o.stage) for k, o in seen]
+        assert kinds == [("prefill", "o1", p.url, "prefill"), ("first", "o1", d.url, "decode"),
+                         ("complete", "o1", d.url, "decode"), ("prefill", "o2", p.url, "prefill"),
+                         ("complete", "o2", d.url, "decode")]
+        done = [o for k, o in seen if k == "complete"]
+        assert [(o.ok, o.prompt_tokens, o.completion_tokens) for o in done] == [(True, 100, 5), (True, 100, 3)]
+        assert all(o.at >= o.sent_at for _, o in seen)
+    finally:
+        POLICIES.pop("watching")
