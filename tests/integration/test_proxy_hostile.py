@@ -189,12 +189,15 @@ async def test_slowloris_idle_partial_head_partial_body_and_idle_keepalive_are_c
 async def test_15_mb_prompt_is_prepared_off_the_loop():
     from proxy.stress.large_prompt import run
 
-    result = await asyncio.get_running_loop().run_in_executor(None, lambda: run(15, 50, 1.0, ("offload",)))
-    v = result["variants"]["offload"]
-    assert v["large"]["offloaded"] and v["large"]["status"] == 400  # over the sims' context length, as vLLM says
-    assert "maximum context length" in v["large"]["answer"] and v["small_failures"] == 0
     # the goal is 50 ms (figures in docs/proxy.md); a 2-core CI machine gets a looser bound, scaled
     # by how slow small requests are there anyway, that still fails a proxy that tokenizes on its
-    # event loop (2.6-3.3 s here)
-    bound = max(500.0, 4 * v["quiet"]["p99_ms"])
-    assert v["during"]["n"] > 20 and v["during"]["p99_ms"] < bound, v
+    # event loop (1.3-3.5 s here); a second try absorbs a stall of the whole machine
+    for attempt in range(2):
+        result = await asyncio.get_running_loop().run_in_executor(None, lambda: run(15, 50, 1.0, ("offload",)))
+        v = result["variants"]["offload"]
+        assert v["large"]["offloaded"] and v["large"]["status"] == 400  # over the sims' context length, as vLLM says
+        assert "maximum context length" in v["large"]["answer"] and v["small_failures"] == 0
+        bound = max(500.0, 4 * v["quiet"]["p99_ms"])
+        if v["during"]["n"] > 20 and v["during"]["p99_ms"] < bound:
+            return
+    raise AssertionError(f"small requests stalled while a 15 MB prompt was prepared: {v}")
