@@ -133,6 +133,24 @@ def dtype_of(node: Any) -> torch.dtype | None:
     return value.dtype if isinstance(value, torch.Tensor) else None
 
 
+def permutation(node: Any) -> list[int] | None:
+    """The dim order a ``permute`` / ``transpose`` / ``t`` node applies (None for other nodes):
+    post-grad graphs say permute, traced ones (make_fx, torchair) may say transpose."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return None
+    rank = len(shape_of(node) or ())
+    if is_op(node, "aten.permute"):
+        return [d % rank for d in node.args[1]] if rank else None
+    if is_op(node, "aten.transpose") and rank:
+        order = list(range(rank))
+        a, b = node.args[1] % rank, node.args[2] % rank
+        order[a], order[b] = order[b], order[a]
+        return order
+    if is_op(node, "aten.t"):
+        return [1, 0] if rank == 2 else [0]
+    return None
+
+
 def bind_args(node: fx.Node) -> dict[str, Any]:
     """Arguments of an OpOverload call by schema name, defaults filled in."""
     schema = node.target._schema
@@ -347,7 +365,7 @@ def _peel(node: fx.Node, shape4: tuple, transpose: bool) -> tuple[Operand, float
     if base_shape and len(base_shape) == 4 and base_shape[0] == B and base_shape[1] and H % base_shape[1] == 0:
         if not transpose and base_shape[2:] == want:
             return Operand(base, base_shape), factor
-        if transpose and is_op(base, "aten.permute") and list(base.args[1]) == [0, 1, 3, 2]:
+        if transpose and permutation(base) == [0, 1, 3, 2]:
             inner = base.args[0]
             inner_shape = shape_of(inner)
             if inner_shape and inner_shape[:2] == base_shape[:2] and inner_shape[2:] == want:

@@ -54,6 +54,7 @@ from omni_passes.fx.attention_matcher import (
     QueryPositions,
     find_attention,
     is_pure_mask,
+    permutation,
     shape_of,
     sym_dim,
 )
@@ -126,6 +127,7 @@ class LatentAttentionPass:
     # ------------------------------------------------------------------------------------
     def __call__(self, graph: fx.Graph) -> PassReport:
         report = PassReport(self.name)
+        graph.eliminate_dead_code()  # attention a previous pass replaced is still in the graph until now
         match = find_attention(graph)
         for site in match.vllm_mla:
             report.skip(site.layer, "vLLM MLA attention: vLLM already attends on the cached latent "
@@ -135,8 +137,9 @@ class LatentAttentionPass:
                                                              target=torch.ops.omni.sparse_attention.default)]
         if not sites and not match.vllm_mla:
             report.notes.append("no attention found in this graph")
+        _number_layers(graph, sites, report)
         positions = QueryPositions(graph, self.name, check=self.check_mask)
-        windows: list[int] = []
+        windows: set[int] = set()
         prefill: set[int] = set()
         for site in sites:
             if isinstance(site, tuple):
@@ -159,12 +162,13 @@ class LatentAttentionPass:
             report.matched_layers.append(site.layer)
             report.rewritten_nodes += 1
             if site.window != DENSE:
-                windows.append(site.layer)
+                windows.add(site.layer)
         if prefill:
             report.notes.append(f"attention with {sorted(prefill)} queries per sequence (> {self.max_queries}, "
                                 "prefill) left as is: absorbing would multiply its attention FLOPs")
         if windows:
             report.notes.append(f"layers {sorted(windows)}: sink + recent selected at the latent cache read")
+        graph.eliminate_dead_code()  # the expansions, key assemblies and dense attention replaced here
         graph.lint()
         return report
 
@@ -216,6 +220,18 @@ def _from_sparse(node: fx.Node) -> _Site:
                  q_pos=q_pos, window=(sink, recent))
 
 
+def _number_layers(graph: fx.Graph, sites: list, report: PassReport) -> None:
+    """Sites in graph order; without module paths in the graph, layers numbered by that order."""
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    found = [s for s in sites if isinstance(s, _Site)]
+    found.sort(key=lambda s: order[s.anchor])
+    if found and all(s.layer is None for s in found):
+        for i, site in enumerate(found):
+            site.layer = i
+        report.notes.append("no decoder-layer names in this graph: layers numbered by attention order")
+    sites[:] = found + [s for s in sites if not isinstance(s, _Site)]
+
+
 # --------------------------------------------------------------------------- the MLA expansion
 def _latent_parts(site: _Site) -> _Latent | str:
     """Recognise q = cat(q_nope, q_pe), K = [k_nope | expand(k_pe)], v and k_nope from one
@@ -259,7 +275,7 @@ def _expansion(expanded: fx.Node, width: int) -> tuple[fx.Node, fx.Node, int] | 
     """``expanded`` [B, H, Sk, width] = permute(reshape(mm(reshape(c), W.T)), [0, 2, 1, 3]):
     (c, W, H), or the reason it is not."""
     no = "keys/values are not an expansion of a cached latent through one linear layer (kv_b_proj)"
-    if not (is_op(expanded, "aten.permute") and list(expanded.args[1]) == [0, 2, 1, 3]):
+    if permutation(expanded) != [0, 2, 1, 3]:
         return no
     B, H, Sk, _ = shape_of(expanded)
     projected = _strip(expanded.args[0], _ORDER_KEEPING)
@@ -270,7 +286,7 @@ def _expansion(expanded: fx.Node, width: int) -> tuple[fx.Node, fx.Node, int] | 
     rows, weight_t = projected.args
     if shape_of(projected) != (B * Sk, H * width) or tuple(shape_of(expanded.args[0]) or ()) != (B, Sk, H, width):
         return no
-    if not (is_op(weight_t, "aten.permute") and list(weight_t.args[1]) == [1, 0]) and not is_op(weight_t, "aten.t"):
+    if permutation(weight_t) != [1, 0]:
         return "the expansion's weight is not a plain linear weight (W.T)"
     weight = weight_t.args[0]
     latent = _strip(rows, _ORDER_KEEPING)
