@@ -127,14 +127,15 @@ class LatentAttentionPass:
     # ------------------------------------------------------------------------------------
     def __call__(self, graph: fx.Graph) -> PassReport:
         report = PassReport(self.name)
-        graph.eliminate_dead_code()  # attention a previous pass replaced is still in the graph until now
         match = find_attention(graph)
         for site in match.vllm_mla:
             report.skip(site.layer, "vLLM MLA attention: vLLM already attends on the cached latent "
                                     "(absorbed weights); nothing to rewrite")
-        sites: list[_Site | tuple[int | None, str]] = [_from_dense(s) for s in match.dense]
+        # Attention a previous pass replaced stays in the graph, unused, until dead-code removal.
+        sites: list[_Site | tuple[int | None, str]] = [_from_dense(s) for s in match.dense if s.output.users]
         sites += [_from_sparse(n) for n in graph.find_nodes(op="call_function",
-                                                             target=torch.ops.omni.sparse_attention.default)]
+                                                             target=torch.ops.omni.sparse_attention.default)
+                  if n.users]
         if not sites and not match.vllm_mla:
             report.notes.append("no attention found in this graph")
         _number_layers(graph, sites, report)
@@ -168,7 +169,8 @@ class LatentAttentionPass:
                                 "prefill) left as is: absorbing would multiply its attention FLOPs")
         if windows:
             report.notes.append(f"layers {sorted(windows)}: sink + recent selected at the latent cache read")
-        graph.eliminate_dead_code()  # the expansions, key assemblies and dense attention replaced here
+        if report.rewritten_nodes:
+            graph.eliminate_dead_code()  # the expansions, key assemblies and dense attention replaced here
         graph.lint()
         return report
 
@@ -251,17 +253,21 @@ def _latent_parts(site: _Site) -> _Latent | str:
     rope_shape = shape_of(rope)
     if rope_shape is None or len(rope_shape) not in (3, 4) or (len(rope_shape) == 4 and rope_shape[1] != 1):
         return f"rope key of shape {rope_shape} is not shared by all heads ([B, 1, Sk, Dr])"
-    nope_part, v_part = _last_dim_part(k_nope), _last_dim_part(site.v)
-    if nope_part is None or v_part is None or nope_part[0] is not v_part[0]:
-        return "keys and values are not two parts of one projected tensor (no kv_b_proj expansion found)"
-    expanded, (n0, n1), (v0, v1) = nope_part[0], nope_part[1:], v_part[1:]
+    nope_part, v_part = _last_dim_part(k_nope), _last_dim_part(_strip(site.v, _VALUE_COPIES))
+    if nope_part is None or v_part is None:
+        return "keys and values are not parts of a projected tensor (no kv_b_proj expansion found)"
+    (n0, n1), (v0, v1) = nope_part[1:], v_part[1:]
     dv = v1 - v0
     if (n0, n1) != (0, dn) or v0 != dn:
         return f"k_nope takes dims [{n0}, {n1}) and v [{v0}, {v1}) of the expansion; expected [0, {dn}) and [{dn}, ...)"
-    projection = _expansion(expanded, dn + dv)
-    if isinstance(projection, str):
-        return projection
-    latent, weight, heads = projection
+    # Functionalized graphs may replay the view chain per use: compare what both parts expand.
+    projections = [_expansion(part[0], dn + dv) for part in (nope_part, v_part)]
+    for projection in projections:
+        if isinstance(projection, str):
+            return projection
+    if projections[0][:2] != projections[1][:2]:
+        return "keys and values are expanded from different tensors"
+    latent, weight, heads = projections[0]
     B, Sk = shape_of(site.k)[0], shape_of(site.k)[2]
     if shape_of(latent)[0] != B or shape_of(latent)[-2] != Sk or rope_shape[0] != B or rope_shape[-2] != Sk:
         return f"latent {shape_of(latent)} / rope {rope_shape} do not hold the {Sk} keys of {B} sequences"
@@ -279,7 +285,8 @@ def _expansion(expanded: fx.Node, width: int) -> tuple[fx.Node, fx.Node, int] | 
         return no
     B, H, Sk, _ = shape_of(expanded)
     projected = _strip(expanded.args[0], _ORDER_KEEPING)
-    if is_op(projected, "aten.addmm"):
+    biased = is_op(projected, "aten.add") and any(is_op(_strip(a, _ORDER_KEEPING), "aten.mm") for a in projected.args[:2])
+    if is_op(projected, "aten.addmm") or biased:
         return "kv_b_proj has a bias: absorbing it is not implemented"
     if not is_op(projected, "aten.mm"):
         return no
