@@ -90,14 +90,23 @@ def _window(sink: int, recent: int, num_keys: int) -> tuple[int, int]:
 def latent_attention_reference(q, kv_c, k_pe, q_pos, scale: float, sink: int, recent: int) -> torch.Tensor:
     """Dense scores with the explicit visibility mask, float32 softmax. Shapes as the op."""
     validate_latent_attention_args(q, kv_c, k_pe, q_pos, sink, recent, op="latent_attention_reference")
-    R = kv_c.shape[-1]
+    B, H, Sq, _ = q.shape
     s, r = _window(sink, recent, kv_c.shape[1])
-    c, pe = kv_c.float()[:, None], k_pe.float()[:, None]  # [B, 1, Sk, *]
-    scores = (q[..., :R].float() @ c.transpose(-1, -2) + q[..., R:].float() @ pe.transpose(-1, -2)) * scale
+    scores = _mqa_scores(q.float(), kv_c.float(), k_pe.float()) * scale  # [B, H, Sq, Sk]
     mask = sparse_attention_mask(q_pos, kv_c.shape[1], s, r)[:, None]  # [B, 1, Sq, Sk]
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
     probs = torch.where(mask.any(-1, keepdim=True), probs, torch.zeros_like(probs))
-    return (probs @ c).to(q.dtype)
+    return torch.bmm(probs.reshape(B, H * Sq, -1), kv_c.float()).reshape(B, H, Sq, -1).to(q.dtype)
+
+
+def _mqa_scores(q: torch.Tensor, kv_c: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
+    """q [B, H, Sq, R + Dr] against the one latent head: [B, H, Sq, Sk]. Heads are folded into
+    the rows of one bmm per sequence (a broadcast matmul would copy the cache once per head)."""
+    B, H, Sq, _ = q.shape
+    R = kv_c.shape[-1]
+    rows = q.reshape(B, H * Sq, -1)
+    scores = torch.bmm(rows[..., :R], kv_c.transpose(1, 2)) + torch.bmm(rows[..., R:], k_pe.transpose(1, 2))
+    return scores.reshape(B, H, Sq, -1)
 
 
 # --------------------------------------------------------------------------- generic path
@@ -110,23 +119,24 @@ def _gathered(q, kv_c, k_pe, q_pos, scale, sink, recent):
     flat = index.reshape(B, Sq * W, 1)
     c = torch.gather(kv_c, 1, flat.expand(-1, -1, R)).float().reshape(B, 1, Sq, W, R)
     pe = torch.gather(k_pe, 1, flat.expand(-1, -1, k_pe.shape[-1])).float().reshape(B, 1, Sq, W, -1)
-    qf = q.float().unsqueeze(-2)  # [B, H, Sq, 1, D]
-    scores = (qf[..., :R] @ c.transpose(-1, -2) + qf[..., R:] @ pe.transpose(-1, -2)) * scale  # [B, H, Sq, 1, W]
-    out = _attend(scores, valid.reshape(B, 1, Sq, 1, W), c)  # [B, H, Sq, 1, R]
-    return out.squeeze(-2).to(q.dtype)
+    qf = q.float().transpose(1, 2).reshape(B, 1, Sq, H, -1)  # heads as rows: [B, 1, Sq, H, D]
+    scores = (qf[..., :R] @ c.transpose(-1, -2) + qf[..., R:] @ pe.transpose(-1, -2)) * scale  # [B, 1, Sq, H, W]
+    out = _attend(scores, valid.reshape(B, 1, Sq, 1, W), c)  # [B, 1, Sq, H, R]
+    return out.reshape(B, Sq, H, R).transpose(1, 2).to(q.dtype)
 
 
 def _dense(q, kv_c, k_pe, q_pos, scale, chunk: int = _DENSE_QUERY_CHUNK):
     """Dense causal: all keys [0, p], scores per chunk of queries."""
-    R, Sk = kv_c.shape[-1], kv_c.shape[1]
-    c, pe = kv_c.float()[:, None], k_pe.float()[:, None]
-    keys = torch.arange(Sk, device=q.device)
+    B, H = q.shape[:2]
+    c, pe = kv_c.float(), k_pe.float()
+    keys = torch.arange(c.shape[1], device=q.device)
     outs = []
     for start in range(0, q.shape[2], chunk):
         qc = q[:, :, start:start + chunk].float()
-        scores = (qc[..., :R] @ c.transpose(-1, -2) + qc[..., R:] @ pe.transpose(-1, -2)) * scale
+        scores = _mqa_scores(qc, c, pe) * scale  # [B, H, chunk, Sk]
         visible = (keys <= q_pos[:, start:start + chunk, None].to(torch.int64))[:, None]  # [B, 1, chunk, Sk]
-        outs.append(_attend(scores, visible, c))
+        out = _attend(scores.reshape(B, 1, -1, scores.shape[-1]), visible.repeat(1, 1, H, 1), c[:, None])
+        outs.append(out.reshape(B, H, -1, c.shape[-1]))
     return torch.cat(outs, dim=2).to(q.dtype)
 
 

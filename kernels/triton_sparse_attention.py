@@ -430,6 +430,8 @@ def latent_decode(q: torch.Tensor, kv_c: torch.Tensor, k_pe: torch.Tensor, q_pos
     and value), k_pe [B, Sk, Dr] -> [B, H, 1, R]. One latent head (MQA): each visible row of
     kv_c and k_pe is read once. Dense attention is ``sink = 0, recent = Sk``."""
     k = kv_c.unsqueeze(1)
+    # ~2 programs per SM: 177.6 us vs 212 us at 1.5 (dense, B16 H16, 32k, H200; docs/graph.md)
+    override.setdefault("programs_per_sm", 2)
     if q.dtype == torch.float32 and kv_c.shape[-1] >= 512:
         override.setdefault("block_n", 32)  # fp32 tiles: two stages of 64 rows exceed shared memory
     return sparse_decode(q, k, k, q_pos, sink, recent, scale, v_from_k=True, k_extra=k_pe.unsqueeze(1), **override)

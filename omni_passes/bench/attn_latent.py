@@ -102,9 +102,12 @@ class LatentCase:
 
 
 def _absorbed(q, kv_c, k_pe, scale):
-    """Dense absorbed MLA attention in plain torch: q [B,H,1,R+Dr] on one latent head."""
-    scores = (q[..., :R] @ kv_c[:, None].transpose(-1, -2) + q[..., R:] @ k_pe[:, None].transpose(-1, -2)) * scale
-    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ kv_c[:, None]
+    """Dense absorbed MLA attention in plain torch: q [B,H,1,R+Dr] on one latent head, the heads
+    folded into the rows of one bmm per sequence (multi-query attention)."""
+    B, H = q.shape[:2]
+    rows = q.reshape(B, H, -1)
+    scores = (torch.bmm(rows[..., :R], kv_c.transpose(1, 2)) + torch.bmm(rows[..., R:], k_pe.transpose(1, 2))) * scale
+    return torch.bmm(torch.softmax(scores.float(), dim=-1).to(q.dtype), kv_c).view(B, H, 1, R)
 
 
 def _expanded(q, kv_c, k_pe, w, scale):

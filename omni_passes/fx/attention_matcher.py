@@ -225,6 +225,11 @@ def is_pure_mask(mask: fx.Node, max_hops: int = 8) -> bool:
                  "prims.convert_element_type", "aten._to_copy"):
             node = node.args[0]
             continue
+        # SDPA's memory-efficient kernel pads a bias to a multiple of 16 keys (then slices it
+        # back): padding with 0 keeps the values in {0, blocked}.
+        if is_op(node, "aten.constant_pad_nd") and _const_value(node.args[2] if len(node.args) > 2 else 0.0) == 0.0:
+            node = node.args[0]
+            continue
         return False
     return False
 

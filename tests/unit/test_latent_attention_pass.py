@@ -120,7 +120,8 @@ B, H, SK, R, DR, DN, DV = 2, 4, 30, 32, 16, 24, 20
 POS = torch.tensor([29, 10])
 
 
-def _mla(q_nope, q_pe, latent, k_pe, w, pos, key="cat", form="sdpa", bias=None, window=None, float_bias=None):
+def _mla(q_nope, q_pe, latent, k_pe, w, pos, key="cat", form="sdpa", bias=None, window=None, float_bias=None,
+         pad=False):
     """One MLA decode attention as transformers writes it (expansion, key assembly, attention)."""
     j = torch.arange(latent.shape[2])
     allowed = j[None, :] <= pos[:, None]
@@ -129,6 +130,8 @@ def _mla(q_nope, q_pe, latent, k_pe, w, pos, key="cat", form="sdpa", bias=None, 
     mask = torch.where(allowed, 0.0, float("-inf"))[:, None, None, :]
     if float_bias is not None:
         mask = mask + float_bias
+    if pad:  # as SDPA's memory-efficient kernel does on CUDA when Sk is not a multiple of 16
+        mask = F.pad(mask, (0, 2))[..., :latent.shape[2]]
     kv = F.linear(latent, w, bias).view(B, latent.shape[2], H, DN + DV).transpose(1, 2)
     k_nope, v = torch.split(kv, [DN, DV], -1)
     k_e = k_pe.expand(-1, H, -1, -1)
@@ -171,6 +174,14 @@ def test_traced_mla_rewritten_and_equal(key, form, window):
     assert not [n for n in gm.graph.nodes if target_name(n).startswith(("aten.mm", "aten._scaled_dot"))]
     expected = _mla(*args, POS, key=key, form=form, window=window)
     assert (gm(*args, POS) - expected).abs().max().item() < 1e-5
+
+
+def test_padded_mask_is_still_a_mask():
+    args = _inputs(seed=4)
+    gm = _trace(lambda *a: _mla(*a, pad=True), *args, POS)
+    assert LatentAttentionPass()(gm.graph).matched_layers == [0]
+    gm.recompile()
+    assert (gm(*args, POS) - _mla(*args, POS)).abs().max().item() < 1e-5
 
 
 def test_prefill_graph_left_alone():
@@ -224,7 +235,7 @@ def test_graph_without_attention_untouched():
     assert gm.graph.python_code("self").src == before
 
 
-@pytest.mark.vllm
+@pytest.mark.slow  # imports vLLM (about 20 s) to build its MLA op node
 def test_vllm_mla_graph_skipped_with_reason():
     """vLLM's MLA op already attends on the latent: the pass leaves it and says so."""
     import vllm.model_executor.layers.attention.mla_attention  # noqa: F401  (registers the op)
