@@ -313,9 +313,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if "sparse_attention" in passes:
             config["sparse_attention"] = attn
         start = time.perf_counter()
-        # dynamic=False: every context gets its own static graph. With automatic dynamic shapes
-        # the second context compiled a dynamic-length graph whose CUDA kernels then indexed out of
-        # bounds at a third (the default invocation died with "0 <= tmp14 < 128").
+        # dynamic=False: every context gets its own static graph (a decode graph per cache length).
         module = omni_passes.compile(model, config, placement=placement, dynamic=False)
         entry = measure(name, family, module, True, contexts_here, start)
         entry["report"] = module.omni.report()["passes"]
@@ -383,7 +381,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 class DecodeSteps:
     """One decode step at the end of a static cache of ``context`` slots, on cache contents that
     every variant sees alike: random latent rows (seeded per context), not zeros, so numerics
-    checks compare attention over real-looking data and timings do not run on zeros."""
+    checks compare attention over real-looking data and timings do not run on zeros.
+
+    transformers' static cache takes the step's position from its own write counter
+    (``cumulative_length``, a device tensor each update advances), not from ``cache_position``:
+    every step first sets that counter to ``context - 1``, so each (replayed) step writes the last
+    slot and its query attends to all ``context`` keys. Without that, step n sat at position n:
+    the mask allowed n + 1 keys, and replaying more steps than a short cache holds wrote past
+    its end (the default CUDA invocation died with "index out of bounds: 0 <= tmp14 < 128").
+    """
 
     def __init__(self, hf_config, step_ids: torch.Tensor, device: str, dtype: torch.dtype):
         self.hf_config, self.step_ids, self.device, self.dtype = hf_config, step_ids, device, dtype
@@ -406,6 +412,10 @@ class DecodeSteps:
 
     def run(self, module, cache, context: int) -> torch.Tensor:
         position = torch.full((1,), context - 1, dtype=torch.long, device=self.device)
+        for layer in getattr(cache, "layers", []):
+            counter = getattr(layer, "cumulative_length", None)
+            if isinstance(counter, torch.Tensor):
+                counter.fill_(context - 1)
         with torch.no_grad():
             return module(input_ids=self.step_ids, past_key_values=cache, cache_position=position, use_cache=True).logits
 

@@ -135,6 +135,7 @@ def test_pass_on_cuda_model_equals_eager(dtype):
             for layer in cache.layers:
                 for t in (layer.keys, layer.values):
                     t.copy_(torch.randn(t.shape, generator=g, device=DEV))
+                layer.cumulative_length.fill_(599)  # the step's position: the cache's write counter
             return module(input_ids=ids, past_key_values=cache, use_cache=True,
                           cache_position=torch.tensor([599], device=DEV)).logits.float()
 
