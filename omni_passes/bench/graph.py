@@ -645,13 +645,15 @@ def _table(result: dict) -> str:
 
 
 def _plot(result: dict, out_dir: Path) -> str:
+    """Left: decode step per variant over context. Right: each variant at the longest context,
+    with the step's HBM floor (CUDA) drawn across."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax, bars) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1, 1.2]})
     groups: dict[str, list[tuple[int, float]]] = {}
     for name, entry in result["variants"].items():
         for context, us in entry.get("decode_step_us_by_context", {}).items():
@@ -660,11 +662,30 @@ def _plot(result: dict, out_dir: Path) -> str:
         points.sort()
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
     ax.set_xlabel("context (tokens)")
     ax.set_ylabel("decode step (us)")
-    ax.set_title(f"{result['shape']} on {result['device']}, batch {result['batch']}")
     ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+    ax.grid(alpha=0.3, which="both")
+    longest = str(max(result["contexts"]))
+    names = [n for n, e in result["variants"].items() if longest in e.get("decode_step_us_by_context", {})]
+    values = [result["variants"][n]["decode_step_us_by_context"][longest] for n in names]
+    bars.barh(range(len(names)), values, color="tab:blue")
+    bars.set_yticks(range(len(names)), [n.split("@")[0] for n in names], fontsize=8)
+    bars.invert_yaxis()
+    bars.set_xscale("log")
+    bars.set_xlabel(f"decode step at {longest} tokens (us, log)")
+    for i, v in enumerate(values):
+        bars.text(v, i, f" {v:,.0f}", va="center", fontsize=8)
+    floor = result.get("floor", {}).get("by_context", {}).get(longest)
+    if floor:
+        bars.axvline(floor["floor_us_dense"], color="tab:red", linestyle="--",
+                     label=f"HBM floor {floor['floor_us_dense']:,.0f} us (dense KV)")
+        bars.axvline(floor["floor_us_sparse"], color="tab:orange", linestyle=":",
+                     label=f"HBM floor {floor['floor_us_sparse']:,.0f} us (sparse layers)")
+        bars.legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"{result['shape']}, {result['layers']} layers, batch {result['batch']}, {result['dtype']}, "
+                 f"on {result['device']}")
     path = out_dir / f"graph_{result['shape']}_{'cuda' if result['device'] != 'cpu' else 'cpu'}.png"
     fig.tight_layout()
     fig.savefig(path, dpi=120)
