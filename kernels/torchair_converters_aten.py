@@ -13,7 +13,9 @@ model's graph never reaches GE. ``register()`` adds each only where torchair has
   output (split_item 3): the form torch_npu's ``npu_grouped_matmul`` takes for MoE experts;
 - index_put(x, [i0, ..., ik-1], values, accumulate) with k index tensors of one shape (what
   ``inv_perm[perm] = arange(n)`` traces to) → TensorScatterUpdate on the stacked indices
-  (negative ones wrapped), values broadcast to the updated slices; accumulate → x + ScatterNd.
+  (negative ones wrapped), values broadcast to the updated slices; accumulate → x + ScatterNd;
+- index_copy(x, dim, index, source) (transformers' static KV cache update) → Transpose the dim
+  first, TensorScatterUpdate, Transpose back.
 """
 
 from __future__ import annotations
@@ -69,6 +71,20 @@ def emit_index_put(ge, DataType, x, indices: list, values, accumulate: bool):
     return ge.TensorScatterUpdate(x, stacked, updates)
 
 
+def emit_index_copy(ge, DataType, x, dim: int, index, source):
+    """index_copy(x, dim, index, source): rows ``index`` of ``x`` along ``dim`` become ``source``'s
+    (transformers' static KV cache update). The dim goes first, TensorScatterUpdate, and back."""
+    rank = x.rank
+    dim %= rank
+    perm = [dim] + [d for d in range(rank) if d != dim]
+    inverse = [perm.index(d) for d in range(rank)]
+    i64 = DataType.DT_INT64
+    moved = ge.Transpose(x, ge.Const(perm, dtype=i64))
+    updates = ge.Transpose(source, ge.Const(perm, dtype=i64))
+    indices = ge.ExpandDims(ge.Cast(index, dst_type=i64), ge.Const(1, dtype=i64))
+    return ge.Transpose(ge.TensorScatterUpdate(moved, indices, updates), ge.Const(inverse, dtype=i64))
+
+
 def _has_working_converter(op) -> bool:
     """torchair registers placeholders that raise NotImplementedError for many aten ops."""
     import inspect
@@ -103,6 +119,12 @@ def register() -> bool:
         @register_fx_node_ge_converter(index_put)
         def _convert_index_put(self, indices, values, accumulate: bool = False, meta_outputs=None):
             return emit_index_put(ge, DataType, self, list(indices), values, accumulate)
+
+    index_copy = torch.ops.aten.index_copy.default
+    if not _has_working_converter(index_copy):
+        @register_fx_node_ge_converter(index_copy)
+        def _convert_index_copy(self, dim: int, index, source, meta_outputs=None):
+            return emit_index_copy(ge, DataType, self, dim, index, source)
 
     grouped = [torch.ops.aten._grouped_mm.default] if hasattr(torch.ops.aten, "_grouped_mm") else []
     try:

@@ -1,5 +1,5 @@
-"""GE converters (torchair, Ascend) for ``omni::sparse_attention`` and
-``omni::sparse_attention_mla_decode``.
+"""GE converters (torchair, Ascend) for ``omni::sparse_attention``,
+``omni::sparse_attention_mla_decode``, ``omni::latent_attention`` and ``omni::mask_positions``.
 
 Built against torchair 2.13's real sources (``register_fx_node_ge_converter``; the typed raw ops
 of ``torchair._ge_concrete_graph.ge_apis``, generated from CANN's IR prototypes) and checked on
@@ -30,6 +30,7 @@ Emit = Callable[[str, dict, dict], Any]
 MakeConst = Callable[[Any, torch.dtype], Any]
 
 _NEG_BIG = -1e30  # masked logits; finite so that a row with no visible key gives zeros, not NaN
+DENSE = (0, -1)   # (sink, recent) of dense causal attention (omni::latent_attention's convention)
 
 
 def build_sparse_attention(op: Emit, const: MakeConst, q, k, v, q_pos, sink: int, recent: int,
@@ -68,13 +69,16 @@ def build_sparse_attention(op: Emit, const: MakeConst, q, k, v, q_pos, sink: int
     scores5 = op("Reshape", {"x": scores, "shape": concat([dims(shape_k, [0, 1]), minus_one,
                                                            dims(shape_q, [2]), dims(shape_k, [2])])}, {})
 
-    # visible[b, s, j] = j <= p and (j < sink or j > p - recent)
+    # visible[b, s, j] = j <= p and (j < sink or j > p - recent); (sink, recent) = (0, -1): j <= p
     j = op("Range", {"start": const(0, i64), "limit": dims(shape_k, 2), "delta": const(1, i64)}, {})
     p = op("ExpandDims", {"x": cast(q_pos, i64), "axis": const(-1, i64)}, {})  # [B, Sq, 1]
     causal = op("LessEqual", {"x1": j, "x2": p}, {})
-    in_sink = op("Less", {"x1": j, "x2": const(sink, i64)}, {})
-    in_recent = op("Greater", {"x1": j, "x2": op("Sub", {"x1": p, "x2": const(recent, i64)}, {})}, {})
-    visible = op("LogicalAnd", {"x1": causal, "x2": op("LogicalOr", {"x1": in_sink, "x2": in_recent}, {})}, {})
+    if (sink, recent) == DENSE:
+        visible = causal
+    else:
+        in_sink = op("Less", {"x1": j, "x2": const(sink, i64)}, {})
+        in_recent = op("Greater", {"x1": j, "x2": op("Sub", {"x1": p, "x2": const(recent, i64)}, {})}, {})
+        visible = op("LogicalAnd", {"x1": causal, "x2": op("LogicalOr", {"x1": in_sink, "x2": in_recent}, {})}, {})
     for _ in range(2):
         visible = op("ExpandDims", {"x": visible, "axis": const(1, i64)}, {})  # [B, 1, 1, Sq, Sk]
 
@@ -98,6 +102,20 @@ def build_mla_decode(op: Emit, const: MakeConst, q, kv, q_pos, sink: int, recent
     return build_sparse_attention(op, const, q, k, v, q_pos, sink, recent, scale, q_heads, out_dtype)
 
 
+def build_latent_attention(op: Emit, const: MakeConst, q, kv_c, k_pe, q_pos, scale: float, sink: int,
+                           recent: int, q_heads: int, out_dtype: torch.dtype):
+    """``omni::latent_attention``: every head attends to one shared latent head (MQA) whose key is
+    ``[kv_c, k_pe]`` and whose value is ``kv_c``. q [B, H, Sq, R + Dr], kv_c [B, Sk, R],
+    k_pe [B, Sk, Dr], q_pos [B, Sq] -> [B, H, Sq, R]."""
+    i64, f32 = torch.int64, torch.float32
+    kv_c = op("Cast", {"x": kv_c}, {"dst_type": f32})  # ExpandDims and Shape take no bf16
+    k_pe = op("Cast", {"x": k_pe}, {"dst_type": f32})
+    key = op("ConcatV2", {"x": [kv_c, k_pe], "concat_dim": const(2, i64)}, {"N": 2})
+    k = op("ExpandDims", {"x": key, "axis": const(1, i64)}, {})    # [B, 1, Sk, R + Dr]
+    v = op("ExpandDims", {"x": kv_c, "axis": const(1, i64)}, {})   # [B, 1, Sk, R]
+    return build_sparse_attention(op, const, q, k, v, q_pos, sink, recent, scale, q_heads, out_dtype)
+
+
 def register() -> bool:
     """Register both converters with torchair. False (nothing done) when torchair is absent."""
     try:
@@ -109,6 +127,7 @@ def register() -> bool:
 
     import kernels.sparse_attention  # noqa: F401  (defines the ops)
     import kernels.sparse_attention_positions  # noqa: F401
+    import kernels.latent_attention  # noqa: F401
 
     def attr(value):
         return torch_type_to_ge_type(value) if isinstance(value, torch.dtype) else value
@@ -133,6 +152,12 @@ def register() -> bool:
     def _convert_sparse_attention(q, k, v, q_pos, sink, recent, scale, meta_outputs=None):
         return build_sparse_attention(op, const, q, k, v, q_pos, sink, recent, scale, heads(q),
                                       ge_type_to_torch_type(meta_outputs.dtype))
+
+    if hasattr(torch.ops.omni, "latent_attention"):
+        @register_fx_node_ge_converter(torch.ops.omni.latent_attention.default)
+        def _convert_latent(q, kv_c, k_pe, q_pos, scale, sink, recent, meta_outputs=None):
+            return build_latent_attention(op, const, q, kv_c, k_pe, q_pos, scale, sink, recent, heads(q),
+                                          ge_type_to_torch_type(meta_outputs.dtype))
 
     @register_fx_node_ge_converter(torch.ops.omni.sparse_attention_mla_decode.default)
     def _convert_mla(q, kv, q_pos, sink, recent, scale, v_head_dim, meta_outputs=None):

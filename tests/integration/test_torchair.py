@@ -221,6 +221,50 @@ def test_sparse_attention_and_dispatch_through_torchair(torchair, protos, tmp_pa
 
 
 @pytest.mark.slow  # a whole-model compile
+def test_latent_and_sparse_attention_decode_through_torchair(torchair, protos, tmp_path):
+    """Static-cache decode (prefill graph + one decode graph): the latent_attention pass takes over
+    the decode steps' attention, sink + recent on the pattern layer (torchair lacks a converter for
+    the cache update, aten.index_copy: ours fills it)."""
+    from transformers import StaticCache
+
+    from omni_passes.kvcache.attention import masked_reference
+
+    config = load_hf_config("tiny", layers=2)
+    model = build_model(config)
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(6))
+    pattern, steps = [1], 3
+
+    def decode(forward):
+        cache = StaticCache(config=config, max_cache_len=ids.shape[1] + 4)
+        logits = [forward(ids[:, :-steps], cache)]
+        for i in range(steps):
+            logits.append(forward(ids[:, ids.shape[1] - steps + i:][:, :1], cache))
+        return torch.stack(logits, 1)
+
+    def step(module):
+        return lambda x, cache: module(x, past_key_values=cache, use_cache=True).logits[:, -1]
+
+    with torch.no_grad():
+        with masked_reference(model, SINK, RECENT, pattern):
+            reference = decode(step(model))
+    passes = {"passes": ["sparse_attention", "latent_attention"],
+              "sparse_attention": {"sink": SINK, "recent": RECENT, "pattern": pattern}}
+    compiled, runtime = compile_with_torchair(torchair, model, passes, tmp_path)
+    with torch.no_grad():
+        out = decode(step(compiled))
+    report = runtime.report()
+    assert report["graphs"] == 2 and report["passes"]["latent_attention"]["matched_layers"] == [0, 1]
+    torch.testing.assert_close(out, reference, atol=ATOL, rtol=0)
+    graphs = [load_graph(f) for f in sorted(glob.glob(str(tmp_path / "dynamo_original_graph_*.txt")))]
+    assert len(graphs) == 2
+    decode_graph = max(graphs, key=lambda g: op_counts(g).get("ConcatV2", 0))
+    ours = {"ConcatV2", "ExpandDims", "BatchMatMulV2", "SoftmaxV2", "SelectV2", "TensorScatterUpdate", "Transpose",
+            "Assert", "ReduceAll"}
+    assert {"TensorScatterUpdate", "BatchMatMulV2"} <= set(op_counts(decode_graph))
+    assert [p for g in graphs for op in g.op if op.type in ours for p in check_op(op, protos)] == []
+
+
+@pytest.mark.slow  # a whole-model compile
 def test_stale_tables_refused_in_ge_mode(torchair, tmp_path):
     """Without run_eagerly the GE graph holds the tables as constants: applying a placement after
     the graph was built must make the compiled callable refuse to run, not run stale tables."""
@@ -389,6 +433,28 @@ def test_sparse_attention_mla_decode(torchair, protos, tmp_path):
     (out,) = check_graph(graph, protos, [q, kv, q_pos], {"Slice", "BatchMatMulV2"})
     torch.testing.assert_close(out, torch.ops.omni.sparse_attention_mla_decode(q, kv, q_pos, 2, 5, 0.3, 8),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [(0, -1), (3, 5)], ids=["dense", "sink3+recent5"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_latent_attention(torchair, protos, tmp_path, window, dtype):
+    from kernels.latent_attention import latent_attention_reference
+
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 4, 1, 20, generator=g).to(dtype)             # R 16 + Dr 4, decode
+    kv_c, k_pe = torch.randn(2, 15, 16, generator=g).to(dtype), torch.randn(2, 15, 4, generator=g).to(dtype)
+    q_pos = torch.tensor([[14], [9]])  # the second sequence's cache tail (10..14) is not visible
+    sink, recent = window
+
+    def fn(q, kv_c, k_pe, q_pos):
+        return torch.ops.omni.latent_attention(q, kv_c, k_pe, q_pos, 0.25, sink, recent)
+
+    eager, graph = ge_graph_of(torchair, fn, [q, kv_c, k_pe, q_pos], tmp_path)
+    (out,) = check_graph(graph, protos, [q, kv_c, k_pe, q_pos], {"ConcatV2", "BatchMatMulV2", "SoftmaxV2"})
+    reference = latent_attention_reference(q.float(), kv_c.float(), k_pe.float(), q_pos, 0.25, sink, recent)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), reference.float(), rtol=tolerance, atol=tolerance)
 
 
 def test_mask_positions_and_its_check(torchair, protos, tmp_path):
