@@ -44,6 +44,19 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(diff.max()) if diff.numel() else 0.0
 
 
+def output_scale(output: torch.Tensor) -> float:
+    """max |output| over its finite values (0 for an empty tensor)."""
+    return float(output.detach().float().nan_to_num(0.0, 0.0, 0.0).abs().max()) if output.numel() else 0.0
+
+
+def bound(compile_noise: float, scale: float, dtype: torch.dtype) -> float:
+    """The most error a rewrite may add: the compile noise plus one relative unit of ``dtype``
+    at the output's scale."""
+    if dtype not in RELATIVE_EPS:
+        raise ValueError(f"check rule: no rule for dtype {dtype}; known: {', '.join(map(str, RELATIVE_EPS))}")
+    return compile_noise + RELATIVE_EPS[dtype] * scale
+
+
 def check_rewrite(rewritten: torch.Tensor, compiled: torch.Tensor, eager: torch.Tensor,
                   dtype: torch.dtype) -> dict[str, Any]:
     """The check of one output. ``dtype``: the precision the model ran in.
@@ -51,12 +64,10 @@ def check_rewrite(rewritten: torch.Tensor, compiled: torch.Tensor, eager: torch.
     Returns ``{"max_abs_diff", "ok", "tolerance", "pass_error", "compile_noise", "vs_eager",
     "output_scale", "rule"}``; ``max_abs_diff`` is the pass error, the quantity ``ok`` is
     decided on."""
-    if dtype not in RELATIVE_EPS:
-        raise ValueError(f"check_rewrite: no rule for dtype {dtype}; known: {', '.join(map(str, RELATIVE_EPS))}")
     pass_error = max_abs_diff(rewritten, compiled)
     compile_noise = max_abs_diff(compiled, eager)
-    scale = float(compiled.detach().float().nan_to_num(0.0, 0.0, 0.0).abs().max()) if compiled.numel() else 0.0
-    tolerance = compile_noise + RELATIVE_EPS[dtype] * scale
+    scale = output_scale(compiled)
+    tolerance = bound(compile_noise, scale, dtype)
     return {
         "max_abs_diff": pass_error,
         "ok": pass_error <= tolerance,
