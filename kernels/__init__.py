@@ -7,5 +7,4 @@ lazily. Importing this package registers the ops.
 """
 
 from kernels import expert_dispatch, expert_load  # noqa: F401  (registers omni::*)
-from kernels import slot_fused_moe  # noqa: F401
-from kernels import sparse_attention  # noqa: F401
+from kernels import latent_attention, slot_fused_moe, sparse_attention  # noqa: F401

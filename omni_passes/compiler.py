@@ -18,7 +18,7 @@ from torch import nn
 from omni_passes.config import PassConfig
 from omni_passes.model_info import MoEModelInfo
 from omni_passes.pass_manager import OmniPassManager
-from omni_passes.placement.placement import Placement
+from omni_passes.placement.placement import Placement, PlacementError
 from omni_passes.registry import OmniRuntime, build_runtime, resolve_placement, sparse_attention_pass  # noqa: F401
 
 
@@ -38,7 +38,14 @@ def prepare(model: nn.Module, config: PassConfig, placement: Placement | None = 
     info = MoEModelInfo.from_hf_config(hf_config)
 
     def rows(layout):
-        return transformers_expert_rows(model, info.num_experts, len(info.moe_layer_ids), layout)
+        from omni_passes.model_info import experts_modules
+
+        modules = experts_modules(model)
+        missing = [layer for layer in info.moe_layer_ids if layer not in modules]
+        if missing:
+            raise PlacementError(f"decoder layers {missing} have no experts module with stacked [E, ...] tensors: "
+                                 "the redundant slots cannot be materialised")
+        return transformers_expert_rows([modules[layer] for layer in info.moe_layer_ids], info.num_experts, layout)
 
     return build_runtime(config, info, device=model_device(model), rows=rows, placement=placement)
 

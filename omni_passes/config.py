@@ -8,7 +8,10 @@
      "rebalance": {"interval_steps": 100, "window_steps": 500, "min_gain": 0.01,
                    "layer_min_gain": 0.005, "max_moves": 16, "max_replicas": null, "forecast": true}}
 
-Unknown keys are errors (a typo must not silently disable a pass). Relative paths are
+Pass names: ``redundant_experts``, ``sparse_attention``, ``latent_attention`` (MLA decode
+attention on the cached latent; no settings of its own, with ``sparse_attention`` its pattern
+layers read only sink + recent latent rows). Unknown keys are errors (a typo must not silently
+disable a pass). Relative paths are
 resolved against the config file's directory.
 """
 
@@ -20,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-KNOWN_PASSES = ("redundant_experts", "sparse_attention")
+KNOWN_PASSES = ("redundant_experts", "sparse_attention", "latent_attention")
 TOP_KEYS = {"passes", "placement", "sparse_attention", "report_path", "expert_load_path", "expert_load_interval_steps",
             "slot_load_path", "rebalance"}
 ATTN_KEYS = {"sink", "recent", "pattern"}

@@ -48,10 +48,19 @@ def _sparse_attention(ctx: BuildContext) -> GraphPass:
     return sparse_attention_pass(ctx.config, ctx.info)
 
 
+def _latent_attention(ctx: BuildContext) -> GraphPass:
+    """After sparse_attention: it takes over its sparse sites (their pattern, sink + recent)."""
+    from omni_passes.fx.latent_attention import LatentAttentionPass
+
+    attn = ctx.config.sparse_attention if "sparse_attention" in ctx.config.passes else None
+    return LatentAttentionPass(window=(attn.sink, attn.recent) if attn else None, pattern=list(attn.pattern) if attn else ())
+
+
 # name → factory, in the order passes run (the config's list only selects).
 PASSES: dict[str, Callable[[BuildContext], GraphPass]] = {
     "redundant_experts": _redundant_experts,
     "sparse_attention": _sparse_attention,
+    "latent_attention": _latent_attention,
 }
 
 

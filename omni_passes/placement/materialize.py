@@ -72,8 +72,10 @@ def extend_rows(original: torch.Tensor, row_expert: torch.Tensor) -> torch.Tenso
     return storage
 
 
-def stacked_tensor_names(module: nn.Module, num_experts: int) -> list[str]:
-    """The module's own parameters stacked over experts (first dimension ``num_experts``)."""
+def stacked_expert_tensors(module: nn.Module, num_experts: int) -> list[str]:
+    """Every per-expert tensor of an experts module: its own parameters stacked ``[E, ...]``,
+    weights and biases alike (GPT-OSS has ``gate_up_proj_bias [E, 2I]``, ``down_proj_bias
+    [E, H]``). All of them are indexed by the same expert id, so all are extended to rows."""
     return [name for name, p in module.named_parameters(recurse=False) if p.dim() >= 1 and p.shape[0] == num_experts]
 
 
@@ -84,24 +86,19 @@ def find_stacked_experts(model: nn.Module, num_experts: int) -> list[nn.Module]:
     for module in model.modules():
         if getattr(module, "num_experts", None) != num_experts:
             continue
-        names = stacked_tensor_names(module, num_experts)
+        names = stacked_expert_tensors(module, num_experts)
         if any(getattr(module, n).dim() == 3 for n in names):
             found.append(module)
     return found
 
 
-def transformers_expert_rows(model: nn.Module, num_experts: int, num_layers: int, layout: RowLayout) -> ExpertRows:
-    """Extend a transformers model's experts modules to ``layout`` in place (module docstring)."""
-    modules = find_stacked_experts(model, num_experts)
-    if len(modules) != num_layers:
-        raise PlacementError(
-            f"placement has {num_layers} MoE layers but the model has {len(modules)} experts modules with "
-            f"stacked [{num_experts}, ...] tensors: the redundant slots cannot be materialised"
-        )
+def transformers_expert_rows(modules: list[nn.Module], num_experts: int, layout: RowLayout) -> ExpertRows:
+    """Extend transformers experts modules (one per MoE layer, in placement-row order) to
+    ``layout`` in place (module docstring)."""
     storage = []
     for layer, module in enumerate(modules):
         tensors = {}
-        for name in stacked_tensor_names(module, num_experts):
+        for name in stacked_expert_tensors(module, num_experts):
             original = getattr(module, name)
             tensors[name] = nn.Parameter(extend_rows(original.detach(), layout.row_expert[layer]),
                                          requires_grad=original.requires_grad)
