@@ -123,12 +123,7 @@ PLACEMENTS = {"identity": lambda: None, "permuted+redundant": permuted_hot_repli
 PLACEMENT_CASES = [
     "identity",
     "permuted+redundant",
-    # A permutation without redundant slots: omni_passes.compiler.prepare materialises slot
-    # weights only when R > 0, so the experts' weights stay in logical order while dispatch
-    # sends tokens to permuted slots: wrong logits in every host, not only here. Issue 13 makes
-    # every non-identity placement materialise its slots; then this passes (strict: it will say so).
-    pytest.param("permuted", marks=pytest.mark.xfail(
-        strict=True, reason="issue 13: prepare() does not materialise slots for a permutation (R = 0)")),
+    "permuted",  # exact since issue 13: a slot names a storage row, and row e holds expert e
 ]
 
 
