@@ -121,7 +121,7 @@ def test_expert_rows_cover_every_stacked_tensor_move_only_changed_rows_and_keep_
                          phy2log=torch.tensor(rows))
 
     controller = PlacementController(placement([[0, 1, 2, 3, 4, 5, 0, 1, 2]] * layers),
-                                     rows=lambda layout: transformers_expert_rows(model, E, layers, layout))
+                                     rows=lambda layout: transformers_expert_rows(list(model), E, layout))
     tensors = [getattr(m, n) for m in model for n in names]
     assert all(t.shape[0] == S for t in tensors) and all(m.num_experts == S for m in model)
     chain = [placement([[5, 4, 3, 2, 1, 0, 5, 5, 5], [0, 1, 2, 3, 4, 5, 0, 1, 2]]),  # layer 1 unchanged

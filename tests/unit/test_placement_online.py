@@ -82,7 +82,7 @@ def test_online_rebalancer_moves_replicas_to_the_hot_expert_through_the_controll
 
     model = nn.Sequential(Experts())
     start = Placement.identity(1, 8, num_ranks=2, slots_per_rank=5)  # extras: experts 0, 1
-    controller = PlacementController(start, rows=lambda layout: transformers_expert_rows(model, 8, 1, layout))
+    controller = PlacementController(start, rows=lambda layout: transformers_expert_rows(list(model), 8, layout))
     online = OnlineRebalancer(controller, RebalanceConfig(interval_steps=4, window_steps=4, min_gain=0.0,
                                                           layer_min_gain=0.0, max_moves=4))
     ids = torch.tensor([[5, 5], [5, 5], [5, 2], [5, 3]])  # expert 5 is hot
