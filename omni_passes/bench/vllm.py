@@ -12,8 +12,8 @@ redundant slots on an emulated 4 ranks and the online rebalancer on, serving a s
 set (few distinct prompts, repeated) round after round. After each round the worker's
 per-slot loads give that round's rank loads (slot j on rank j // S) and balancedness
 (mean/max rank load, averaged over MoE layers); rounds before the first applied rebalance
-are "before", rounds after the one in which it was applied "after" (the loop keeps running
-in them; each round's own figure and events are in the JSON).
+are "before", rounds after the last applied one "after" (each round's figure and every
+event are in the JSON).
 
     omni-passes bench vllm [--model DIR] [--rounds 6] [--prompts 16] [--max-tokens 32]
         [--engines off,identity,redundant] [--balance-rounds 6] [--json] [--out FILE] [--plot DIR]
@@ -230,24 +230,29 @@ def balance(engines: Engines, info: dict, args) -> dict:
     for i in range(args.balance_rounds):
         engines.ask("rebalance", ("generate", skewed, args.max_tokens))
         status = engines.ask("rebalance", ("status",))
-        placement = previous["placement"]  # the placement this round started on
         delta = [[a - b for a, b in zip(x, y)] for x, y in zip(status["total_slot_load"], previous["total_slot_load"])]
-        events = [e for e in status.get("rebalance_events", []) if previous["serving_steps"] < e["step"] <= status["serving_steps"]]
-        rounds.append({"round": i + 1, "balancedness": rank_balancedness(delta, len(delta), placement["slots_per_rank"]),
-                       "applied_rebalances": sum(e["applied"] for e in events),
-                       "placement_changed_during_round": status["placement"] != placement,
-                       "steps": status["serving_steps"] - previous["serving_steps"]})
-        say(f"balance round {i + 1}: balancedness {rounds[-1]['balancedness']:.4f}, "
-            f"{rounds[-1]['applied_rebalances']} rebalances applied")
+        rounds.append({"round": i + 1, "first_step": previous["serving_steps"] + 1, "last_step": status["serving_steps"],
+                       "balancedness": rank_balancedness(delta, len(delta), previous["placement"]["slots_per_rank"])})
+        say(f"balance round {i + 1}: balancedness {rounds[-1]['balancedness']:.4f}")
         previous = status
-    applied = [r["round"] for r in rounds if r["applied_rebalances"]]
-    before = [r["balancedness"] for r in rounds if not applied or r["round"] < applied[0]]
-    after = [r["balancedness"] for r in rounds if applied and r["round"] > applied[0]]
+    summary = summarize_balance(rounds, previous.get("rebalance_events", []))
     return {"ranks": RANKS, "slots_per_rank": previous["placement"]["slots_per_rank"], "prompts": skewed[:2],
-            "interval_steps": steps_per_round, "rounds": rounds,
+            "interval_steps": steps_per_round, "startup_s": engines.startup["rebalance"], **summary}
+
+
+def summarize_balance(rounds: list[dict], events: list[dict]) -> dict:
+    """Mark each round with the rebalances that changed its placement (an event at step s is
+    applied after step s: it affects the round's steps after s), then "before" = the rounds
+    before the first applied one took effect, "after" = the rounds after the last one did."""
+    applied = [e["step"] for e in events if e["applied"]]
+    for r in rounds:
+        r["applied_rebalances"] = sum(r["first_step"] - 1 <= s < r["last_step"] for s in applied)
+    changed = [r["round"] for r in rounds if r["applied_rebalances"]]
+    before = [r["balancedness"] for r in rounds if not changed or r["round"] < changed[0]]
+    after = [r["balancedness"] for r in rounds if changed and r["round"] > changed[-1]]
+    return {"rounds": rounds, "events": events,
             "balancedness_before": statistics.mean(before) if before else None,
-            "balancedness_after": statistics.mean(after) if after else None,
-            "events": previous.get("rebalance_events", []), "startup_s": engines.startup["rebalance"]}
+            "balancedness_after": statistics.mean(after) if after else None}
 
 
 def plot(result: dict, out_dir: str) -> list[str]:
