@@ -53,8 +53,11 @@ def sparse_mla_attention(q: torch.Tensor, kv_c_normed: torch.Tensor, k_pe: torch
     attn_metadata, layer, kv_cache, _ = get_attention_context(layer_name)
     if getattr(layer, "hisparse_cache", None) is not None:
         raise NotImplementedError(f"{layer_name}: sink+recent attention over a hisparse KV cache is not supported")
+    # A layer with sink+recent KV (``vllm_layer.compress_layer``) guards its ``forward_impl``
+    # against dense reads of freed blocks; this op is the caller allowed past that guard.
+    forward_impl = getattr(layer, "dense_forward_impl", layer.forward_impl)
     if attn_metadata is None or attn_metadata.max_seq_len <= sink + recent:
-        layer.forward_impl(q, kv_c_normed, k_pe, kv_cache, attn_metadata, output=output)
+        forward_impl(q, kv_c_normed, k_pe, kv_cache, attn_metadata, output=output)
         return
     changes: dict[str, Any] = {}
     if attn_metadata.prefill is not None and attn_metadata.num_prefills > 0:
@@ -67,7 +70,7 @@ def sparse_mla_attention(q: torch.Tensor, kv_c_normed: torch.Tensor, k_pe: torch
         changes["prefill"] = dataclasses.replace(prefill, prefill_backend=wrapped)
     if attn_metadata.decode is not None and attn_metadata.num_decodes > 0:
         kv_cache, changes["decode"] = _compact_decode(kv_cache, attn_metadata.decode, sink, recent, layer_name)
-    layer.forward_impl(q, kv_c_normed, k_pe, kv_cache, dataclasses.replace(attn_metadata, **changes), output=output)
+    forward_impl(q, kv_c_normed, k_pe, kv_cache, dataclasses.replace(attn_metadata, **changes), output=output)
 
 
 @sparse_mla_attention.register_fake
