@@ -73,7 +73,8 @@ def kv_layout(llm: Any) -> dict:
     return {
         "groups": groups,
         "num_blocks": config.num_blocks,
-        "kv_cache_tensor_bytes": sum(t.size for t in config.kv_cache_tensors),
+        # Groups overlay one backing allocation (a block id belongs to one group at a time).
+        "kv_cache_bytes": max(t.size for t in config.kv_cache_tensors),
         "kv_cache_size_tokens": cache.kv_cache_size_tokens,
         "max_concurrency": cache.kv_cache_max_concurrency,
         "max_model_len": llm.llm_engine.vllm_config.model_config.max_model_len,
