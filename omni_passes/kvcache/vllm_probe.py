@@ -97,16 +97,17 @@ def _snapshot(core: Any, managers: Any) -> dict:
     }
 
 
-def run(llm: Any, prompts: list[str], max_tokens: int, trace: bool = True) -> dict:
-    """Greedy generation of every prompt at once, stepping the engine; returns tokens, timings
-    and (``trace``) one snapshot of the scheduler per step."""
+def run(llm: Any, prompts: list[Any], max_tokens: int, trace: bool = True, tag: str = "r") -> dict:
+    """Greedy generation of every prompt at once (text, or ``{"prompt_token_ids": [...]}``),
+    stepping the engine; returns tokens, timings and (``trace``) one scheduler snapshot per step.
+    Request ids are ``tag`` + index (use a new tag for every call on one engine)."""
     from vllm import SamplingParams
 
     engine = llm.llm_engine
     core = _engine_core(llm)
     managers = core.scheduler.kv_cache_manager.coordinator.single_type_managers
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    ids = [f"r{i}" for i in range(len(prompts))]
+    ids = [f"{tag}{i}" for i in range(len(prompts))]
     for rid, prompt in zip(ids, prompts):
         engine.add_request(rid, prompt, params)
     outputs: dict[str, Any] = {}
