@@ -32,6 +32,10 @@ def _register_kv_cache(config) -> None:
     """Sink+recent KV cache spec, manager and MLA layer class for the pattern layers."""
     from omni_passes.kvcache.vllm_register import register_sink_recent_kv
 
+    if "sparse_attention" in config.passes:
+        # The op the pass inserts, registered up front: a compiled graph loaded from a cache
+        # calls it without the pass having run in this process.
+        import omni_passes.kvcache.vllm_mla  # noqa: F401
     if register_sink_recent_kv(config):
         attn = config.sparse_attention
         log.info("omni_passes plugin: sink+recent KV for layers %s (sink %d, recent %d)",

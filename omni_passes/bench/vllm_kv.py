@@ -95,6 +95,7 @@ def _engine(name: str, model: str, pass_config: str | None, memory: int, max_mod
     from omni_passes.testing.vllm_run import child_env
 
     env = child_env(pass_config, cache_dir)
+    env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override kv_cache_memory_bytes
     os.environ.clear()
     os.environ.update(env)
     capacity = _CapacityLog()
