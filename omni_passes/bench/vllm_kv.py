@@ -17,8 +17,8 @@ O output tokens submitted at once, greedy) in alternating timed rounds: requests
 once (max and step-mean), preemptions, output tokens/s. A warm-up round checks that prompts
 whose generation stays within sink + recent give identical tokens on both engines.
 
-    omni-passes bench vllm --pass-config FILE [--model DIR] [--kv-requests 16]
-        [--kv-prompt-tokens 1024] [--kv-output-tokens 256] [--kv-memory-requests 4]
+    omni-passes bench vllm --pass-config FILE [--model DIR] [--kv-requests 6]
+        [--kv-prompt-tokens 512] [--kv-output-tokens 768] [--kv-memory-requests 4]
         [--kv-max-model-len 2048] [--kv-rounds 3] [--json] [--out FILE] [--plot DIR]
 """
 
@@ -51,9 +51,9 @@ def add_kv_arguments(parser: argparse.ArgumentParser) -> None:
         pass  # another bench vllm mode defines it already
     group = parser.add_argument_group("sink+recent KV benchmark (dense vs compressed)")
     group.add_argument("--kv", action="store_true", help="run the KV benchmark (implied by a free_kv pass config)")
-    group.add_argument("--kv-requests", type=int, default=16, help="long requests submitted at once")
-    group.add_argument("--kv-prompt-tokens", type=int, default=1024)
-    group.add_argument("--kv-output-tokens", type=int, default=256)
+    group.add_argument("--kv-requests", type=int, default=6, help="long requests submitted at once")
+    group.add_argument("--kv-prompt-tokens", type=int, default=512)
+    group.add_argument("--kv-output-tokens", type=int, default=768)
     group.add_argument("--kv-memory-requests", type=float, default=4.0,
                        help="KV memory of both engines = what the dense engine needs for this many requests")
     group.add_argument("--kv-max-model-len", type=int, default=2048)
@@ -181,6 +181,8 @@ def _summary(run: dict) -> dict:
         "seconds": run["seconds"],
         "output_tokens": run["output_tokens"],
         "tokens_per_s": run["tokens_per_s"],
+        "cpu_seconds": run["cpu_seconds"],
+        "tokens_per_cpu_s": run["tokens_per_cpu_s"],
         "preemptions": run["preemptions"],
         "max_running": run["max_running"],
         "mean_running": statistics.fmean(s["running"] for s in steps) if steps else 0.0,
@@ -275,6 +277,7 @@ def _report(args, model, memory, configs, ready, short, rounds) -> dict:
         return statistics.median(r[key] for r in rounds[name])
 
     ratios = [c["tokens_per_s"] / d["tokens_per_s"] for c, d in zip(rounds["compressed"], rounds["dense"])]
+    cpu_ratios = [c["tokens_per_cpu_s"] / d["tokens_per_cpu_s"] for c, d in zip(rounds["compressed"], rounds["dense"])]
     capacity = {name: ready[name]["layout"]["max_concurrency"] for name in ready}
     capacity_1g = {name: ready[name]["layout"]["capacity_at_1gib"]["max_concurrency"] for name in ready}
     window_tokens = {name: short[name]["token_ids"] for name in short}
@@ -288,6 +291,7 @@ def _report(args, model, memory, configs, ready, short, rounds) -> dict:
         "engines": {name: {"startup_s": ready[name]["startup_s"], "layout": ready[name]["layout"],
                            "logged": ready[name]["logged"], "rounds": rounds[name],
                            "median_tokens_per_s": median(name, "tokens_per_s"),
+                           "median_tokens_per_cpu_s": median(name, "tokens_per_cpu_s"),
                            "median_max_running": median(name, "max_running"),
                            "median_mean_running": median(name, "mean_running"),
                            "median_preemptions": median(name, "preemptions")} for name in ready},
@@ -295,6 +299,8 @@ def _report(args, model, memory, configs, ready, short, rounds) -> dict:
         "capacity_ratio_at_1gib": capacity_1g["compressed"] / capacity_1g["dense"],
         "throughput_ratio": statistics.median(ratios),
         "throughput_ratios": ratios,
+        "cpu_throughput_ratio": statistics.median(cpu_ratios),
+        "cpu_throughput_ratios": cpu_ratios,
         "short_prompts_identical": window_tokens["dense"] == window_tokens["compressed"],
         "short_prompt_tokens": len(window_tokens["dense"][0]),
     }
@@ -309,11 +315,13 @@ def _print(result: dict) -> None:
         layout = engine["layout"]
         print(f"  {name:>10}: {layout['num_blocks']} blocks, max concurrency {layout['max_concurrency']:.2f}x "
               f"(1 GiB: {layout['capacity_at_1gib']['max_concurrency']:.2f}x); {engine['median_tokens_per_s']:.1f} "
-              f"output tok/s, running max {engine['median_max_running']:.0f} / mean {engine['median_mean_running']:.1f}, "
+              f"output tok/s ({engine['median_tokens_per_cpu_s']:.1f} per CPU-s), running max "
+              f"{engine['median_max_running']:.0f} / mean {engine['median_mean_running']:.1f}, "
               f"preemptions {engine['median_preemptions']:.0f}")
     print(f"  capacity ratio {result['capacity_ratio']:.3f} (1 GiB: {result['capacity_ratio_at_1gib']:.3f}); "
           f"throughput ratio {result['throughput_ratio']:.3f} (per round: "
-          f"{', '.join(f'{r:.3f}' for r in result['throughput_ratios'])}); short prompts identical: "
+          f"{', '.join(f'{r:.3f}' for r in result['throughput_ratios'])}); per CPU-second "
+          f"{result['cpu_throughput_ratio']:.3f}; short prompts identical: "
           f"{result['short_prompts_identical']}")
 
 

@@ -17,8 +17,8 @@ KV cache), before the worker asks for KV cache specs:
 
 Start-up refuses (naming the setting) what this cannot serve correctly: sink/recent that are not
 multiples of the block size, pattern layers the model does not have, compilation off or without
-the omni post-grad pass, prefix caching, chunked prefill, speculative decoding, KV connectors,
-context parallelism. Layers outside the pattern are untouched.
+the omni post-grad pass, prefix caching, speculative decoding, KV connectors, context
+parallelism. Layers outside the pattern are untouched.
 """
 
 from __future__ import annotations
@@ -96,9 +96,6 @@ def startup_problem(vllm_config: Any, config: SparseAttentionConfig) -> str | No
                 f"{POST_GRAD_PASS!r}: without the pass these layers would read freed blocks")
     if vllm_config.cache_config.enable_prefix_caching:
         return "prefix caching is on; sink+recent groups cannot take prefix-cache hits (enable_prefix_caching=False)"
-    if vllm_config.scheduler_config.enable_chunked_prefill:
-        return ("chunked prefill is on; the sparse MLA op cannot attend over cached context yet "
-                "(enable_chunked_prefill=False; vLLM turns it off for MLA on CPU)")
     if vllm_config.speculative_config is not None:
         return "speculative decoding is on; it is not supported with freed KV blocks"
     if vllm_config.kv_transfer_config is not None:

@@ -4,7 +4,8 @@ vLLM's scheduler owns one ``SingleTypeKVCacheManager`` per KV cache group, all d
 ``BlockPool``. Each step of a request it calls, in this order (``KVCacheManager.allocate_slots``):
 
 1. ``remove_skipped_blocks(req, processed)``: this manager returns to the pool every block that
-   lies entirely in [sink, processed + 1 − recent) and puts the null block in its table slot;
+   lies entirely in [sink, processed + 1 − recent) and puts the null block in its table slot
+   (a per-request cursor makes this O(blocks freed));
 2. ``get_num_blocks_to_allocate`` / ``allocate_new_blocks(req, N)``: blocks for the new tokens.
    Only blocks that hold a sink position or a position ≥ N − recent get storage; the others
    (a long prompt's middle, written by the prefill and never read from the cache) are the null
@@ -36,6 +37,11 @@ class SinkRecentManager(SingleTypeKVCacheManager):
         if self.dcp_world_size != 1 or self.pcp_world_size != 1:
             raise ValueError("sink+recent KV groups do not support decode/prefill context parallelism")
         self.window = kv_cache_spec.window
+        # Per request: every table entry in [sink blocks, cursor) is already null. Freed and
+        # never-stored entries interleave under chunked prefill (a chunk longer than the window
+        # leaves a null gap above stored context blocks), so freeing cannot stop at the first
+        # null entry as vLLM's sliding-window manager does.
+        self._freed_to: dict[str, int] = {}
 
     # -- allocation ----------------------------------------------------------------------------
     def get_num_blocks_to_allocate(self, request_id: str, num_tokens: int, new_computed_blocks: Sequence[Any],
@@ -62,10 +68,26 @@ class SinkRecentManager(SingleTypeKVCacheManager):
     # -- freeing -------------------------------------------------------------------------------
     def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
                               num_prompt_tokens: int | None = None) -> None:
+        blocks = self.req_to_blocks.get(request_id)
+        if not blocks:
+            return
         freeable = self.window.freeable_blocks(processed_computed_tokens)
-        # Walks down from the window's edge and stops at the first null entry: everything below
-        # it in [sink, edge) was freed by an earlier step or never allocated.
-        self._remove_blocks_in_range(request_id, freeable.start, freeable.stop)
+        start = max(freeable.start, self._freed_to.get(request_id, 0))
+        stop = min(freeable.stop, len(blocks))
+        if start >= stop:
+            return
+        freed = []
+        for i in range(start, stop):
+            if not blocks[i].is_null:
+                freed.append(blocks[i])
+                blocks[i] = self._null_block
+        self._freed_to[request_id] = stop
+        if freed:
+            self.block_pool.free_blocks(reversed(freed))
+
+    def pop_blocks_for_free(self, request_id: str) -> list[Any]:
+        self._freed_to.pop(request_id, None)
+        return super().pop_blocks_for_free(request_id)
 
     def live_blocks(self, request_id: str) -> int:
         """Blocks with storage that ``request_id`` holds now (what the tests bound)."""

