@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import multiprocessing as mp
 import re
 import statistics
@@ -58,7 +57,8 @@ def add_kv_arguments(parser: argparse.ArgumentParser) -> None:
                        help="KV memory of both engines = what the dense engine needs for this many requests")
     group.add_argument("--kv-max-model-len", type=int, default=2048)
     group.add_argument("--kv-max-num-seqs", type=int, default=32)
-    group.add_argument("--kv-rounds", type=int, default=3, help="timed workload rounds per engine, alternating")
+    group.add_argument("--kv-rounds", type=int, default=3,
+                       help="timed workload rounds per engine, alternating (0: capacity and the token check only)")
     group.add_argument("--plot", metavar="DIR", help="write vllm_kv.png there")
 
 
@@ -75,17 +75,24 @@ def wants_kv_bench(args: argparse.Namespace) -> bool:
 
 
 # --------------------------------------------------------------------------- engine process
-class _CapacityLog(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
+class _CapacityLog:
+    """Stands in for ``sys.stdout`` in an engine process: passes everything through and keeps
+    vLLM's capacity lines (vLLM's log handler writes to the stdout it finds when it configures
+    logging, which it does again when the engine starts, so a logging handler would be dropped)."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
         self.lines: list[dict] = []
 
-    def emit(self, record: logging.LogRecord) -> None:
-        match = CAPACITY_LINE.search(record.getMessage())
-        if match:
+    def write(self, text: str) -> int:
+        for match in CAPACITY_LINE.finditer(text):
             tokens, length, concurrency = match.groups()
             self.lines.append({"tokens": int(tokens.replace(",", "")), "max_model_len": int(length.replace(",", "")),
-                               "max_concurrency": float(concurrency), "line": record.getMessage()})
+                               "max_concurrency": float(concurrency), "line": match.group(0)})
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def _engine(name: str, model: str, pass_config: str | None, memory: int, max_model_len: int, max_num_seqs: int,
@@ -98,8 +105,9 @@ def _engine(name: str, model: str, pass_config: str | None, memory: int, max_mod
     env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override kv_cache_memory_bytes
     os.environ.clear()
     os.environ.update(env)
-    capacity = _CapacityLog()
-    logging.getLogger("vllm").addHandler(capacity)
+    import sys
+
+    capacity = sys.stdout = _CapacityLog(sys.stdout)
     try:
         from omni_passes.kvcache import vllm_probe
 
@@ -192,7 +200,11 @@ def _summary(run: dict) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
+    import signal
+    import sys
+
     setup_logging()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the engine processes too (finally below)
     if not getattr(args, "pass_config", None):
         raise UserError("the KV benchmark needs --pass-config FILE (sparse_attention with a pattern)")
     work = Path(tempfile.mkdtemp(prefix="omni-bench-vllm-kv-"))
@@ -273,8 +285,8 @@ def _receive(results: Any, name: str, kind: str, timeout: float = 1800) -> Any:
 
 
 def _report(args, model, memory, configs, ready, short, rounds) -> dict:
-    def median(name: str, key: str) -> float:
-        return statistics.median(r[key] for r in rounds[name])
+    def median(name: str, key: str) -> float | None:
+        return statistics.median(r[key] for r in rounds[name]) if rounds[name] else None
 
     ratios = [c["tokens_per_s"] / d["tokens_per_s"] for c, d in zip(rounds["compressed"], rounds["dense"])]
     cpu_ratios = [c["tokens_per_cpu_s"] / d["tokens_per_cpu_s"] for c, d in zip(rounds["compressed"], rounds["dense"])]
@@ -297,9 +309,9 @@ def _report(args, model, memory, configs, ready, short, rounds) -> dict:
                            "median_preemptions": median(name, "preemptions")} for name in ready},
         "capacity_ratio": capacity["compressed"] / capacity["dense"],
         "capacity_ratio_at_1gib": capacity_1g["compressed"] / capacity_1g["dense"],
-        "throughput_ratio": statistics.median(ratios),
+        "throughput_ratio": statistics.median(ratios) if ratios else None,
         "throughput_ratios": ratios,
-        "cpu_throughput_ratio": statistics.median(cpu_ratios),
+        "cpu_throughput_ratio": statistics.median(cpu_ratios) if cpu_ratios else None,
         "cpu_throughput_ratios": cpu_ratios,
         "short_prompts_identical": window_tokens["dense"] == window_tokens["compressed"],
         "short_prompt_tokens": len(window_tokens["dense"][0]),
@@ -313,11 +325,17 @@ def _print(result: dict) -> None:
           f"{w['rounds']} alternating rounds")
     for name, engine in result["engines"].items():
         layout = engine["layout"]
+        served = ""
+        if engine["median_tokens_per_s"] is not None:
+            served = (f"; {engine['median_tokens_per_s']:.1f} output tok/s ({engine['median_tokens_per_cpu_s']:.1f} per "
+                      f"CPU-s), running max {engine['median_max_running']:.0f} / mean "
+                      f"{engine['median_mean_running']:.1f}, preemptions {engine['median_preemptions']:.0f}")
         print(f"  {name:>10}: {layout['num_blocks']} blocks, max concurrency {layout['max_concurrency']:.2f}x "
-              f"(1 GiB: {layout['capacity_at_1gib']['max_concurrency']:.2f}x); {engine['median_tokens_per_s']:.1f} "
-              f"output tok/s ({engine['median_tokens_per_cpu_s']:.1f} per CPU-s), running max "
-              f"{engine['median_max_running']:.0f} / mean {engine['median_mean_running']:.1f}, "
-              f"preemptions {engine['median_preemptions']:.0f}")
+              f"(1 GiB: {layout['capacity_at_1gib']['max_concurrency']:.2f}x){served}")
+    if result["throughput_ratio"] is None:
+        print(f"  capacity ratio {result['capacity_ratio']:.3f} (1 GiB: {result['capacity_ratio_at_1gib']:.3f}); "
+              f"short prompts identical: {result['short_prompts_identical']}")
+        return
     print(f"  capacity ratio {result['capacity_ratio']:.3f} (1 GiB: {result['capacity_ratio_at_1gib']:.3f}); "
           f"throughput ratio {result['throughput_ratio']:.3f} (per round: "
           f"{', '.join(f'{r:.3f}' for r in result['throughput_ratios'])}); per CPU-second "
@@ -334,7 +352,9 @@ def _plot(result: dict, out_dir: Path) -> str:
     out_dir.mkdir(parents=True, exist_ok=True)
     names = list(result["engines"])
     colors = {"dense": "tab:gray", "compressed": "tab:blue"}
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    served = result["throughput_ratio"] is not None
+    fig, axes = plt.subplots(1, 3 if served else 1, figsize=(15, 4.2) if served else (5.5, 4.2), squeeze=False)
+    axes = axes[0]
     ax = axes[0]
     values = [result["engines"][n]["layout"]["max_concurrency"] for n in names]
     ax.bar(names, values, color=[colors[n] for n in names])
@@ -342,6 +362,8 @@ def _plot(result: dict, out_dir: Path) -> str:
         ax.text(i, v, f"{v:.2f}x", ha="center", va="bottom")
     ax.set_title(f"vLLM max concurrency at {result['workload']['max_model_len']} tokens\n(same KV memory; "
                  f"ratio {result['capacity_ratio']:.2f})")
+    if not served:
+        return _save(fig, out_dir)
     ax = axes[1]
     for name in names:
         trace = result["engines"][name]["rounds"][0]["running_trace"]
@@ -360,6 +382,12 @@ def _plot(result: dict, out_dir: Path) -> str:
     ax.set_ylim(bottom=0)
     ax.set_title(f"throughput (median ratio {result['throughput_ratio']:.2f})")
     ax.legend()
+    return _save(fig, out_dir)
+
+
+def _save(fig: Any, out_dir: Path) -> str:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = out_dir / "vllm_kv.png"
     fig.savefig(path, dpi=110)
