@@ -3,10 +3,19 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# torchair's and vllm-ascend's real Python sources (wheels downloaded by name, never
+# pip-installed: torch-npu installed breaks `import torch`); the torchair tests run them.
+ASCEND := $(VENV)/ascend
+ASCEND_STAMP := $(ASCEND)/manifest.json
 
-.PHONY: install demo test test-fast test-gpu clean vllm-serve
+.PHONY: install ascend-sources demo test test-fast test-gpu clean vllm-serve
 
-install: $(STAMP)
+install: $(STAMP) $(ASCEND_STAMP)
+
+ascend-sources: $(ASCEND_STAMP)
+
+$(ASCEND_STAMP): $(STAMP) omni_passes/testing/ascend_sources.py
+	$(PY) -m omni_passes.testing.ascend_sources fetch --dest $(ASCEND)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -9,12 +9,12 @@
 
 from .block_hash import BlockHasher, to_key
 from .load import InstanceLoad, LoadModel, PrefillTimeModel, Ticket
-from .policies import POLICIES, Choice, ClusterState, Policy, RequestInfo, make_policy
+from .policies import POLICIES, Choice, ClusterState, Observation, Policy, RequestInfo, make_policy
 from .prefix_index import PrefixIndex
 from .queue_order import Held, decode_order, prefill_order
 
 __all__ = [
     "BlockHasher", "to_key", "InstanceLoad", "LoadModel", "PrefillTimeModel", "Ticket",
-    "POLICIES", "Choice", "ClusterState", "Policy", "RequestInfo", "make_policy",
+    "POLICIES", "Choice", "ClusterState", "Observation", "Policy", "RequestInfo", "make_policy",
     "PrefixIndex", "Held", "decode_order", "prefill_order",
 ]

@@ -11,6 +11,11 @@ Each ``choose_*`` returns a :class:`Choice`, or ``None`` when every candidate is
 policy's limits: the proxy then holds the request and asks again, in the policy's queue order,
 when load frees. Only ``omni`` has limits; the others always place a request when there is a
 candidate. Policies are pure and synchronous: no I/O, time comes in through ``state.now``.
+
+The proxy reports what it sees through hooks that do nothing by default (an
+:class:`Observation` each): ``on_first_byte`` (a stream's first event), ``on_prefill_done``
+(a PD prefill instance answered), ``on_complete`` (an attempt ended, ok or not, with token
+counts when known).
 """
 
 from __future__ import annotations
@@ -40,6 +45,20 @@ class ClusterState:
     index: PrefixIndex | None
     block_size: int
     now: float
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What the proxy saw of one attempt of a request on an instance (times on ``state.now``'s clock)."""
+
+    request: RequestInfo
+    instance: str
+    stage: str                 # "prefill", "decode" or "collocated"
+    sent_at: float             # when the attempt was sent
+    at: float                  # when this was observed
+    ok: bool = True
+    prompt_tokens: int | None = None      # from the instance's usage, when it reported one
+    completion_tokens: int | None = None  # usage, else the stream's chunks
 
 
 @dataclass(frozen=True)
@@ -98,6 +117,15 @@ class Policy:
 
     def bypass_prefill(self, req: RequestInfo, decode_candidates: Sequence[str], state: ClusterState) -> bool:
         return False
+
+    def on_first_byte(self, obs: Observation) -> None:
+        """A stream's first event came from ``obs.instance``."""
+
+    def on_prefill_done(self, obs: Observation) -> None:
+        """A PD prefill instance answered (``obs.at - obs.sent_at``: its prefill time)."""
+
+    def on_complete(self, obs: Observation) -> None:
+        """An attempt ended (``obs.ok``), with the token counts the proxy saw."""
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name}

@@ -21,6 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--check", action="store_true", help="run original and rewritten on the same inputs and compare")
     parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     parser.add_argument("--out", metavar="DIR", help="write graphs before/after, the report and SVGs of rewritten blocks")
+    parser.add_argument("--backend", choices=["inductor", "torchair"], default="inductor",
+                        help="torchair: also write the GE graph torchair builds (needs --out; CANN compiles nothing)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=16)
 
@@ -40,6 +42,9 @@ def _run(args: argparse.Namespace) -> int:
     from omni_passes.placement.placement import PlacementError
 
     config = pass_config_from_args(args)
+    torchair = _torchair_or_none(args)
+    if args.backend == "torchair" and torchair is None:
+        return 2
     hf_config, model = build_from_args(args)
     inputs = torch.randint(0, hf_config.vocab_size, (args.batch, args.seq_len),
                            generator=torch.Generator().manual_seed(args.seed)).to(args.device)
@@ -59,7 +64,12 @@ def _run(args: argparse.Namespace) -> int:
             svgs.extend(render_rewrites(graph, out_dir, prefix=f"graph{len(graphs['after']) - 1}_"))
 
     try:
-        compiled = omni_passes.compile(model, config)
+        if torchair is not None:
+            from omni_passes.torchair_backend import compile_for_ge_dump
+
+            compiled = compile_for_ge_dump(model, config, out_dir / "ge", torchair=torchair[0])
+        else:
+            compiled = omni_passes.compile(model, config)
     except (ConfigError, PlacementError, ValueError) as exc:
         raise UserError(str(exc)) from None
     compiled.omni.manager.on_graph = on_graph
@@ -79,6 +89,8 @@ def _run(args: argparse.Namespace) -> int:
         for stage, sources in graphs.items():
             for i, src in enumerate(sources):
                 (out_dir / f"graph{i}_{stage}.py").write_text(src)
+        if torchair is not None:
+            result["ge_graph"] = _ge_summary(out_dir / "ge", torchair[1])
         (out_dir / "report.json").write_text(json.dumps(result, indent=2) + "\n")
         result["files"] = sorted(str(p) for p in out_dir.iterdir())
     if args.json:
@@ -86,6 +98,31 @@ def _run(args: argparse.Namespace) -> int:
     else:
         _print_human(result)
     return 0 if result.get("check", {}).get("ok", True) else 1
+
+
+def _torchair_or_none(args):
+    """(torchair, info) for --backend torchair, None otherwise; says in one line why not."""
+    if args.backend != "torchair":
+        return None
+    if not args.out:
+        say("omni-passes inspect: --backend torchair writes the GE graph under --out DIR; give --out")
+        return None
+    from omni_passes.testing.ascend import AscendSourcesMissing, import_torchair
+
+    try:
+        return import_torchair()
+    except (AscendSourcesMissing, ImportError) as exc:
+        say(f"omni-passes inspect: torchair is not available here, no GE graph written ({exc})")
+        return None
+
+
+def _ge_summary(ge_dir: Path, info) -> dict:
+    files = sorted(str(p) for p in ge_dir.glob("*.txt"))
+    note = ("GE graph built by torchair's FX-to-GE converters and dumped as text; CANN did not compile it "
+            "(debug.run_eagerly" + (", torchair's native module stood in" if info.native == "stand-in" else "") + ")")
+    say(f"{note}: {', '.join(files) or 'no file written'}")
+    return {"files": files, "compiled_by_cann": False, "torchair": info.path, "torch_npu_version": info.version,
+            "native_module": info.native, "note": note}
 
 
 def _reference(model, inputs, config):
