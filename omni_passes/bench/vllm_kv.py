@@ -378,6 +378,7 @@ def _plot(result: dict, out_dir: Path) -> str:
                 [r["tokens_per_s"] for r in result["engines"][name]["rounds"]], marker="o", color=colors[name],
                 label=f"{name} (preemptions {result['engines'][name]['median_preemptions']:.0f})")
     ax.set_xlabel("round")
+    ax.set_xticks(range(1, len(result["engines"][names[0]]["rounds"]) + 1))
     ax.set_ylabel("output tokens/s")
     ax.set_ylim(bottom=0)
     ax.set_title(f"throughput (median ratio {result['throughput_ratio']:.2f})")
