@@ -60,6 +60,16 @@ def install(config: SparseAttentionConfig) -> None:
                                 "sink+recent KV needs to build the MLA layers itself")
 
 
+def uninstall() -> None:
+    """Undo ``install`` in this process (tests that build vLLM models afterwards)."""
+    global _window
+    from vllm.model_executor.custom_op import op_registry_oot
+
+    _window = None
+    if op_registry_oot.get(MultiHeadLatentAttentionWrapper.__name__) is SinkRecentMLAWrapper:
+        del op_registry_oot[MultiHeadLatentAttentionWrapper.__name__]
+
+
 class SinkRecentMLAWrapper(MultiHeadLatentAttentionWrapper):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -143,6 +143,10 @@ def registered():
 
     # vLLM's own specs are still registered next to ours.
     assert KVCacheSpecRegistry.get_uniform_type_base_spec(mla_spec()) is FullAttentionSpec
+    yield
+    from omni_passes.kvcache.vllm_layer import uninstall
+
+    uninstall()  # later tests in this process build vLLM's own MLA layers
 
 
 @pytest.fixture(scope="module")
