@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 import torch
 
+from omni_passes import numerics
 from omni_passes.cli.common import UserError, emit_json, say, setup_logging
 
 # DeepSeek-V2-Lite dimensions (64 routed experts, top-6, 2 shared, MLA without q_lora) in the
@@ -195,6 +196,7 @@ VARIANT_PASSES = {  # --passes name -> (passes, whether the variant is per conte
 # The compiled variant without the pass, for each variant (its "pass error" peer).
 PEERS = {"dispatch": "compiled", "dispatch-redundant": "compiled", "latent": "compiled",
          "all": "compiled+sparse", "latent+sparse": "compiled+sparse"}
+SPARSE_KINDS = ("sparse", "all", "latent+sparse")  # variants whose reference is the masked eager
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -344,7 +346,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             latent_entry = entry
     sparse_available = _sparse_pass_available()
     for context in contexts:
-        for kind in ("sparse", "all", "latent+sparse"):
+        for kind in SPARSE_KINDS:
             if kind not in wanted:
                 continue
             name = f"compiled+{kind}@{context}"
@@ -425,33 +427,33 @@ class DecodeSteps:
 
 
 # --------------------------------------------------------------------------- numerics check
-CHECK_RULE = ("decode logits vs the eager reference at the same context (the masked eager for sparse variants); "
-              "ok when max_abs_diff <= tolerance = max(t0, 2 x noise): t0 = 1e-4 x max(1, max|ref|) in fp32, "
-              "2e-2 x max(1, max|ref|) in bf16/fp16; noise = |compiled - eager| at that context (compile noise, "
-              "measured in this run; 0 for the compiled variant itself). max_abs_diff_vs_peer: vs the same compiled "
-              "graph without the pass, where the run has it (the pass error alone)")
+CHECK_RULE = (numerics.RULE + " (omni_passes.numerics). Per context: pass_error = vs the same compiled graph "
+              "without the pass (the variant's peer), compile_noise = that peer vs its eager reference (the masked "
+              "eager for sparse peers). A variant with no peer in the run (sparse, whose function no compiled graph "
+              "without the pass computes) is compared with the masked eager under the compiled variant's compile noise.")
 
 
 def _check(family: str, context: int, logits: dict, references: dict, dtype: torch.dtype) -> dict[str, Any]:
+    """The shared check rule (omni_passes.numerics) applied to one variant at one context."""
     kind = family.removeprefix("compiled+").removeprefix("compiled")
-    sparse = kind in ("sparse", "all", "latent+sparse")
-    ref_name = "masked eager" if sparse else "eager"
-    ref = references[context][ref_name]
     out = logits[(family, context)]
-    scale = max(1.0, ref.abs().max().item())
-    t0 = (1e-4 if dtype == torch.float32 else 2e-2) * scale
+    peer = "compiled" if family == "compiled" else PEERS.get(kind)
+    if peer is not None and (peer, context) in logits:
+        peer_kind = peer.removeprefix("compiled+").removeprefix("compiled")
+        reference = references[context]["masked eager" if peer_kind in SPARSE_KINDS else "eager"]
+        check = numerics.check_rewrite(out, logits[(peer, context)], reference, dtype)
+        check["vs"] = peer
+        return check
+    ref_name = "masked eager" if kind in SPARSE_KINDS else "eager"
+    reference = references[context][ref_name]
     noise = 0.0
-    if family != "compiled" and ("compiled", context) in logits:
-        noise = (logits[("compiled", context)] - references[context]["eager"]).abs().max().item()
-    diff = (out - ref).abs().max().item()
-    tolerance = max(t0, 2 * noise)
-    check = {"max_abs_diff": diff, "ok": bool(diff <= tolerance), "tolerance": tolerance, "vs": ref_name,
-             "max_abs_ref": ref.abs().max().item(), "compile_noise": noise}
-    peer = PEERS.get(kind)
-    if peer and (peer, context) in logits:
-        check["peer"] = peer
-        check["max_abs_diff_vs_peer"] = (out - logits[(peer, context)]).abs().max().item()
-    return check
+    if ("compiled", context) in logits:
+        noise = numerics.max_abs_diff(logits[("compiled", context)], references[context]["eager"])
+    error = numerics.max_abs_diff(out, reference)
+    tolerance = numerics.bound(noise, numerics.output_scale(reference), dtype)
+    return {"max_abs_diff": error, "ok": error <= tolerance, "tolerance": tolerance, "pass_error": error,
+            "compile_noise": noise, "vs_eager": error, "output_scale": numerics.output_scale(reference),
+            "rule": numerics.RULE, "vs": ref_name}
 
 
 # --------------------------------------------------------------------------- HBM floor (CUDA)
