@@ -6,7 +6,9 @@ call them load anywhere), makes vLLM treat ``omni_passes.vllm_post_grad_pass`` a
 ``OMNI_PASSES_CONFIG`` is set, validates that file and the placement file it names early, so
 a bad config is reported before the model loads. (Whether a placement fits the model is
 checked when the model's graph compiles, in the worker; a refusal there fails vLLM's start-up
-and the server exits.) Enabling the pass is still the compile-config line (README).
+and the server exits.) Enabling the pass is still the compile-config line (README). With
+``sparse_attention.free_kv`` (the default) it also registers sink+recent KV for the pattern
+layers (``_register_kv_cache``).
 """
 
 from __future__ import annotations
@@ -31,3 +33,18 @@ def register() -> None:
 
             Placement.load(config.placement)  # raises PlacementError naming the file
         log.info("omni_passes plugin: %s = %s, passes %s", ENV_CONFIG, os.environ[ENV_CONFIG], list(config.passes))
+        _register_kv_cache(config)
+
+
+def _register_kv_cache(config) -> None:
+    """Sink+recent KV cache spec, manager and MLA layer class for the pattern layers."""
+    from omni_passes.kvcache.vllm_register import register_sink_recent_kv
+
+    if "sparse_attention" in config.passes:
+        # The op the pass inserts, registered up front: a compiled graph loaded from a cache
+        # calls it without the pass having run in this process.
+        import omni_passes.kvcache.vllm_mla  # noqa: F401
+    if register_sink_recent_kv(config):
+        attn = config.sparse_attention
+        log.info("omni_passes plugin: sink+recent KV for layers %s (sink %d, recent %d)",
+                 list(attn.pattern), attn.sink, attn.recent)

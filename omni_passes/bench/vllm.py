@@ -91,7 +91,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--balance-rounds", type=int, default=6, help="rounds of the skewed-prompt rebalancing run (0: skip)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--out", metavar="FILE")
-    parser.add_argument("--plot", metavar="DIR")
+    parser.add_argument("--plot", metavar="DIR", help="write the figure there (bench_vllm.png; vllm_kv.png in KV mode)")
+    from omni_passes.bench.vllm_kv import add_kv_arguments
+
+    add_kv_arguments(parser)  # sink+recent KV: dense vs compressed (--pass-config with free_kv, or --kv)
 
 
 # ---- the engine process ----------------------------------------------------------------------
@@ -290,6 +293,10 @@ def plot(result: dict, out_dir: str) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> int:
+    from omni_passes.bench import vllm_kv
+
+    if vllm_kv.wants_kv_bench(args):
+        return vllm_kv.main(args)
     setup_logging()
     names = [n.strip() for n in args.engines.split(",") if n.strip()]
     unknown = [n for n in names if n not in ENGINES]
