@@ -15,8 +15,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from omni_passes.config import PassConfig
-from omni_passes.model_info import MoEModelInfo
+from omni_passes.config import ConfigError, PassConfig
+from omni_passes.model_info import MoEModelInfo, attention_refusals, dispatch_refusal
 from omni_passes.pass_manager import OmniPassManager
 from omni_passes.placement.placement import Placement, PlacementError
 from omni_passes.registry import OmniRuntime, build_runtime, resolve_placement, sparse_attention_pass  # noqa: F401
@@ -36,6 +36,7 @@ def prepare(model: nn.Module, config: PassConfig, placement: Placement | None = 
     if hf_config is None:
         raise ValueError("model has no .config: omni_passes.compile expects a HuggingFace-style DeepSeek model")
     info = MoEModelInfo.from_hf_config(hf_config)
+    refuse_unsafe(model, config)
 
     def rows(layout):
         from omni_passes.model_info import experts_modules
@@ -48,6 +49,24 @@ def prepare(model: nn.Module, config: PassConfig, placement: Placement | None = 
         return transformers_expert_rows([modules[layer] for layer in info.moe_layer_ids], info.num_experts, layout)
 
     return build_runtime(config, info, device=model_device(model), rows=rows, placement=placement)
+
+
+def refuse_unsafe(model: nn.Module, config: PassConfig) -> None:
+    """Refuse, with the reason, a pass this architecture cannot take safely (model_info's
+    checks), before anything is traced: a rewrite that would run but compute something else
+    must never be produced. ``omni-passes inspect`` drops refused attention layers from the
+    pattern itself and reports them."""
+    if "redundant_experts" in config.passes:
+        reason = dispatch_refusal(model)
+        if reason is not None:
+            raise PlacementError(f"redundant_experts cannot rewrite this model: {reason}")
+    if "sparse_attention" in config.passes:
+        layers = [i for i in config.sparse_attention.pattern if i < model.config.num_hidden_layers]
+        refused = attention_refusals(model, layers)
+        if refused:
+            reasons = "; ".join(f"layer {i}: {why}" for i, why in sorted(refused.items()))
+            raise ConfigError(f"{config.source}: sparse_attention.pattern names layers sink+recent attention cannot "
+                              f"replace ({reasons}); drop them from the pattern")
 
 
 def inductor_backend(manager: OmniPassManager, **inductor_patches: Any) -> Callable:

@@ -167,3 +167,22 @@ def test_dispatch_refuses_experts_outside_the_experts_interface(tmp_path):
     model = build_model(load_hf_config(str(path)))
     reason = dispatch_refusal(model)
     assert reason is not None and reason.startswith("JetMoeForCausalLM: its experts are not stacked")
+
+
+def test_compile_refuses_what_the_checks_refuse(tmp_path):
+    """``omni_passes.compile`` itself refuses, naming the layer or the model, before tracing:
+    sink+recent on GPT-OSS's sliding-window layer, the dispatch pass on JetMoE's expert loop."""
+    import json
+
+    from omni_passes.config import ConfigError
+    from omni_passes.placement.placement import PlacementError
+
+    gpt_oss = build_model(load_hf_config("tiny-gpt-oss", layers=2))
+    with pytest.raises(ConfigError, match=r"layer 0: .*sliding-window attention \(window 8\)"):
+        omni_passes.compile(gpt_oss, {"passes": ["sparse_attention"],
+                                      "sparse_attention": {"sink": 2, "recent": 4, "pattern": [0]}})
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(JETMOE))
+    jetmoe = build_model(load_hf_config(str(path)))
+    with pytest.raises(PlacementError, match="redundant_experts cannot rewrite this model: JetMoeForCausalLM"):
+        omni_passes.compile(jetmoe, {"passes": ["redundant_experts"]})

@@ -1,4 +1,4 @@
-"""Placement files: the DESIGN.md format, validated with errors that name the problem."""
+"""Placement files: the documented format (docs/interfaces.md), validated with errors that name the problem."""
 
 import json
 
