@@ -13,7 +13,11 @@ routing around it (C++ loops on CPU, Triton on CUDA) and no Python runs per call
 The state's tensors enter the graph as Inductor constants bound by reference
 (``V.graph.add_tensor_constant`` keeps the tensor object, it does not copy), so an in-place
 placement update is read by the next call, and the counters are mutated in place by the
-graph. The FX graph keeps the omni op nodes (reports, renderers and other backends see
+graph. So a compiled graph must not come from Inductor's FX graph cache (a hit loads pickled
+copies of those constants, and counts would go nowhere): ``omni_passes.compile`` turns that
+cache off, the vLLM pass's ``uuid()`` is unique per process, and a raw ``torch.compile`` of
+the ops needs ``torch._inductor.config.fx_graph_cache = False`` (seen on the H200: a second
+process counted nothing). The FX graph keeps the omni op nodes (reports, renderers and other backends see
 them); only Inductor's lowering differs.
 
 ``OMNI_OPS_LOWERING=0`` makes both ops fall back to their eager kernels (to measure one
