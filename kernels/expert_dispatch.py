@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from kernels.common import check_layer
-from kernels.state import lookup
+from kernels.state import lookup, run_step_hooks
 
 # The occurrence index comes from a running count over a [N, E] one-hot (one cumsum, no
 # host sync); beyond this many entries a stable sort needs less memory.
@@ -67,6 +67,11 @@ def count_rows(row_load: torch.Tensor, gate: torch.Tensor, rows: torch.Tensor, l
 @torch.library.custom_op("omni::expert_dispatch", mutates_args=())
 def expert_dispatch(topk_ids: torch.Tensor, state: int, layer: int) -> torch.Tensor:
     """Map logical expert ids to storage rows through MoE layer ``layer``'s replica table."""
+    if layer == 0:
+        # The first omni op of a forward (this eager kernel runs where no Inductor lowering
+        # does, e.g. vllm-ascend): the host closes the previous step and opens this one here,
+        # before any count or table read (kernels.state, "next").
+        run_step_hooks(state, "next")
     rows = expert_dispatch_reference(topk_ids, lookup(state, "replica_slots"), lookup(state, "replica_count"), layer)
     count_rows(lookup(state, "row_load"), lookup(state, "gate"), rows, layer)
     return rows

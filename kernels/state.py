@@ -10,7 +10,10 @@ Everything an op does per call is tensor-side (counts are multiplied by the ``ga
 so it is also right when a CUDA graph replays it. Step hooks are for hosts whose ops run
 eagerly every step (vLLM on CPU): the op that opens a forward step calls
 ``run_step_hooks(state, "begin")`` and the one that closes it ``"end"``; there the host sets the
-gate, writes load files and rebalances, between the steps' expert computations.
+gate, writes load files and rebalances, between the steps' expert computations. Where only
+the start of a step is seen (the eager ``expert_dispatch`` kernel of MoE layer 0, with vendor
+expert ops after it), the op calls ``"next"``: the host ends the previous step, if one is open,
+then begins this one, so a rebalance never lands between a layer's dispatch and its experts.
 """
 
 from __future__ import annotations

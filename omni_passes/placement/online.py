@@ -108,13 +108,22 @@ class ServingSteps:
         self.export = export
         self.rebalancer = rebalancer
         self.serving = False
+        self.open = False
         self.steps = 0
 
     def __call__(self, phase: str) -> None:
+        if phase == "next":  # a host that sees only step starts (kernels.state)
+            if self.open:
+                self("end")
+            phase = "begin"
         if phase == "begin":
             self.serving = bool(self.is_serving())
             self.controller.gate.fill_(1 if self.serving else 0)
-        elif phase == "end" and self.serving:
+            self.open = True
+        elif phase == "end":
+            self.open = False
+            if not self.serving:
+                return
             self.steps += 1
             if self.rebalancer is not None:
                 self.rebalancer.step_end()  # takes this step's loads (they stay in the totals)

@@ -18,9 +18,9 @@ from omni_passes.placement.placement import Placement
 
 
 def record(controller, ids: torch.Tensor, layer: int) -> None:
-    """What the model's ops do in one MoE layer of a step."""
-    torch.ops.omni.record_expert_load(ids, controller.handle, layer)
+    """What the model's ops do in one MoE layer of a step, in the rewritten graph's order."""
     torch.ops.omni.expert_dispatch(ids, controller.handle, layer)
+    torch.ops.omni.record_expert_load(ids, controller.handle, layer)
 
 
 def test_gate_follows_the_host_and_files_hold_every_serving_step(tmp_path):
@@ -32,10 +32,32 @@ def test_gate_follows_the_host_and_files_hold_every_serving_step(tmp_path):
     add_step_hook(controller.handle, steps)
     ids = torch.tensor([[0, 1], [1, 7], [3, 1]])
     for _ in range(3):
+        # slot_fused_moe's form: the op of the first MoE layer opens the step, the last closes it
         run_step_hooks(controller.handle, "begin")
         for layer in range(2):
-            record(controller, ids, layer)
+            torch.ops.omni.record_expert_load(ids, controller.handle, layer)
         run_step_hooks(controller.handle, "end")
+    expected = 2 * torch.bincount(ids.flatten(), minlength=8)
+    assert steps.steps == 2
+    assert np.array_equal(np.load(tmp_path / "loads.npy"), torch.stack([expected, expected]).numpy())
+    controller.close()
+
+
+def test_eager_dispatch_kernels_drive_the_steps(tmp_path):
+    """Where only the generic ops run eagerly (vllm-ascend), MoE layer 0's dispatch ends the
+    previous step and opens the next: warm-ups count nothing, every serving step is exported,
+    and the last step is closed by the host (here: a final "end")."""
+    controller = PlacementController(Placement.identity(2, 8, num_ranks=2, slots_per_rank=4))
+    export = LoadExport(controller, str(tmp_path / "loads.npy"), str(tmp_path / "slots.npy"), interval=100)
+    serving = iter([False, True, True])  # a warm-up step, then two serving steps
+    steps = ServingSteps(controller, lambda: next(serving), export)
+    add_step_hook(controller.handle, steps)
+    ids = torch.tensor([[0, 1], [1, 7], [3, 1]])
+    for forward in range(3):
+        for layer in range(2):
+            record(controller, ids, layer)
+        assert steps.steps == max(0, forward - 1)  # a step is exported when the next one starts
+    run_step_hooks(controller.handle, "end")
     expected = 2 * torch.bincount(ids.flatten(), minlength=8)
     assert steps.steps == 2
     assert np.array_equal(np.load(tmp_path / "loads.npy"), torch.stack([expected, expected]).numpy())
