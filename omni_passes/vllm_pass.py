@@ -86,6 +86,7 @@ class VllmPostGradPass(CustomGraphPass):
                 except Exception as exc:
                     self._failure = f"{type(exc).__name__}: {exc}"
                     log.error("omni_passes: setup failed, the engine cannot start: %s", self._failure)
+                    _exit_at_once_on_termination()
                     raise VllmPassSetupError(self._failure) from exc
             self._runtime.run(graph)
 
@@ -155,6 +156,25 @@ class VllmRuntime:
 
 # The vllm-ascend adapter (omni_passes/vllm_ascend_pass.py) builds its runtime through this name.
 _VllmRuntime = VllmRuntime
+
+
+def _exit_at_once_on_termination() -> None:
+    """After a failed setup, let SIGTERM/SIGINT end this worker process at once.
+
+    vLLM's worker turns SIGTERM into ``SystemExit``; when the signal lands inside a weakref
+    callback, Python reports "Exception ignored" and the worker lives on, so the engine core
+    waits for it and the api_server never exits (seen under load: over 400 s after the
+    refusal was logged). A worker whose setup failed holds nothing a clean shutdown would save."""
+    import signal
+
+    def _exit(signum, frame):  # noqa: ARG001
+        os._exit(1)
+
+    try:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, _exit)
+    except ValueError:
+        pass  # not the main thread: vLLM's own handlers stay
 
 
 def attach_serving(runtime):
