@@ -5,12 +5,25 @@ A policy answers, for one request and the instances now usable (healthy, breaker
 * ``choose_prefill``   which prefill instance (PD mode),
 * ``choose_decode``    which decode instance (PD mode, and decode-only fallbacks),
 * ``choose_collocated`` which instance (collocated mode),
-* ``bypass_prefill``   whether a PD request skips prefill and goes straight to decode.
+* ``bypass_prefill``   whether a PD request skips prefill and goes straight to decode,
+* ``held`` / ``hold_order`` how requests it declined are described and ordered while held.
 
 Each ``choose_*`` returns a :class:`Choice`, or ``None`` when every candidate is over the
 policy's limits: the proxy then holds the request and asks again, in the policy's queue order,
 when load frees. Only ``omni`` has limits; the others always place a request when there is a
 candidate. Policies are pure and synchronous: no I/O, time comes in through ``state.now``.
+
+The proxy reports what it observes through the ``on_*`` hooks (defaults do the bookkeeping
+and feed the per-instance models in ``scheduling.load``, so every policy learns; overrides
+call ``super()``):
+
+* ``on_first_token(ticket, now)``    first byte of a stream (collocated, decode-only, decode);
+* ``on_prefill_answer(ticket, now)`` a PD prefill instance answered (its prefill is done);
+* ``on_complete(ticket, output_tokens, now)`` a stream ended cleanly with that many tokens;
+* ``on_failure(ticket, kind, now)``  an attempt failed (``kind`` as in the proxy's metrics).
+
+A non-streaming answer measures nothing about prefill or decode separately, so it calls none
+of them (the proxy only releases its ticket).
 """
 
 from __future__ import annotations
@@ -19,8 +32,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .load import InstanceLoad, LoadModel
+from .load import InstanceLoad, LoadModel, Ticket
+from .predict import Forecast, forecast, placement_cost, prefill_model_of, tpot_capacity
 from .prefix_index import PrefixIndex
+from .queue_order import Held, aged_shortest_first, fifo_order
+from .slo import SLOTarget
 
 
 @dataclass(frozen=True)
@@ -76,16 +92,50 @@ class _Rotor:
         self._next[stage] = candidates.index(best) + 1
         return best
 
+    def turn(self, stage: str, candidates: Sequence[str]) -> str:
+        """Plain rotation: the next candidate in turn for ``stage``."""
+        position = self._next.get(stage, 0)
+        self._next[stage] = position + 1
+        return candidates[position % len(candidates)]
+
 
 class Policy:
     name: ClassVar[str] = ""
     uses_prefix_index: ClassVar[bool] = False
-    queue_order: ClassVar[str] = "fifo"  # how held requests are ordered: "fifo" or "omni"
 
     def __init__(self, **options: Any) -> None:
         if options:
             raise ValueError(f"policy {self.name!r} has no option(s) {', '.join(sorted(options))}")
         self._rotor = _Rotor()
+        self.slo = SLOTarget()
+
+    def set_slo(self, slo: SLOTarget) -> None:
+        """The deployment's targets (``--slo``); policies that schedule against them use them."""
+        self.slo = slo
+
+    # -- holding -----------------------------------------------------------------------------
+    def held(self, stage: str, req: RequestInfo, state: ClusterState) -> Held:
+        """How a request declined at ``stage`` waits in the proxy (its queue entry)."""
+        return Held(req.prompt_tokens, req.max_tokens, req.arrived)
+
+    def hold_order(self, stage: str) -> Callable[[Sequence[Held], float], list[int]]:
+        """Serving order of the requests held at ``stage``: ``order(items, now) -> indices``."""
+        return lambda items, now: fifo_order(items)
+
+    # -- observations ------------------------------------------------------------------------
+    def on_first_token(self, ticket: Ticket, now: float) -> None:
+        ticket.prefill_done(now)
+        ticket.load.learn_prefill(ticket)
+
+    def on_prefill_answer(self, ticket: Ticket, now: float) -> None:
+        ticket.prefill_done(now)
+        ticket.load.learn_prefill(ticket)
+
+    def on_complete(self, ticket: Ticket, output_tokens: int, now: float) -> None:
+        ticket.load.learn_decode(ticket, output_tokens, now)
+
+    def on_failure(self, ticket: Ticket, kind: str, now: float) -> None:
+        """An attempt on ``ticket.instance`` failed; the proxy's circuit breaker acts on it."""
 
     def choose_prefill(self, req: RequestInfo, candidates: Sequence[str], state: ClusterState) -> Choice | None:
         raise NotImplementedError
@@ -96,7 +146,8 @@ class Policy:
     def choose_collocated(self, req: RequestInfo, candidates: Sequence[str], state: ClusterState) -> Choice | None:
         return self.choose_prefill(req, candidates, state)
 
-    def bypass_prefill(self, req: RequestInfo, decode_candidates: Sequence[str], state: ClusterState) -> bool:
+    def bypass_prefill(self, req: RequestInfo, decode_candidates: Sequence[str], state: ClusterState,
+                       prefill_candidates: Sequence[str] | None = None) -> bool:
         return False
 
     def describe(self) -> dict[str, Any]:
@@ -111,9 +162,7 @@ class RoundRobin(Policy):
     def _next(self, stage: str, candidates: Sequence[str]) -> Choice | None:
         if not candidates:
             return None
-        position = self._rotor._next.get(stage, 0)
-        self._rotor._next[stage] = position + 1
-        return Choice(candidates[position % len(candidates)], "round_robin")
+        return Choice(self._rotor.turn(stage, candidates), "round_robin")
 
     def choose_prefill(self, req, candidates, state):
         return self._next("prefill", candidates)
@@ -201,101 +250,190 @@ class CacheAware(Policy):
 
 
 class Omni(Policy):
-    """OmniInfer's scheduling.
+    """OmniInfer's scheduling against the deployment's SLO, with limits learned per instance.
 
-    Prefill: skip instances over their limits (``prefill_max_tokens`` queued prefill tokens or
-    ``prefill_max_running`` requests); among the rest the deepest prefix match wins, ties go to
-    the earliest predicted prefill finish (learned prefill-time model), then fewest queued
-    tokens, then fewest running. With no match anywhere: fewest queued tokens (rotating ties).
-    Decode: fewest KV tokens among instances with fewer than ``decode_max_running`` requests.
-    Collocated: the prefill rule, with both limits. When every candidate is over its limits the
-    request is held in the proxy (prefill: short prompts first, aged by waiting time; decode:
-    longest first; see ``scheduling.queue_order``).
-    PD bypass: a prompt with at most ``bypass_tokens`` tokens not cached on a decode instance
-    skips prefill (0 disables).
+    Every choice forecasts, per candidate, the request's TTFT and TPOT there
+    (``scheduling.predict``: learned prefill-time and decode-time models, prefix matches):
+
+    * **collocated**: candidates whose forecast keeps TPOT within the target (with a margin of
+      ``margin`` times the model's error spread) and whose first token is due within
+      ``ttft_share`` of the TTFT target; among them the deepest prefix match, then the
+      earliest first token, then fewest running. None: the request is held.
+    * **prefill** (PD): candidates whose first token is due within ``ttft_share`` of the
+      target (delayed release: the rest wait in the proxy, so the queue order applies); among
+      them the earliest predicted prefill completion (queued work plus the uncached part of the
+      prompt there, so a deep prefix match wins unless its instance is much busier), then the
+      deepest match.
+    * **decode** (PD): candidates within the TPOT target; the one whose predicted TPOT with
+      the request is lowest, then fewest KV tokens.
+    * **bypass** (PD): the prompt is prefilled on a decode instance when the forecast first
+      token there (its cached prefix counted) comes sooner than prefill + first decode step
+      via the best prefill instance, and that decode instance stays within the TPOT target
+      with the extra prefill work. ``bypass_tokens`` = N > 0 replaces this by the fixed rule
+      "at most N uncached tokens", 0 disables bypass.
+    * **held requests** go shortest predicted prefill first, aged by ``aging`` seconds of
+      priority per second waited (``scheduling.queue_order``: starvation bound).
+
+    ``prefill_max_tokens``, ``prefill_max_running``, ``decode_max_running`` are optional hard
+    caps on top (off by default).
     """
 
     name = "omni"
     uses_prefix_index = True
-    queue_order = "omni"
 
-    def __init__(
-        self,
-        prefill_max_tokens: int = 32768,
-        prefill_max_running: int = 32,
-        decode_max_running: int = 256,
-        bypass_tokens: int = 128,
-    ):
+    def __init__(self, ttft_share: float = 0.5, margin: float = 1.0, aging: float = 1.0, affinity_wait: float = 0.25,
+                 bypass_tokens: int | None = None, prefill_max_tokens: int | None = None,
+                 prefill_max_running: int | None = None, decode_max_running: int | None = None):
         super().__init__()
-        self.prefill_max_tokens = int(prefill_max_tokens)
-        self.prefill_max_running = int(prefill_max_running)
-        self.decode_max_running = int(decode_max_running)
-        self.bypass_tokens = int(bypass_tokens)
+        if not 0 < float(ttft_share) <= 1:
+            raise ValueError(f"ttft_share must be in (0, 1], got {ttft_share}")
+        if float(margin) < 0 or float(aging) < 0:
+            raise ValueError(f"margin and aging must not be negative, got {margin} and {aging}")
+        for key, value in (("bypass_tokens", bypass_tokens), ("prefill_max_tokens", prefill_max_tokens),
+                           ("prefill_max_running", prefill_max_running), ("decode_max_running", decode_max_running)):
+            if value is not None and int(value) < (0 if key == "bypass_tokens" else 1):
+                raise ValueError(f"{key} must be {'>= 0' if key == 'bypass_tokens' else 'positive'}, got {value}")
+        self.ttft_share = float(ttft_share)
+        self.margin = float(margin)
+        self.aging = float(aging)
+        self.affinity_wait = float(affinity_wait)
+        self.bypass_tokens = None if bypass_tokens is None else int(bypass_tokens)
+        self.prefill_max_tokens = None if prefill_max_tokens is None else int(prefill_max_tokens)
+        self.prefill_max_running = None if prefill_max_running is None else int(prefill_max_running)
+        self.decode_max_running = None if decode_max_running is None else int(decode_max_running)
+        self._bypassed: dict[str, str] = {}  # request id -> decode instance chosen by bypass_prefill
 
     def describe(self):
-        return {"name": self.name, "prefill_max_tokens": self.prefill_max_tokens,
-                "prefill_max_running": self.prefill_max_running,
-                "decode_max_running": self.decode_max_running, "bypass_tokens": self.bypass_tokens}
+        return {"name": self.name, "slo": self.slo.to_dict(), "ttft_share": self.ttft_share, "margin": self.margin,
+                "aging": self.aging, "bypass_tokens": self.bypass_tokens,
+                "prefill_max_tokens": self.prefill_max_tokens, "prefill_max_running": self.prefill_max_running,
+                "decode_max_running": self.decode_max_running}
 
-    def _prefill_like(self, stage, req, candidates, state, max_running: int) -> Choice | None:
+    def describe_instance(self, load: InstanceLoad, state: ClusterState) -> dict[str, Any]:
+        """What was learned about one instance, and the TPOT capacity that follows from it."""
+        return {"prefill": {"intercept_s": load.model.intercept, "slope_s_per_token": load.model.slope,
+                            "residual_std_s": load.model.residual_std, "observations": load.model.observations},
+                "decode": load.decode.describe(),
+                "tpot_capacity": tpot_capacity(load, state.loads.instances, self.slo, self.margin, state.now)}
+
+    # -- forecasts ---------------------------------------------------------------------------
+    def _forecasts(self, req: RequestInfo, candidates: Sequence[str], state: ClusterState,
+                   prefilled_here: bool) -> list[Forecast]:
         loads = state.loads.instances
-        eligible = [
-            i for i in candidates
-            if loads[i].prefill_tokens < self.prefill_max_tokens and loads[i].running < max_running
-        ]
-        if not eligible:
+        matches = _matches(req, candidates, state)
+        budget = self.ttft_share * self.slo.ttft
+        return [forecast(loads[i], loads, prompt_tokens=req.prompt_tokens,
+                         uncached=uncached(req, matches[i], state.block_size) if prefilled_here else 0,
+                         matched_blocks=matches[i], now=state.now, slo=self.slo, ttft_budget_s=budget,
+                         margin_z=self.margin)
+                for i in candidates]
+
+    def _under_caps(self, load: InstanceLoad, stage: str) -> bool:
+        if stage == "prefill":
+            return ((self.prefill_max_tokens is None or load.prefill_tokens < self.prefill_max_tokens)
+                    and (self.prefill_max_running is None or load.running < self.prefill_max_running))
+        if stage == "collocated" and self.prefill_max_tokens is not None and load.prefill_tokens >= self.prefill_max_tokens:
+            return False
+        return self.decode_max_running is None or load.running < self.decode_max_running
+
+    def _pick(self, stage: str, fcs: list[Forecast], state: ClusterState, key) -> Choice | None:
+        loads = state.loads.instances
+        fcs = [f for f in fcs if self._under_caps(loads[f.instance], stage)]
+        if not fcs:
             return None
-        matches = _matches(req, eligible, state)
-        bs, now = state.block_size, state.now
+        by_name = {f.instance: f for f in fcs}
+        best = by_name[self._rotor.pick(stage, list(by_name), lambda i: key(by_name[i], loads[i]))]
+        return Choice(best.instance, "prefix" if best.matched_blocks else "load", best.matched_blocks)
 
-        def rank(i: str):
-            load = loads[i]
-            finish = load.predicted_prefill_finish(uncached(req, matches[i], bs), now)
-            return (-matches[i], finish, load.prefill_tokens, load.running, load.kv_tokens)
-
-        best = self._rotor.pick(stage, eligible, rank)
-        if matches[best] > 0:
-            return Choice(best, "prefix", matches[best])
-        best = self._rotor.pick(stage, eligible, lambda i: (loads[i].prefill_tokens, loads[i].kv_tokens, loads[i].running))
-        return Choice(best, "load", 0)
+    # -- choices -----------------------------------------------------------------------------
+    def choose_collocated(self, req, candidates, state):
+        loads = state.loads.instances
+        fcs = self._forecasts(req, candidates, state, True)
+        cost = {f.instance: placement_cost(loads[f.instance], loads, prompt_tokens=req.prompt_tokens,
+                                           uncached=f.uncached, output_tokens=req.max_tokens, ttft_s=f.ttft_s)
+                for f in fcs}
+        ok = [f for f in fcs if f.ttft_ok and f.tpot_ok]
+        cheapest = min(cost.values(), default=0.0)
+        if ok and min(cost[f.instance] for f in ok) > cheapest \
+                and state.now - req.arrived < self.affinity_wait * self.slo.ttft:
+            return None  # the cheapest instance (usually: the one with its prefix) is full: wait a little
+        return self._pick("collocated", ok, state, lambda f, l: (cost[f.instance], -f.matched_blocks, l.running))
 
     def choose_prefill(self, req, candidates, state):
-        return self._prefill_like("prefill", req, candidates, state, self.prefill_max_running)
-
-    def choose_collocated(self, req, candidates, state):
-        return self._prefill_like("collocated", req, candidates, state, self.decode_max_running)
+        fcs = [f for f in self._forecasts(req, candidates, state, True) if f.ttft_ok]
+        return self._pick("prefill", fcs, state, lambda f, l: (f.ttft_s, -f.matched_blocks, l.running))
 
     def choose_decode(self, req, candidates, state):
-        loads = state.loads.instances
-        eligible = [i for i in candidates if loads[i].running < self.decode_max_running]
-        if not eligible:
-            return None
-        best = self._rotor.pick("decode", eligible, lambda i: (loads[i].kv_tokens, loads[i].running))
-        matched = _matches(req, [best], state)[best] if req.block_keys else 0
-        return Choice(best, "load", matched)
+        local = self._bypassed.pop(req.request_id, None)
+        if local is not None and local in candidates:  # bypass: the prompt is prefilled there
+            fcs = [f for f in self._forecasts(req, [local], state, True)]
+            return self._pick("decode", fcs, state, lambda f, l: 0) or self.choose_decode(req, candidates, state)
+        fcs = [f for f in self._forecasts(req, candidates, state, False) if f.tpot_ok]
+        return self._pick("decode", fcs, state, lambda f, l: (f.tpot_s, l.kv_tokens, l.running))
 
-    def bypass_prefill(self, req, decode_candidates, state):
-        if self.bypass_tokens <= 0 or not decode_candidates:
+    def bypass_prefill(self, req, decode_candidates, state, prefill_candidates: Sequence[str] | None = None):
+        if not decode_candidates or self.bypass_tokens == 0:
             return False
-        if req.prompt_tokens <= self.bypass_tokens:
-            return True
-        best = max(_matches(req, decode_candidates, state).values(), default=0)
-        return uncached(req, best, state.block_size) <= self.bypass_tokens
+        if self.bypass_tokens is not None:
+            if req.prompt_tokens <= self.bypass_tokens:
+                return True
+            best = max(_matches(req, decode_candidates, state).values(), default=0)
+            return uncached(req, best, state.block_size) <= self.bypass_tokens
+        loads = state.loads.instances
+        local = [f for f in self._forecasts(req, decode_candidates, state, True)
+                 if f.tpot_ok and self._under_caps(loads[f.instance], "decode")]
+        if not local:
+            return False
+        local_best = min(local, key=lambda f: (f.ttft_s, -f.matched_blocks))
+        prefills = [i for i, l in loads.items() if l.role == "prefill"] if prefill_candidates is None else prefill_candidates
+        remote = self._forecasts(req, prefills, state, True)
+        if remote:
+            decode_step = min(loads[i].decode.step_seconds(loads[i].running + 1, loads[i].kv_tokens + req.prompt_tokens)
+                              for i in decode_candidates)
+            via_prefill = min(f.ttft_s for f in remote) + decode_step
+            if local_best.ttft_s >= via_prefill:
+                return False
+        self._bypassed[req.request_id] = local_best.instance
+        if len(self._bypassed) > 4096:  # requests that never reached choose_decode (client gone)
+            self._bypassed.pop(next(iter(self._bypassed)))
+        return True
+
+    # -- holding -----------------------------------------------------------------------------
+    def held(self, stage, req, state):
+        """Service estimate: prefill seconds of the uncached part on the best-matching instance
+        (decode stage: 0, the KV is there; the order is then by waiting time)."""
+        service = 0.0
+        if stage != "decode":
+            loads = state.loads.instances
+            matches = _matches(req, list(loads), state)
+            best = max(matches, key=matches.get, default=None)
+            if best is not None:
+                model = prefill_model_of(loads[best], loads)
+                service = model.slope * uncached(req, matches[best], state.block_size)
+        return Held(req.prompt_tokens, req.max_tokens, req.arrived, service)
+
+    def hold_order(self, stage):
+        aging = self.aging
+        return lambda items, now: aged_shortest_first(items, now, aging)
 
 
 POLICIES: dict[str, type[Policy]] = {p.name: p for p in (Omni, RoundRobin, LeastLoad, CacheAware)}
 
 
-def make_policy(name: str, **options: Any) -> Policy:
-    """The policy called ``name`` with ``options`` (unknown names or options are errors)."""
+def make_policy(name: str, slo: SLOTarget | None = None, **options: Any) -> Policy:
+    """The policy called ``name`` with ``options`` (unknown names or options are errors),
+    scheduling against ``slo`` (default: :class:`SLOTarget`'s defaults)."""
     try:
         cls = POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}") from None
     try:
-        return cls(**options)
+        policy = cls(**options)
     except TypeError as exc:
         raise ValueError(f"bad option for policy {name!r}: {exc}") from None
+    if slo is not None:
+        policy.set_slo(slo)
+    return policy
 
 
 def policy_options(name: str) -> list[str]:
