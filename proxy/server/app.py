@@ -52,7 +52,6 @@ from scheduling.block_hash import BlockHasher
 from scheduling.load import LoadModel, Ticket
 from scheduling.policies import Choice, ClusterState, RequestInfo, make_policy
 from scheduling.prefix_index import PrefixIndex
-from scheduling.queue_order import Held
 
 log = logging.getLogger("omni_proxy")
 
@@ -114,15 +113,14 @@ class ProxyServer:
     def __init__(self, config: ProxyConfig):
         self.config = config.check()
         c = self.config
-        self.policy = make_policy(c.policy, **c.policy_options)
+        self.policy = make_policy(c.policy, slo=c.slo, **c.policy_options)
         self.tokenizer = make_tokenizer(c.tokenizer, c.chars_per_token)
         self.hasher = BlockHasher(c.block_size, c.hash_algo, c.hash_seed)
         self.index = PrefixIndex(c.index_capacity_blocks, c.approx_ttl)
         self.loads = LoadModel()
         self.registry = Registry()
-        order = self.policy.queue_order == "omni"
         stages = ("prefill", "decode") if c.mode == "pd" else ("collocated",)
-        self.queues = {s: HoldQueue(("decode" if s == "decode" else "prefill") if order else "fifo") for s in stages}
+        self.queues = {s: HoldQueue(self.policy.hold_order(s)) for s in stages}
         self.metrics = ProxyMetrics(self)
         self.subscribers: dict[str, KVEventSubscriber] = {}
         self.session: aiohttp.ClientSession | None = None
@@ -291,9 +289,11 @@ class ProxyServer:
             if choice is None:
                 return None
             work = choice.uncached_tokens(info, bs) if prefill_work else 0
-            return choice, self.loads.acquire(choice.instance, work, info.prompt_tokens, state.now)
+            return choice, self.loads.acquire(choice.instance, work, info.prompt_tokens, state.now, info.max_tokens)
 
-        held = Held(info.prompt_tokens, info.max_tokens, info.arrived)
+        def held():
+            return self.policy.held(stage, info, self._state())
+
         queue = self.queues["decode" if stage == "decode" else ("prefill" if stage == "prefill" else "collocated")]
         choice, ticket = await queue.place(held, try_place, self.config.queue_timeout, self.now(),
                                            on_orphan=lambda placed: self._release(placed[1]))
