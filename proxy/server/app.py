@@ -306,7 +306,7 @@ class ProxyServer:
         return choice, ticket
 
     def _release(self, ticket: Ticket) -> None:
-        ticket.release()
+        ticket.release(self.now())
         self._kick()
 
     def _failed(self, failure: AttemptFailed) -> None:
@@ -383,7 +383,7 @@ class ProxyServer:
                 except (aiohttp.ClientError, OSError) as exc:
                     raise AttemptFailed(instance, "broken", f"response broken: {type(exc).__name__}: {exc}") from None
                 clean = True
-                ticket.prefill_done(self.now())
+                ticket.prefill_done(self.now())  # bookkeeping only: the whole latency is not prefill time
                 self._succeeded(instance)
                 return web.Response(body=data, status=resp.status, content_type=resp.content_type,
                                     headers={"X-Request-Id": ctx.rid})
@@ -398,7 +398,7 @@ class ProxyServer:
                 raise AttemptFailed(instance, "broken", "stream ended before the first token")
             # From here on the client has bytes: no retry any more.
             now = self.now()
-            ticket.prefill_done(now)
+            self.policy.on_first_token(ticket, now)
             self._succeeded(instance)
             ctx.ttft = now - ctx.t0
             self.metrics.ttft.observe(ctx.ttft)
@@ -441,6 +441,8 @@ class ProxyServer:
                     tokens = chunks - 1
                     if tokens > 1:
                         self.metrics.tpot.observe((self.now() - ctx.t0 - ctx.ttft) / (tokens - 1))
+                    usage = isinstance(ctx.body.get("stream_options"), dict) and ctx.body["stream_options"].get("include_usage")
+                    self.policy.on_complete(ticket, tokens - (1 if usage else 0), self.now())
                 await out.write_eof()
                 return out
             except ConnectionResetError:
@@ -480,6 +482,7 @@ class ProxyServer:
                 return await self._forward(ctx, choice.instance, payload, ticket)
             except AttemptFailed as failure:
                 self._failed(failure)
+                self.policy.on_failure(ticket, failure.kind, self.now())
                 failures.append(failure)
                 tried.add(choice.instance)
                 if kv_params is not None:
@@ -512,7 +515,7 @@ class ProxyServer:
                 return None
             try:
                 params = await self._prefill_once(ctx, choice.instance, payload)
-                ticket.prefill_done(self.now())
+                self.policy.on_prefill_answer(ticket, self.now())
                 self._succeeded(choice.instance)
                 if params is None:
                     self.metrics.fallbacks.labels("no_kv_transfer_params").inc()
@@ -523,6 +526,7 @@ class ProxyServer:
                 return params
             except AttemptFailed as failure:
                 self._failed(failure)
+                self.policy.on_failure(ticket, failure.kind, self.now())
                 tried.add(choice.instance)
             finally:
                 self._release(ticket)
@@ -532,7 +536,8 @@ class ProxyServer:
     async def _serve_pd(self, ctx: _Ctx) -> web.StreamResponse:
         state = self._state()
         decodes = self.registry.usable("decode", state.now, self.health_checked)
-        if self.policy.bypass_prefill(ctx.info, decodes, state):
+        prefills = self.registry.usable("prefill", state.now, self.health_checked)
+        if self.policy.bypass_prefill(ctx.info, decodes, state, prefills):
             self.metrics.decisions.labels("bypass", "-", "short_uncached_prompt").inc()
             return await self._serve_stage(ctx, "decode", None)
         params = await self._prefill(ctx)
