@@ -174,7 +174,7 @@ async def run_point(cluster: ClusterSpec, spec: RouterSpec, requests: Sequence[W
     builder = PromptBuilder(seed)
     prompts = [builder.text(r, k) for k, r in enumerate(requests)]
     sims = await SimHost(cluster).start()
-    router = RouterProcess(spec, sims.instances)
+    router = RouterProcess(spec, sims.instances, slo=f"ttft={slo.ttft!r},tpot={slo.tpot!r}")
     try:
         await router.start()
         targets = router.targets
