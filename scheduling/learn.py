@@ -111,3 +111,29 @@ class OnlineLinearFit:
                 return
             pinned.update(negative)
             free = [i for i in free if i not in pinned]
+
+
+class ShrunkRatio:
+    """How one member of a pool deviates from the pool's model: the exponentially weighted
+    mean of ``observed / predicted``, shrunk toward 1 by ``prior_weight`` pseudo-samples (with
+    ``decay`` 0.98 at most 50 samples count, so it moves at most 50/70 of the way). Noise
+    between like instances then does not make the scheduler treat them as different, while a
+    slower instance still shows as such after tens of samples."""
+
+    def __init__(self, prior_weight: float = 20.0, decay: float = 0.98, clip: float = 5.0):
+        self.prior_weight = prior_weight
+        self.decay = decay
+        self.clip = clip
+        self._sum = 0.0
+        self._weight = 0.0
+
+    def observe(self, observed: float, predicted: float) -> None:
+        if not (predicted > 0 and observed >= 0 and math.isfinite(observed) and math.isfinite(predicted)):
+            return
+        r = min(self.clip, max(1.0 / self.clip, observed / predicted))
+        self._sum = self._sum * self.decay + r
+        self._weight = self._weight * self.decay + 1.0
+
+    @property
+    def value(self) -> float:
+        return (self._sum + self.prior_weight) / (self._weight + self.prior_weight)

@@ -12,8 +12,12 @@ Each instance also keeps time integrals of ``running`` and ``kv_tokens`` and a r
 of the prefill tokens it finished, so a request that completes can say what load it saw
 *over its own decode phase* (means over that window), which is what its TPOT depends on.
 
-Two models are learned per instance (``scheduling.learn``), fed by the policy's observation
-hooks (``scheduling.policies.Policy.on_*``), never by whole non-streaming latencies:
+Two models are learned per *role* (all prefill, all decode, all collocated instances share
+them: like instances should look alike, and noise in per-instance fits made identical
+instances look different), each instance keeping only a shrunk ratio of what it shows to what
+the shared model predicts (``scheduling.learn.ShrunkRatio``). They are fed by the policy's
+observation hooks (``scheduling.policies.Policy.on_*``), never by whole non-streaming
+latencies:
 
 * :class:`PrefillTimeModel`: time from dispatch to the first token (or to a PD prefill's
   answer) = ``a + b * queued``, where ``queued`` is the prefill work on the instance when the
@@ -30,7 +34,7 @@ from __future__ import annotations
 
 import math
 
-from .learn import OnlineLinearFit
+from .learn import OnlineLinearFit, ShrunkRatio
 
 
 class PrefillTimeModel:
@@ -149,7 +153,8 @@ RATE_WINDOW_S = 5.0
 
 
 class InstanceLoad:
-    """Counters of one instance (all from the proxy's own traffic) and its learned models."""
+    """Counters of one instance (all from the proxy's own traffic), the learned models of its
+    role (shared) and its own deviation from them."""
 
     def __init__(self, instance: str, role: str, model: PrefillTimeModel | None = None,
                  decode: DecodeTimeModel | None = None):
@@ -161,6 +166,8 @@ class InstanceLoad:
         self.dispatched = 0
         self.model = model or PrefillTimeModel()
         self.decode = decode or DecodeTimeModel(self.model.slope)
+        self.prefill_ratio = ShrunkRatio()
+        self.decode_ratio = ShrunkRatio()
         # time integrals (advanced at every event that carries a time) and totals
         self.clock = -math.inf
         self.running_area = 0.0
@@ -198,7 +205,10 @@ class InstanceLoad:
     def learn_prefill(self, ticket: "Ticket") -> None:
         """The ticket's first token (or PD prefill answer) measured dispatch -> prefill done."""
         if ticket.first_token_at is not None and ticket.prefill_tokens > 0:
-            self.model.observe(ticket.queued_at_dispatch, ticket.first_token_at - ticket.sent_at)
+            seconds = ticket.first_token_at - ticket.sent_at
+            if self.model.observations:
+                self.prefill_ratio.observe(seconds, self.model.predict(ticket.queued_at_dispatch))
+            self.model.observe(ticket.queued_at_dispatch, seconds)
 
     def learn_decode(self, ticket: "Ticket", output_tokens: int, now: float) -> None:
         """A stream ended cleanly: its TPOT against the load of its decode window."""
@@ -206,7 +216,11 @@ class InstanceLoad:
         if window is None or output_tokens < 2:
             return
         seconds, running, kv, prefilled = window
-        self.decode.observe(running, kv, prefilled / (output_tokens - 1), seconds / (output_tokens - 1))
+        tpot, per_token = seconds / (output_tokens - 1), prefilled / (output_tokens - 1)
+        if self.decode.observations:
+            x = self.decode.features(running, kv, per_token)
+            self.decode_ratio.observe(tpot, self.decode.fit.predict(x))
+        self.decode.observe(running, kv, per_token, tpot)
 
 
 class Ticket:
@@ -287,15 +301,22 @@ class LoadModel:
     def __init__(self, prior_intercept: float = 0.02, prior_slope: float = 5e-5):
         self.instances: dict[str, InstanceLoad] = {}
         self._prior = (prior_intercept, prior_slope)
+        self.role_models: dict[str, tuple[PrefillTimeModel, DecodeTimeModel]] = {}
+
+    def models_of(self, role: str) -> tuple[PrefillTimeModel, DecodeTimeModel]:
+        """The prefill- and decode-time models every instance of ``role`` shares."""
+        if role not in self.role_models:
+            self.role_models[role] = (PrefillTimeModel(*self._prior), DecodeTimeModel(self._prior[1]))
+        return self.role_models[role]
 
     def add(self, instance: str, role: str) -> InstanceLoad:
         load = self.instances.get(instance)
+        model, decode = self.models_of(role)
         if load is None:
-            load = InstanceLoad(instance, role, model=PrefillTimeModel(*self._prior),
-                                decode=DecodeTimeModel(self._prior[1]))
+            load = InstanceLoad(instance, role, model=model, decode=decode)
             self.instances[instance] = load
-        else:
-            load.role = role
+        elif load.role != role:
+            load.role, load.model, load.decode = role, model, decode
         return load
 
     def remove(self, instance: str) -> None:

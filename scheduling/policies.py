@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .load import InstanceLoad, LoadModel, Ticket
-from .predict import Forecast, forecast, placement_cost, prefill_model_of, tpot_capacity
+from .predict import Forecast, forecast, placement_cost, prefill_model_of, step_seconds, tpot_capacity
 from .prefix_index import PrefixIndex
 from .queue_order import Held, aged_shortest_first, fifo_order
 from .slo import SLOTarget
@@ -281,7 +281,7 @@ class Omni(Policy):
     name = "omni"
     uses_prefix_index = True
 
-    def __init__(self, ttft_share: float = 0.5, margin: float = 1.0, aging: float = 1.0, affinity_wait: float = 0.25,
+    def __init__(self, ttft_share: float = 0.5, margin: float = 1.0, aging: float = 1.0, affinity_wait: float = 0.0, balance: float = 0.7, mode: str = "band", fallback: str = "running",
                  bypass_tokens: int | None = None, prefill_max_tokens: int | None = None,
                  prefill_max_running: int | None = None, decode_max_running: int | None = None):
         super().__init__()
@@ -297,6 +297,9 @@ class Omni(Policy):
         self.margin = float(margin)
         self.aging = float(aging)
         self.affinity_wait = float(affinity_wait)
+        self.balance = float(balance)
+        self.mode = mode
+        self.fallback = fallback
         self.bypass_tokens = None if bypass_tokens is None else int(bypass_tokens)
         self.prefill_max_tokens = None if prefill_max_tokens is None else int(prefill_max_tokens)
         self.prefill_max_running = None if prefill_max_running is None else int(prefill_max_running)
@@ -347,17 +350,37 @@ class Omni(Policy):
 
     # -- choices -----------------------------------------------------------------------------
     def choose_collocated(self, req, candidates, state):
-        loads = state.loads.instances
         fcs = self._forecasts(req, candidates, state, True)
-        cost = {f.instance: placement_cost(loads[f.instance], loads, prompt_tokens=req.prompt_tokens,
-                                           uncached=f.uncached, output_tokens=req.max_tokens, ttft_s=f.ttft_s)
-                for f in fcs}
-        ok = [f for f in fcs if f.ttft_ok and f.tpot_ok]
-        cheapest = min(cost.values(), default=0.0)
-        if ok and min(cost[f.instance] for f in ok) > cheapest \
+        ok = [f for f in fcs if f.ttft_ok]
+        if not ok:
+            return None
+        if self.mode == "cost":
+            loads = state.loads.instances
+            cost = {f.instance: placement_cost(loads[f.instance], loads, prompt_tokens=req.prompt_tokens,
+                                               uncached=f.uncached, output_tokens=req.max_tokens, ttft_s=f.ttft_s)
+                    for f in fcs}
+            return self._pick("collocated", ok, state, lambda f, l: (cost[f.instance], -f.matched_blocks, l.running))
+        if self.mode == "count":
+            loads = state.loads.instances
+            caps = [tpot_capacity(loads[f.instance], loads, self.slo, self.margin, state.now) for f in fcs]
+            band = max(2.0, self.balance * sorted(caps)[len(caps) // 2])
+            running = [loads[f.instance].running for f in ok]
+            if max(running) - min(running) > band and max(running) > 1.5 * min(running):
+                if self.fallback == "tpot":
+                    return self._pick("collocated", ok, state, lambda f, l: (f.tpot_s, l.running))
+                return self._pick("collocated", ok, state, lambda f, l: (l.running, f.ttft_s))
+            deepest = max(f.matched_blocks for f in ok)
+            if deepest * state.block_size >= 0.3 * req.prompt_tokens:
+                return self._pick("collocated", ok, state, lambda f, l: (-f.matched_blocks, l.running))
+            return self._pick("collocated", ok, state, lambda f, l: (l.running, -f.matched_blocks))
+        best = min(f.tpot_s for f in ok)
+        band = best + self.balance * max(0.0, self.slo.tpot - best)
+        near = [f for f in ok if f.tpot_s <= band]
+        deepest = max(f.matched_blocks for f in fcs)
+        if self.affinity_wait and deepest and all(f.matched_blocks < deepest for f in near) \
                 and state.now - req.arrived < self.affinity_wait * self.slo.ttft:
-            return None  # the cheapest instance (usually: the one with its prefix) is full: wait a little
-        return self._pick("collocated", ok, state, lambda f, l: (cost[f.instance], -f.matched_blocks, l.running))
+            return None
+        return self._pick("collocated", near, state, lambda f, l: (-f.matched_blocks, f.tpot_s, l.running))
 
     def choose_prefill(self, req, candidates, state):
         fcs = [f for f in self._forecasts(req, candidates, state, True) if f.ttft_ok]
@@ -388,7 +411,7 @@ class Omni(Policy):
         prefills = [i for i, l in loads.items() if l.role == "prefill"] if prefill_candidates is None else prefill_candidates
         remote = self._forecasts(req, prefills, state, True)
         if remote:
-            decode_step = min(loads[i].decode.step_seconds(loads[i].running + 1, loads[i].kv_tokens + req.prompt_tokens)
+            decode_step = min(step_seconds(loads[i], loads, loads[i].running + 1, loads[i].kv_tokens + req.prompt_tokens)
                               for i in decode_candidates)
             via_prefill = min(f.ttft_s for f in remote) + decode_step
             if local_best.ttft_s >= via_prefill:

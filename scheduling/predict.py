@@ -11,9 +11,10 @@ there, ``p`` prompt tokens.
 * the TPOT capacity is the largest ``n`` whose predicted TPOT, plus a margin of ``z`` times
   the model's own error spread, stays within the target.
 
-An instance that has not observed enough yet borrows the model of the instance that has
-observed the most (instances of one deployment run on like hardware), so the first requests
-on a fresh instance are not predicted from the prior alone.
+Models are shared by the instances of a role, each instance scaling the prediction by its
+own shrunk ratio (``scheduling.load``). A role that has observed too little yet (decode
+instances see prefills only when bypassed) borrows the model of the role that has observed
+the most, so its first requests are not predicted from the prior alone.
 """
 
 from __future__ import annotations
@@ -41,6 +42,21 @@ def decode_model_of(load: InstanceLoad, loads: Mapping[str, InstanceLoad]) -> De
     return best.decode if best.decode.observations > load.decode.observations else load.decode
 
 
+def prefill_seconds(load: InstanceLoad, loads: Mapping[str, InstanceLoad], tokens: float) -> float:
+    """Predicted dispatch -> first token with ``tokens`` of prefill queued (own included)."""
+    return prefill_model_of(load, loads).predict(tokens) * load.prefill_ratio.value
+
+
+def step_seconds(load: InstanceLoad, loads: Mapping[str, InstanceLoad], running: float, kv_tokens: float) -> float:
+    """Predicted decode step time (no prefill chunks) at that load."""
+    return decode_model_of(load, loads).step_seconds(running, kv_tokens) * load.decode_ratio.value
+
+
+def tpot_seconds(load: InstanceLoad, loads: Mapping[str, InstanceLoad], running: float, kv_tokens: float,
+                 prefill_tokens_per_s: float) -> float:
+    return decode_model_of(load, loads).predict(running, kv_tokens, prefill_tokens_per_s) * load.decode_ratio.value
+
+
 @dataclass(frozen=True)
 class Forecast:
     """One instance's predicted outcome for one request."""
@@ -60,12 +76,12 @@ def forecast(load: InstanceLoad, loads: Mapping[str, InstanceLoad], *, prompt_to
     pm = prefill_model_of(load, loads)
     dm = decode_model_of(load, loads)
     if uncached > 0:
-        ttft = pm.predict(load.prefill_tokens + uncached)
+        ttft = prefill_seconds(load, loads, load.prefill_tokens + uncached)
         ttft_ok = load.prefill_tokens == 0 or ttft + margin_z * pm.residual_std <= ttft_budget_s
     else:
         ttft, ttft_ok = 0.0, True
     rate = load.prefill_rate(now) + uncached / RATE_WINDOW_S
-    tpot = dm.predict(load.running + 1, load.kv_tokens + prompt_tokens, rate)
+    tpot = tpot_seconds(load, loads, load.running + 1, load.kv_tokens + prompt_tokens, rate)
     tpot_ok = load.running == 0 or tpot + margin_z * dm.residual_std <= slo.tpot or unattainable(dm, slo, margin_z)
     return Forecast(load.instance, matched_blocks, uncached, ttft, tpot, ttft_ok, tpot_ok)
 
@@ -77,24 +93,25 @@ def unattainable(dm: DecodeTimeModel, slo: SLOTarget, margin_z: float) -> bool:
 
 
 def tpot_capacity(load: InstanceLoad, loads: Mapping[str, InstanceLoad], slo: SLOTarget, margin_z: float,
-                  now: float, limit: int = 4096) -> int | None:
-    """Most running requests the instance serves within the TPOT target at its current mean
-    context per request and prefill rate (None: unlimited, the target cannot be met anyway)."""
+                  now: float, limit: int = 4096) -> int:
+    """Most running requests the instance serves within the TPOT target, at its current mean
+    context per request and prefill rate: the largest ``n`` with
+
+        ratio * (c0 + n * (c1 + c2 * context)) / (1 - d * rate) + margin_z * error_std <= target
+
+    (at least 1; ``limit`` when the model shows no cost per sequence yet).
+    """
     dm = decode_model_of(load, loads)
-    if unattainable(dm, slo, margin_z):
-        return None
+    busy = dm.prefill_seconds_per_token() * load.prefill_rate(now)
+    if busy >= 0.95:
+        return 1
     context = load.kv_tokens / load.running if load.running else 0.0
-    rate = load.prefill_rate(now)
-    lo, hi = 1, limit
-    if dm.predict(hi, hi * context, rate) + margin_z * dm.residual_std <= slo.tpot:
-        return None
-    while lo + 1 < hi:  # predicted TPOT grows with n: bisect for the last n within target
-        mid = (lo + hi) // 2
-        if dm.predict(mid, mid * context, rate) + margin_z * dm.residual_std <= slo.tpot:
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    base = dm.step_seconds(0, 0)
+    per_sequence = dm.step_seconds(1, context) - base
+    allowed = (slo.tpot - margin_z * dm.residual_std) * (1.0 - busy) / load.decode_ratio.value
+    if per_sequence <= 0:
+        return limit
+    return int(min(limit, max(1.0, (allowed - base) / per_sequence + 1e-9)))
 
 
 def placement_cost(load: InstanceLoad, loads: Mapping[str, InstanceLoad], *, prompt_tokens: int, uncached: int,
@@ -110,7 +127,8 @@ def placement_cost(load: InstanceLoad, loads: Mapping[str, InstanceLoad], *, pro
     """
     dm = decode_model_of(load, loads)
     n, kv = load.running, load.kv_tokens
-    step_with = dm.step_seconds(n + 1, kv + prompt_tokens)
-    slowdown = dm.step_seconds(n + 1, kv + prompt_tokens) - dm.step_seconds(n, kv)
+    step_with = step_seconds(load, loads, n + 1, kv + prompt_tokens)
+    slowdown = step_with - step_seconds(load, loads, n, kv)
     prefill = max(dm.prefill_seconds_per_token(), prefill_model_of(load, loads).slope) * uncached
     return output_tokens * (step_with + n * slowdown) + (n + 1) * prefill + ttft_s
+
