@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .load import InstanceLoad, LoadModel, Ticket
-from .predict import Forecast, forecast, placement_cost, prefill_model_of, step_seconds, tpot_capacity
+from .predict import Forecast, forecast, prefill_model_of, step_seconds, tpot_capacity
 from .prefix_index import PrefixIndex
 from .queue_order import Held, aged_shortest_first, fifo_order
 from .slo import SLOTarget
@@ -255,17 +255,24 @@ class Omni(Policy):
     Every choice forecasts, per candidate, the request's TTFT and TPOT there
     (``scheduling.predict``: learned prefill-time and decode-time models, prefix matches):
 
-    * **collocated**: candidates whose forecast keeps TPOT within the target (with a margin of
-      ``margin`` times the model's error spread) and whose first token is due within
-      ``ttft_share`` of the TTFT target; among them the deepest prefix match, then the
-      earliest first token, then fewest running. None: the request is held.
-    * **prefill** (PD): candidates whose first token is due within ``ttft_share`` of the
-      target (delayed release: the rest wait in the proxy, so the queue order applies); among
-      them the earliest predicted prefill completion (queued work plus the uncached part of the
-      prompt there, so a deep prefix match wins unless its instance is much busier), then the
-      deepest match.
-    * **decode** (PD): candidates within the TPOT target; the one whose predicted TPOT with
-      the request is lowest, then fewest KV tokens.
+    * **collocated**: prefix affinity with a load guard that is learned, not configured. From
+      the decode model each instance's TPOT capacity follows (the running requests it serves
+      within the TPOT target); when running requests differ by more than ``balance`` times the
+      median capacity (and the busiest runs 1.5x the least busy), the least busy instance takes
+      the request; otherwise the deepest prefix match if it covers ``cache_share`` of the
+      prompt, else the least busy. (The rule SGLang's and vLLM's routers use, whose threshold
+      must suit the instances: 64 there, about 24 within the SLO on this project's bench
+      profile, and the capacity says which.)
+    * **prefill** (PD): the earliest predicted prefill completion (queued work plus the
+      uncached part of the prompt there, so a deep prefix match wins unless its instance is
+      much busier), then the deepest match.
+    * **delayed release** (prefill and collocated): a request goes to an instance only while
+      its first token is forecast within ``ttft_share`` of the TTFT target (or the instance has
+      nothing queued); otherwise it waits in the proxy, where the queue order applies and it
+      can still go to whichever instance frees first.
+    * **decode** (PD): the lowest predicted TPOT with the request added, among the instances
+      that stay within the TPOT target (with a margin of ``margin`` times the model's error
+      spread) if any do; then fewest KV tokens.
     * **bypass** (PD): the prompt is prefilled on a decode instance when the forecast first
       token there (its cached prefix counted) comes sooner than prefill + first decode step
       via the best prefill instance, and that decode instance stays within the TPOT target
@@ -274,21 +281,27 @@ class Omni(Policy):
     * **held requests** go shortest predicted prefill first, aged by ``aging`` seconds of
       priority per second waited (``scheduling.queue_order``: starvation bound).
 
-    ``prefill_max_tokens``, ``prefill_max_running``, ``decode_max_running`` are optional hard
-    caps on top (off by default).
+    Learned capacity steers load; it never holds a request back by itself: holding whenever
+    every instance was forecast over its TPOT capacity turned mild overload into a TTFT
+    collapse in the benchmark (docs/serving_bench.md). ``prefill_max_tokens``,
+    ``prefill_max_running`` and ``decode_max_running`` are optional hard caps (off by default)
+    for operators who want admission control.
     """
 
     name = "omni"
     uses_prefix_index = True
 
-    def __init__(self, ttft_share: float = 0.5, margin: float = 1.0, aging: float = 1.0, affinity_wait: float = 0.0, balance: float = 0.7, mode: str = "band", fallback: str = "running",
-                 bypass_tokens: int | None = None, prefill_max_tokens: int | None = None,
+    def __init__(self, ttft_share: float = 0.5, margin: float = 1.0, aging: float = 1.0, balance: float = 0.25,
+                 cache_share: float = 0.3, bypass_tokens: int | None = None, prefill_max_tokens: int | None = None,
                  prefill_max_running: int | None = None, decode_max_running: int | None = None):
         super().__init__()
         if not 0 < float(ttft_share) <= 1:
             raise ValueError(f"ttft_share must be in (0, 1], got {ttft_share}")
-        if float(margin) < 0 or float(aging) < 0:
-            raise ValueError(f"margin and aging must not be negative, got {margin} and {aging}")
+        if not 0 <= float(cache_share) <= 1:
+            raise ValueError(f"cache_share must be in [0, 1], got {cache_share}")
+        for key, value in (("margin", margin), ("aging", aging), ("balance", balance)):
+            if float(value) < 0:
+                raise ValueError(f"{key} must not be negative, got {value}")
         for key, value in (("bypass_tokens", bypass_tokens), ("prefill_max_tokens", prefill_max_tokens),
                            ("prefill_max_running", prefill_max_running), ("decode_max_running", decode_max_running)):
             if value is not None and int(value) < (0 if key == "bypass_tokens" else 1):
@@ -296,10 +309,8 @@ class Omni(Policy):
         self.ttft_share = float(ttft_share)
         self.margin = float(margin)
         self.aging = float(aging)
-        self.affinity_wait = float(affinity_wait)
         self.balance = float(balance)
-        self.mode = mode
-        self.fallback = fallback
+        self.cache_share = float(cache_share)
         self.bypass_tokens = None if bypass_tokens is None else int(bypass_tokens)
         self.prefill_max_tokens = None if prefill_max_tokens is None else int(prefill_max_tokens)
         self.prefill_max_running = None if prefill_max_running is None else int(prefill_max_running)
@@ -308,15 +319,16 @@ class Omni(Policy):
 
     def describe(self):
         return {"name": self.name, "slo": self.slo.to_dict(), "ttft_share": self.ttft_share, "margin": self.margin,
-                "aging": self.aging, "bypass_tokens": self.bypass_tokens,
-                "prefill_max_tokens": self.prefill_max_tokens, "prefill_max_running": self.prefill_max_running,
-                "decode_max_running": self.decode_max_running}
+                "aging": self.aging, "balance": self.balance, "cache_share": self.cache_share,
+                "bypass_tokens": self.bypass_tokens, "prefill_max_tokens": self.prefill_max_tokens,
+                "prefill_max_running": self.prefill_max_running, "decode_max_running": self.decode_max_running}
 
     def describe_instance(self, load: InstanceLoad, state: ClusterState) -> dict[str, Any]:
         """What was learned about one instance, and the TPOT capacity that follows from it."""
         return {"prefill": {"intercept_s": load.model.intercept, "slope_s_per_token": load.model.slope,
-                            "residual_std_s": load.model.residual_std, "observations": load.model.observations},
-                "decode": load.decode.describe(),
+                            "residual_std_s": load.model.residual_std, "observations": load.model.observations,
+                            "ratio": load.prefill_ratio.value},
+                "decode": {**load.decode.describe(), "ratio": load.decode_ratio.value},
                 "tpot_capacity": tpot_capacity(load, state.loads.instances, self.slo, self.margin, state.now)}
 
     # -- forecasts ---------------------------------------------------------------------------
@@ -348,39 +360,27 @@ class Omni(Policy):
         best = by_name[self._rotor.pick(stage, list(by_name), lambda i: key(by_name[i], loads[i]))]
         return Choice(best.instance, "prefix" if best.matched_blocks else "load", best.matched_blocks)
 
+    def balance_band(self, candidates: Sequence[str], state: ClusterState) -> float:
+        """Running-request gap beyond which load balance wins over prefix affinity:
+        ``balance`` times the median learned TPOT capacity (at least 2)."""
+        loads = state.loads.instances
+        caps = sorted(tpot_capacity(loads[i], loads, self.slo, self.margin, state.now) for i in candidates)
+        return max(2.0, self.balance * caps[len(caps) // 2]) if caps else 2.0
+
     # -- choices -----------------------------------------------------------------------------
     def choose_collocated(self, req, candidates, state):
-        fcs = self._forecasts(req, candidates, state, True)
-        ok = [f for f in fcs if f.ttft_ok]
-        if not ok:
-            return None
-        if self.mode == "cost":
-            loads = state.loads.instances
-            cost = {f.instance: placement_cost(loads[f.instance], loads, prompt_tokens=req.prompt_tokens,
-                                               uncached=f.uncached, output_tokens=req.max_tokens, ttft_s=f.ttft_s)
-                    for f in fcs}
-            return self._pick("collocated", ok, state, lambda f, l: (cost[f.instance], -f.matched_blocks, l.running))
-        if self.mode == "count":
-            loads = state.loads.instances
-            caps = [tpot_capacity(loads[f.instance], loads, self.slo, self.margin, state.now) for f in fcs]
-            band = max(2.0, self.balance * sorted(caps)[len(caps) // 2])
-            running = [loads[f.instance].running for f in ok]
-            if max(running) - min(running) > band and max(running) > 1.5 * min(running):
-                if self.fallback == "tpot":
-                    return self._pick("collocated", ok, state, lambda f, l: (f.tpot_s, l.running))
-                return self._pick("collocated", ok, state, lambda f, l: (l.running, f.ttft_s))
-            deepest = max(f.matched_blocks for f in ok)
-            if deepest * state.block_size >= 0.3 * req.prompt_tokens:
-                return self._pick("collocated", ok, state, lambda f, l: (-f.matched_blocks, l.running))
-            return self._pick("collocated", ok, state, lambda f, l: (l.running, -f.matched_blocks))
-        best = min(f.tpot_s for f in ok)
-        band = best + self.balance * max(0.0, self.slo.tpot - best)
-        near = [f for f in ok if f.tpot_s <= band]
+        fcs = [f for f in self._forecasts(req, candidates, state, True) if f.ttft_ok]
+        if not fcs:
+            return None  # every instance's prefill queue is full: wait for the first to free
+        loads = state.loads.instances
+        running = [loads[f.instance].running for f in fcs]
+        least_busy = lambda f, l: (l.running, f.ttft_s)  # noqa: E731
+        if max(running) - min(running) > self.balance_band(candidates, state) and max(running) > 1.5 * min(running):
+            return self._pick("collocated", fcs, state, least_busy)
         deepest = max(f.matched_blocks for f in fcs)
-        if self.affinity_wait and deepest and all(f.matched_blocks < deepest for f in near) \
-                and state.now - req.arrived < self.affinity_wait * self.slo.ttft:
-            return None
-        return self._pick("collocated", near, state, lambda f, l: (-f.matched_blocks, f.tpot_s, l.running))
+        if deepest and deepest * state.block_size >= self.cache_share * req.prompt_tokens:
+            return self._pick("collocated", fcs, state, lambda f, l: (-f.matched_blocks, l.running, f.ttft_s))
+        return self._pick("collocated", fcs, state, least_busy)
 
     def choose_prefill(self, req, candidates, state):
         fcs = [f for f in self._forecasts(req, candidates, state, True) if f.ttft_ok]
@@ -388,11 +388,13 @@ class Omni(Policy):
 
     def choose_decode(self, req, candidates, state):
         local = self._bypassed.pop(req.request_id, None)
-        if local is not None and local in candidates:  # bypass: the prompt is prefilled there
-            fcs = [f for f in self._forecasts(req, [local], state, True)]
-            return self._pick("decode", fcs, state, lambda f, l: 0) or self.choose_decode(req, candidates, state)
-        fcs = [f for f in self._forecasts(req, candidates, state, False) if f.tpot_ok]
-        return self._pick("decode", fcs, state, lambda f, l: (f.tpot_s, l.kv_tokens, l.running))
+        if local is not None and local in candidates:  # bypassed: the prompt is prefilled there
+            choice = self._pick("decode", self._forecasts(req, [local], state, True), state, lambda f, l: 0)
+            if choice is not None:
+                return choice
+        fcs = self._forecasts(req, candidates, state, False)
+        within = [f for f in fcs if f.tpot_ok]
+        return self._pick("decode", within or fcs, state, lambda f, l: (f.tpot_s, l.kv_tokens, l.running))
 
     def bypass_prefill(self, req, decode_candidates, state, prefill_candidates: Sequence[str] | None = None):
         if not decode_candidates or self.bypass_tokens == 0:
@@ -408,13 +410,13 @@ class Omni(Policy):
         if not local:
             return False
         local_best = min(local, key=lambda f: (f.ttft_s, -f.matched_blocks))
-        prefills = [i for i, l in loads.items() if l.role == "prefill"] if prefill_candidates is None else prefill_candidates
-        remote = self._forecasts(req, prefills, state, True)
+        if prefill_candidates is None:
+            prefill_candidates = [i for i, l in loads.items() if l.role == "prefill"]
+        remote = self._forecasts(req, prefill_candidates, state, True)
         if remote:
             decode_step = min(step_seconds(loads[i], loads, loads[i].running + 1, loads[i].kv_tokens + req.prompt_tokens)
                               for i in decode_candidates)
-            via_prefill = min(f.ttft_s for f in remote) + decode_step
-            if local_best.ttft_s >= via_prefill:
+            if local_best.ttft_s >= min(f.ttft_s for f in remote) + decode_step:
                 return False
         self._bypassed[req.request_id] = local_best.instance
         if len(self._bypassed) > 4096:  # requests that never reached choose_decode (client gone)
@@ -424,15 +426,15 @@ class Omni(Policy):
     # -- holding -----------------------------------------------------------------------------
     def held(self, stage, req, state):
         """Service estimate: prefill seconds of the uncached part on the best-matching instance
-        (decode stage: 0, the KV is there; the order is then by waiting time)."""
+        of the stage (decode stage: 0, the KV is there, so the order is by waiting time)."""
         service = 0.0
         if stage != "decode":
             loads = state.loads.instances
-            matches = _matches(req, list(loads), state)
-            best = max(matches, key=matches.get, default=None)
-            if best is not None:
-                model = prefill_model_of(loads[best], loads)
-                service = model.slope * uncached(req, matches[best], state.block_size)
+            names = [i for i, l in loads.items() if l.role == stage] or list(loads)
+            matches = _matches(req, names, state)
+            best = max(names, key=lambda i: matches[i])
+            model = prefill_model_of(loads[best], loads)
+            service = model.slope * uncached(req, matches[best], state.block_size)
         return Held(req.prompt_tokens, req.max_tokens, req.arrived, service)
 
     def hold_order(self, stage):

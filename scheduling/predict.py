@@ -113,22 +113,3 @@ def tpot_capacity(load: InstanceLoad, loads: Mapping[str, InstanceLoad], slo: SL
         return limit
     return int(min(limit, max(1.0, (allowed - base) / per_sequence + 1e-9)))
 
-
-def placement_cost(load: InstanceLoad, loads: Mapping[str, InstanceLoad], *, prompt_tokens: int, uncached: int,
-                   output_tokens: int, ttft_s: float) -> float:
-    """Seconds of latency the whole instance accrues from taking the request (lower is better).
-
-    With the decode model's step law ``s(n, K) = c0 + c1 n + c2 K``: the request decodes
-    ``output_tokens`` steps of ``s(n + 1, K + p)``; each of the ``n`` requests already there
-    gets ``c1 + c2 p`` longer steps while they overlap (taken as the request's whole output);
-    its prefill (``uncached`` tokens at ``d`` seconds each) stalls all ``n + 1``; and its own
-    first token waits ``ttft_s``. Cached prefixes lower the third term, load the first two: the
-    balance between cache affinity and load balance follows from learned costs, not a knob.
-    """
-    dm = decode_model_of(load, loads)
-    n, kv = load.running, load.kv_tokens
-    step_with = step_seconds(load, loads, n + 1, kv + prompt_tokens)
-    slowdown = step_with - step_seconds(load, loads, n, kv)
-    prefill = max(dm.prefill_seconds_per_token(), prefill_model_of(load, loads).slope) * uncached
-    return output_tokens * (step_with + n * slowdown) + (n + 1) * prefill + ttft_s
-
