@@ -273,10 +273,13 @@ class Omni(Policy):
     * **decode** (PD): the lowest predicted TPOT with the request added, among the instances
       that stay within the TPOT target (with a margin of ``margin`` times the model's error
       spread) if any do; then fewest KV tokens.
-    * **bypass** (PD): the prompt is prefilled on a decode instance when the forecast first
-      token there (its cached prefix counted) comes sooner than prefill + first decode step
-      via the best prefill instance, and that decode instance stays within the TPOT target
-      with the extra prefill work. ``bypass_tokens`` = N > 0 replaces this by the fixed rule
+    * **bypass** (PD): the prompt is prefilled on a decode instance when the first token
+      forecast there (its cached prefix counted) comes sooner than prefill + first decode step
+      via the best prefill instance by more than the stall that prefill imposes on the
+      requests decoding there (its compute time), and that decode instance stays within the
+      TPOT target with the extra prefill work. So a congested prefill path or a prefix cached
+      on the decode side sends requests straight to decode; an idle prefill instance keeps
+      prompts off the decode instances. ``bypass_tokens`` = N > 0 replaces this by the fixed rule
       "at most N uncached tokens", 0 disables bypass.
     * **held requests** go shortest predicted prefill first, aged by ``aging`` seconds of
       priority per second waited (``scheduling.queue_order``: starvation bound).
@@ -416,7 +419,10 @@ class Omni(Policy):
         if remote:
             decode_step = min(step_seconds(loads[i], loads, loads[i].running + 1, loads[i].kv_tokens + req.prompt_tokens)
                               for i in decode_candidates)
-            if local_best.ttft_s >= min(f.ttft_s for f in remote) + decode_step:
+            saved = min(f.ttft_s for f in remote) + decode_step - local_best.ttft_s
+            # the prefill stalls every request decoding there for about its compute time
+            stall = prefill_model_of(loads[local_best.instance], loads).slope * local_best.uncached
+            if saved <= stall:
                 return False
         self._bypassed[req.request_id] = local_best.instance
         if len(self._bypassed) > 4096:  # requests that never reached choose_decode (client gone)
