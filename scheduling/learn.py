@@ -4,7 +4,8 @@
 
     minimise  sum_k decay^(n-k) * (y_k - theta . x_k)^2  +  sum_j ridge_j * (theta_j - prior_j)^2
 
-refitted after every sample (a k x k solve, k <= 4 here: microseconds). The ridge term keeps
+refitted after every ``refit_every``-th sample (and after each of the first 32; a k x k
+solve, k <= 4 here: tens of microseconds in Python). The ridge term keeps
 coefficients that the data cannot tell apart (features that did not vary yet) at their prior,
 so a model fed only low-load samples still predicts with its prior slope instead of noise.
 Coefficients flagged ``nonnegative`` are physical costs (seconds per sequence, per token): a
@@ -44,7 +45,7 @@ class OnlineLinearFit:
     """Exponentially weighted ridge regression with a residual tracker (see module docstring)."""
 
     def __init__(self, prior: Sequence[float], ridge: Sequence[float], decay: float = 0.98,
-                 nonnegative: Sequence[bool] | None = None):
+                 nonnegative: Sequence[bool] | None = None, refit_every: int = 1):
         if len(prior) != len(ridge) or not prior:
             raise ValueError(f"prior and ridge must have the same non-zero length, got {len(prior)} and {len(ridge)}")
         if not 0.0 < decay <= 1.0:
@@ -56,6 +57,9 @@ class OnlineLinearFit:
         self.ridge = [float(r) for r in ridge]
         self.decay = decay
         self.nonnegative = list(nonnegative) if nonnegative is not None else [False] * k
+        if refit_every < 1:
+            raise ValueError(f"refit_every must be at least 1, got {refit_every}")
+        self.refit_every = refit_every
         self.theta = list(self.prior)
         self._xx = [[0.0] * k for _ in range(k)]
         self._xy = [0.0] * k
@@ -91,7 +95,8 @@ class OnlineLinearFit:
             self._xy[i] = self._xy[i] * d + xi * y
         self.weight = self.weight * d + 1.0
         self.samples += 1
-        self._refit()
+        if self.samples <= 32 or self.samples % self.refit_every == 0:
+            self._refit()
 
     def _refit(self) -> None:
         free = list(range(len(self.theta)))

@@ -107,7 +107,7 @@ class DecodeTimeModel:
         self.fit = OnlineLinearFit(
             prior=(0.0, 0.0, 0.0, prefill_slope_prior * PREFILL_SCALE),
             ridge=(1e-6,) + tuple(ridge * t * t for t in typical[1:]),
-            decay=decay, nonnegative=(True, True, True, True))
+            decay=decay, nonnegative=(True, True, True, True), refit_every=4)
 
     @staticmethod
     def features(running: float, kv_tokens: float, prefill_per_token: float) -> tuple[float, ...]:
