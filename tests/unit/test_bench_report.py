@@ -110,3 +110,21 @@ def test_sweep_refinement_bisects_the_edge_to_the_step():
     assert refine_rate([(10.0, False), (12.0, False)], 0.05) is None  # nothing passed
     assert refine_rate([(10.0, True), (12.0, True)], 0.05) is None  # nothing failed above
     assert refine_rate([(10.0, True), (12.0, False)], 0.0) is None  # off
+
+
+def test_plan_pd_bypass_and_option_arguments():
+    import pytest
+
+    from proxy.bench.plan_pd import AUTO, Candidate, _bypass, _options
+
+    assert _bypass("32,auto,0,32") == [AUTO, 0, 32]
+    assert Candidate(1, 3, AUTO).label == "1P:3D bypass auto" and Candidate(0, 4, None).label == "collocated x4"
+    with pytest.raises(ValueError, match="'auto' or non-negative integers"):
+        _bypass("-1")
+    with pytest.raises(ValueError, match="'auto' or non-negative integers"):
+        _bypass("often")
+    assert _options(["ttft_share=0.4", "decode_max_running=24"]) == {"ttft_share": 0.4, "decode_max_running": 24}
+    with pytest.raises(ValueError, match="KEY one of"):
+        _options(["bypass_tokens=3"])  # given per candidate by --bypass
+    with pytest.raises(ValueError, match="ttft_share must be in"):
+        _options(["ttft_share=2"])
