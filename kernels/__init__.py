@@ -6,4 +6,4 @@ live beside them and are imported lazily. Importing this package registers the o
 """
 
 from kernels import expert_dispatch, expert_load  # noqa: F401  (registers omni::*)
-from kernels import sparse_attention  # noqa: F401
+from kernels import latent_attention, sparse_attention  # noqa: F401

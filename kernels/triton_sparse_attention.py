@@ -100,9 +100,10 @@ def _scores(q, qe, k, ke, qk_scale, USE_DOT: tl.constexpr, D_EXTRA: tl.constexpr
 # --------------------------------------------------------------------------- decode
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, POS, OUT, LSE,
+    Q, K, KE, V, POS, OUT, LSE,
     sq_b, sq_h,
     sk_b, sk_h, sk_n,
+    se_b, se_h, se_n,
     sv_b, sv_h, sv_n,
     sp_b,
     so_b, so_h, so_s,
@@ -142,6 +143,7 @@ def _decode_split_kernel(
         offs_e = offs_d
         qe = q
     k_base = K + b * sk_b + kv_head.to(tl.int64) * sk_h
+    ke_base = KE + b * se_b + kv_head.to(tl.int64) * se_h
     v_base = V + b * sv_b + kv_head.to(tl.int64) * sv_h
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -158,7 +160,8 @@ def _decode_split_kernel(
         else:
             v = tl.load(v_base + pos[:, None] * sv_n + offs_d[None, :], mask=valid[:, None], other=0.0)
         if D_EXTRA > 0:
-            ke = tl.load(k_base + pos[:, None] * sk_n + offs_e[None, :], mask=valid[:, None], other=0.0)
+            offs_x = tl.arange(0, D_EXTRA)
+            ke = tl.load(ke_base + pos[:, None] * se_n + offs_x[None, :], mask=valid[:, None], other=0.0)
         else:
             ke = k
         s = _scores(q, qe, k, ke, qk_scale, USE_DOT, D_EXTRA, IEEE)
@@ -249,10 +252,16 @@ def decode_config(batch: int, kv_heads: int, group: int, dv: int, d_extra: int, 
 
 def sparse_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
                   sink: int, recent: int, scale: float, v_from_k: bool = False,
-                  **override) -> torch.Tensor:
-    """Decode: q [B, Hq, 1, D], k [B, Hkv, Sk, D], v [B, Hkv, Sk, Dv] -> [B, Hq, 1, Dv]."""
+                  k_extra: torch.Tensor | None = None, **override) -> torch.Tensor:
+    """Decode: q [B, Hq, 1, D], k [B, Hkv, Sk, D], v [B, Hkv, Sk, Dv] -> [B, Hq, 1, Dv].
+
+    ``k_extra`` [B, Hkv, Sk, D - Dv]: the key's last D - Dv dims live in another tensor (MLA's
+    rope key beside the latent); k then holds only the first Dv dims.
+    """
     B, Hq, _, D = q.shape
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    if k_extra is None:
+        k_extra = k[..., Dv:] if D > Dv else k
     group = Hq // Hkv
     cfg = decode_config(B, Hkv, group, Dv, D - Dv, Sk, sink, recent, _sm_count(q.device), **override)
     out = torch.empty(B, Hq, 1, Dv, device=q.device, dtype=q.dtype)
@@ -268,9 +277,10 @@ def sparse_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torc
         so, sl = part.stride()[:3], lse.stride()
     grid = (B * Hkv * cfg["head_blocks"], splits)
     _decode_split_kernel[grid](
-        q, k, v, q_pos, part, lse,
+        q, k, k_extra, v, q_pos, part, lse,
         q.stride(0), q.stride(1),
         k.stride(0), k.stride(1), k.stride(2),
+        k_extra.stride(0), k_extra.stride(1), k_extra.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         q_pos.stride(0),
         *so, *sl,
@@ -404,6 +414,31 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q
     return sparse_prefill(q, k, v, q_pos, sink, recent, scale, **override)
 
 
+def supports_latent(q: torch.Tensor, kv_c: torch.Tensor, k_pe: torch.Tensor) -> bool:
+    """Whether ``latent_decode`` covers these ``omni::latent_attention`` inputs."""
+    if q.device.type != "cuda" or q.dtype not in _SUPPORTED_DTYPES:
+        return False
+    if q.stride(-1) != 1 or kv_c.stride(-1) != 1 or k_pe.stride(-1) != 1:
+        return False
+    r, dr = kv_c.shape[-1], k_pe.shape[-1]
+    return _pow2(r) and 16 <= r <= 512 and _pow2(dr) and 16 <= dr <= r
+
+
+def latent_decode(q: torch.Tensor, kv_c: torch.Tensor, k_pe: torch.Tensor, q_pos: torch.Tensor,
+                  sink: int, recent: int, scale: float, **override) -> torch.Tensor:
+    """Absorbed MLA decode on a two-part cache: q [B, H, 1, R + Dr], kv_c [B, Sk, R] (key part
+    and value), k_pe [B, Sk, Dr] -> [B, H, 1, R]. One latent head (MQA): each visible row of
+    kv_c and k_pe is read once. Dense attention is ``sink = 0, recent = Sk``."""
+    k = kv_c.unsqueeze(1)
+    # ~2 programs per SM: 177.6 us vs 212 us at 1.5 (dense, B16 H16, 32k, H200; docs/graph.md)
+    override.setdefault("programs_per_sm", 2)
+    if q.shape[1] >= 64 and min(sink, kv_c.shape[1]) + min(recent, kv_c.shape[1]) > 4096:
+        override.setdefault("block_g", 64)  # 128 heads, dense 16k: 315 us vs 557 us with 16 (H200)
+    if q.dtype == torch.float32 and kv_c.shape[-1] >= 512:
+        override.setdefault("block_n", 32)  # fp32 tiles: two stages of 64 rows exceed shared memory
+    return sparse_decode(q, k, k, q_pos, sink, recent, scale, v_from_k=True, k_extra=k_pe.unsqueeze(1), **override)
+
+
 def bytes_min_decode(batch: int, q_heads: int, kv_heads: int, d: int, dv: int, visible: int,
                      itemsize: int, v_from_k: bool = False) -> int:
     """The fewest bytes a decode step must move: visible K (+V) rows, q in, output out."""
@@ -411,5 +446,5 @@ def bytes_min_decode(batch: int, q_heads: int, kv_heads: int, d: int, dv: int, v
     return itemsize * (batch * kv_heads * visible * row + batch * q_heads * (d + dv))
 
 
-__all__ = ["supports", "sparse_attention_triton", "sparse_decode", "sparse_prefill",
-           "decode_config", "prefill_config", "bytes_min_decode"]
+__all__ = ["supports", "supports_latent", "sparse_attention_triton", "sparse_decode", "latent_decode",
+           "sparse_prefill", "decode_config", "prefill_config", "bytes_min_decode"]

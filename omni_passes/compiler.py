@@ -104,6 +104,12 @@ def prepare(model: nn.Module, config: PassConfig, placement: Placement | None = 
         )
     if "sparse_attention" in config.passes:
         passes.append(sparse_attention_pass(config, info))
+    if "latent_attention" in config.passes:  # after sparse_attention: it takes over its sparse sites
+        from omni_passes.fx.latent_attention import LatentAttentionPass
+
+        attn = config.sparse_attention if "sparse_attention" in config.passes else None
+        passes.append(LatentAttentionPass(window=(attn.sink, attn.recent) if attn else None,
+                                          pattern=list(attn.pattern) if attn else ()))
     fingerprint = config.fingerprint() + (placement.fingerprint() if placement is not None else "")
     manager = OmniPassManager(passes, fingerprint=fingerprint, report_path=config.report_path)
     return OmniRuntime(config=config, info=info, manager=manager, placement_state=state, experts=experts, extras=extras)

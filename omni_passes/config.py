@@ -6,7 +6,10 @@
      "report_path": "report.json", "expert_load_path": "loads.npy",
      "expert_load_interval_steps": 100}
 
-Unknown keys are errors (a typo must not silently disable a pass). Relative paths are
+Pass names: ``redundant_experts``, ``sparse_attention``, ``latent_attention`` (MLA decode
+attention on the cached latent; no settings of its own, with ``sparse_attention`` its pattern
+layers read only sink + recent latent rows). Unknown keys are errors (a typo must not silently
+disable a pass). Relative paths are
 resolved against the config file's directory.
 """
 
@@ -18,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-KNOWN_PASSES = ("redundant_experts", "sparse_attention")
+KNOWN_PASSES = ("redundant_experts", "sparse_attention", "latent_attention")
 TOP_KEYS = {"passes", "placement", "sparse_attention", "report_path", "expert_load_path", "expert_load_interval_steps"}
 ATTN_KEYS = {"sink", "recent", "pattern"}
 

@@ -1,76 +1,124 @@
-"""vllm-ascend entry for the omni passes. UNVERIFIED: no Ascend device here.
+"""The omni passes inside vllm-ascend: ``omni_passes.vllm_ascend_fusion_pass``.
 
-vllm-ascend (written against its documented hooks) takes extra graph passes from the
-``graph_fusion_manager`` key of ``inductor_compile_config``, asserts each one subclasses vLLM's
-``VllmInductorPass``, and may call it with a ``torch.fx.GraphModule`` rather than a Graph.
-``OmniAscendPass`` is that adapter over the same run-time logic as
-``omni_passes.vllm_post_grad_pass`` (``omni_passes.vllm_pass._VllmRuntime``): it reads
-``OMNI_PASSES_CONFIG``, builds the state, runs the configured passes, writes report and loads.
+Enable on an Ascend machine with::
 
-The class is built on first access because its base class comes from vLLM, which a
-torch-only install does not have::
+    OMNI_PASSES_CONFIG=passes.json vllm serve MODEL \
+        --compilation-config '{"inductor_passes": {"graph_fusion_manager": "omni_passes.vllm_ascend_fusion_pass"}}'
 
-    from omni_passes.vllm_ascend_pass import OmniAscendPass   # needs vllm importable
+How vllm-ascend 0.26 reaches it (read from its sources): the NPU platform's pass key is
+``graph_fusion_manager``; vLLM resolves that entry of ``inductor_passes`` to this object and
+``VllmBackend.configure_post_pass`` adds it to vllm-ascend's ``GraphFusionPassManager``, which
+asserts ``isinstance(pass, VllmInductorPass)`` (``register_with_vllm`` registers this class as
+a virtual subclass, so no vLLM import is needed to define it). ``AscendCompiler`` then runs
+``fusion_pass_compile``: aot_autograd whose forward compiler calls the manager with the
+GraphModule, under aot_autograd's active FakeTensorMode.
+
+Two consequences handled here:
+- the run-time state (placement tables, load counters) is built with fake mode switched off
+  (``unset_fake_temporarily``): built under it, ``ExpertPlacementState`` hits
+  ``DataDependentOutputException: aten._local_scalar_dense``;
+- the manager passes a GraphModule; the pass rewrites its graph in place and recompiles it.
+
+When vllm-ascend does *not* call graph passes (README, docs/ascend.md): with
+``cudagraph_mode`` NONE compilation is off; in FULL / FULL_DECODE_ONLY modes npugraph_ex
+(``enable_npugraph_ex``, on by default) compiles without ``graph_fusion_manager``. Modes with
+piecewise graphs (PIECEWISE, FULL_AND_PIECEWISE) turn it off; or turn it off in
+``additional_config.ascend_compilation_config``.
+
+The run-time logic (config, state, report, load files) is ``omni_passes.vllm_pass._VllmRuntime``,
+the same as under vLLM's Inductor hook.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
 import torch.fx as fx
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
 
-def _vllm_inductor_pass_base():
-    try:
-        from vllm.compilation.passes.vllm_inductor_pass import VllmInductorPass
-    except ImportError:
-        from vllm.compilation.vllm_inductor_pass import VllmInductorPass  # older vLLM layout
-    return VllmInductorPass
+class OmniAscendPass(CustomGraphPass):
+    """A vLLM inductor pass for vllm-ascend's ``GraphFusionPassManager``: accepts a Graph or a
+    GraphModule, returns what it was given, rewritten in place. Picklable (vLLM deep-copies its
+    compile config); all state is built on the first call."""
+
+    def __init__(self, config: Any = None) -> None:
+        self._runtime: Any = None
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+    def __call__(self, graph_or_module):
+        graph = graph_or_module.graph if isinstance(graph_or_module, fx.GraphModule) else graph_or_module
+        with self._lock:
+            if self._runtime is None:
+                self._runtime = create_runtime(graph)
+            self._runtime.run(graph)
+        if isinstance(graph_or_module, fx.GraphModule):
+            graph_or_module.recompile()
+        return graph_or_module
+
+    def is_applicable_for_range(self, compile_range: Any) -> bool:
+        return True  # the rewrite is shape-independent
+
+    def uuid(self) -> Any:
+        from omni_passes.vllm_pass import _PROCESS_NONCE, load_config_from_env
+
+        return f"omni_passes.ascend:{load_config_from_env().fingerprint()}:{os.getpid()}:{_PROCESS_NONCE}"
+
+    @property
+    def runtime(self) -> Any:
+        return self._runtime
 
 
-def _build_class():
-    from omni_passes.vllm_pass import _VllmRuntime, load_config_from_env
+def create_runtime(graph: fx.Graph):
+    """``_VllmRuntime.create`` outside any active FakeTensorMode: the placement tables and load
+    counters are real, persistent tensors (vllm-ascend calls passes under aot_autograd's fake mode)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    base = _vllm_inductor_pass_base()
+    from omni_passes.vllm_pass import _VllmRuntime
 
-    class OmniAscendPass(base):
-        """Accepts a Graph or a GraphModule; returns what it was given, rewritten in place."""
-
-        def __init__(self, config: Any):
-            super().__init__(config)
-            self._runtime = None
-            self._lock = threading.Lock()
-
-        def __call__(self, graph_or_module):
-            graph = graph_or_module.graph if isinstance(graph_or_module, fx.GraphModule) else graph_or_module
-            with self._lock:
-                if self._runtime is None:
-                    self._runtime = _VllmRuntime.create(graph)
-                self._runtime.run(graph)
-            if isinstance(graph_or_module, fx.GraphModule):
-                graph_or_module.recompile()
-            return graph_or_module
-
-        def uuid(self) -> Any:
-            return f"omni_passes.ascend:{load_config_from_env().fingerprint()}"
-
-        @property
-        def runtime(self):
-            return self._runtime
-
-    return OmniAscendPass
+    with unset_fake_temporarily():
+        return _VllmRuntime.create(graph)
 
 
-_lock = threading.Lock()
-_cls = None
+_OmniAscendPass = OmniAscendPass
+del OmniAscendPass  # reached through __getattr__ below, which registers it with vLLM first
 
 
 def __getattr__(name: str):
-    global _cls
     if name == "OmniAscendPass":
-        with _lock:
-            if _cls is None:
-                _cls = _build_class()
-        return _cls
-    raise AttributeError(name)
+        register_with_vllm(import_vllm=True)
+        return _OmniAscendPass
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def register_with_vllm(import_vllm: bool = False) -> None:
+    """Make ``isinstance(pass, VllmInductorPass)`` true for ``OmniAscendPass`` (vllm-ascend's
+    manager asserts it; vLLM then also keeps it unwrapped and calls its ``uuid()``). vLLM must
+    have been imported (or ``import_vllm``): a torch-only install never imports it.
+
+    Registering late is harmless, too late is not: vLLM wraps a pass it does not recognise in a
+    ``CallableInductorPass`` while it parses the compile config. ``vllm serve`` imports vLLM
+    before omni_passes, so the import-time registration suffices; a script that imports
+    omni_passes first calls this after ``import vllm``."""
+    import importlib.util
+    import sys
+
+    if "vllm" not in sys.modules and not (import_vllm and importlib.util.find_spec("vllm") is not None):
+        return
+    try:
+        from vllm.compilation.passes.vllm_inductor_pass import VllmInductorPass
+    except ImportError:
+        try:
+            from vllm.compilation.vllm_inductor_pass import VllmInductorPass  # older layout
+        except ImportError:
+            return
+    if not issubclass(_OmniAscendPass, VllmInductorPass):
+        VllmInductorPass.register(_OmniAscendPass)

@@ -17,9 +17,11 @@ log = logging.getLogger("omni_passes")
 
 def register() -> None:
     import kernels  # noqa: F401  (registers omni::* ops)
+    from omni_passes.vllm_ascend_pass import register_with_vllm as register_ascend_with_vllm
     from omni_passes.vllm_pass import ENV_CONFIG, load_config_from_env, register_with_vllm
 
     register_with_vllm()
+    register_ascend_with_vllm()
     if os.environ.get(ENV_CONFIG):
         config = load_config_from_env()  # raises ConfigError naming the file and the problem
         log.info("omni_passes plugin: %s = %s, passes %s", ENV_CONFIG, os.environ[ENV_CONFIG], list(config.passes))

@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "sim": ("proxy.sim.command", "run simulated vLLM instances (continuous batching, prefix cache, KV events, faults)"),
     "bench": ("proxy.bench", "serving benchmark: routers side by side on a simulated cluster"),
     "plan-pd": ("proxy.bench.plan_pd", "recommend a prefill:decode split and PD-bypass threshold for a workload and SLO (simulated sweeps)"),
+    "stress": ("proxy.stress.command", "the proxy under faults and load: soak, large-prompt (figures and JSON)"),
 }
 
 

@@ -7,10 +7,21 @@
 
 Every port is chosen by the OS. KV events are published by every sim and subscribed by the
 proxy unless ``kv_events=False``.
+
+For faults that need real processes (SIGSTOP, a soak): :class:`Process` runs ``omni-proxy sim``
+or ``omni-proxy serve`` as a subprocess and waits for its ready lines.
 """
 
 from __future__ import annotations
 
+import collections
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,3 +138,66 @@ async def wait_until(predicate, timeout: float = 5.0, interval: float = 0.02) ->
         if loop.time() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         await asyncio.sleep(interval)
+
+
+# -- subprocesses -------------------------------------------------------------------------------
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+class Process:
+    """``omni-proxy ARGS...`` in a subprocess (its own session), stderr kept in a bounded tail."""
+
+    def __init__(self, args: list[str], ready_lines: int = 1, timeout: float = 60.0):
+        self.args = args
+        self.proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", *args], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.tail: collections.deque[str] = collections.deque(maxlen=200)
+        ready = threading.Semaphore(0)
+
+        def drain() -> None:  # the pipe must never fill, or the process blocks writing its log
+            for line in self.proc.stderr:
+                self.tail.append(line)
+                if ": ready " in line:
+                    ready.release()
+
+        threading.Thread(target=drain, daemon=True).start()
+        deadline = time.time() + timeout
+        for _ in range(ready_lines):
+            while not ready.acquire(timeout=0.1):
+                if self.proc.poll() is not None or time.time() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"omni-proxy {args[0]} did not get ready: {''.join(self.tail)}")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def pause(self) -> None:
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.resume()
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def __enter__(self) -> "Process":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -12,13 +12,13 @@
 
 from .block_hash import BlockHasher, to_key
 from .load import DecodeTimeModel, InstanceLoad, LoadModel, PrefillTimeModel, Ticket
-from .policies import POLICIES, Choice, ClusterState, Policy, RequestInfo, make_policy
+from .policies import POLICIES, Choice, ClusterState, Observation, Policy, RequestInfo, make_policy
 from .prefix_index import PrefixIndex
 from .queue_order import Held, aged_shortest_first, decode_order, prefill_order
 from .slo import SLOTarget
 
 __all__ = [
     "BlockHasher", "to_key", "DecodeTimeModel", "InstanceLoad", "LoadModel", "PrefillTimeModel", "Ticket",
-    "POLICIES", "Choice", "ClusterState", "Policy", "RequestInfo", "make_policy",
+    "POLICIES", "Choice", "ClusterState", "Observation", "Policy", "RequestInfo", "make_policy",
     "PrefixIndex", "Held", "aged_shortest_first", "decode_order", "prefill_order", "SLOTarget",
 ]

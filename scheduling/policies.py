@@ -13,17 +13,13 @@ policy's limits: the proxy then holds the request and asks again, in the policy'
 when load frees. Only ``omni`` has limits; the others always place a request when there is a
 candidate. Policies are pure and synchronous: no I/O, time comes in through ``state.now``.
 
-The proxy reports what it observes through the ``on_*`` hooks (defaults do the bookkeeping
-and feed the per-instance models in ``scheduling.load``, so every policy learns; overrides
-call ``super()``):
-
-* ``on_first_token(ticket, now)``    first byte of a stream (collocated, decode-only, decode);
-* ``on_prefill_answer(ticket, now)`` a PD prefill instance answered (its prefill is done);
-* ``on_complete(ticket, output_tokens, now)`` a stream ended cleanly with that many tokens;
-* ``on_failure(ticket, kind, now)``  an attempt failed (``kind`` as in the proxy's metrics).
-
-A non-streaming answer measures nothing about prefill or decode separately, so it calls none
-of them (the proxy only releases its ticket).
+The proxy reports what it sees through hooks that do nothing by default (an
+:class:`Observation` each): ``on_first_byte`` (a stream's first event), ``on_prefill_done``
+(a PD prefill instance answered), ``on_complete`` (an attempt ended, ok or not, with token
+counts when known). The observation carries the attempt's :class:`scheduling.load.Ticket`,
+whose load integrals let a policy relate what it measured to the load the request saw;
+``omni`` learns its per-role prefill- and decode-time models from them. A non-streaming
+answer reaches only ``on_complete``: its whole latency measures neither prefill nor decode.
 """
 
 from __future__ import annotations
@@ -56,6 +52,21 @@ class ClusterState:
     index: PrefixIndex | None
     block_size: int
     now: float
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What the proxy saw of one attempt of a request on an instance (times on ``state.now``'s clock)."""
+
+    request: RequestInfo
+    instance: str
+    stage: str                 # "prefill", "decode" or "collocated"
+    sent_at: float             # when the attempt was sent
+    at: float                  # when this was observed
+    ok: bool = True
+    prompt_tokens: int | None = None      # from the instance's usage, when it reported one
+    completion_tokens: int | None = None  # usage, else the stream's chunks
+    ticket: Ticket | None = None          # the load the attempt took (its counters and integrals)
 
 
 @dataclass(frozen=True)
@@ -122,21 +133,6 @@ class Policy:
         """Serving order of the requests held at ``stage``: ``order(items, now) -> indices``."""
         return lambda items, now: fifo_order(items)
 
-    # -- observations ------------------------------------------------------------------------
-    def on_first_token(self, ticket: Ticket, now: float) -> None:
-        ticket.prefill_done(now)
-        ticket.load.learn_prefill(ticket)
-
-    def on_prefill_answer(self, ticket: Ticket, now: float) -> None:
-        ticket.prefill_done(now)
-        ticket.load.learn_prefill(ticket)
-
-    def on_complete(self, ticket: Ticket, output_tokens: int, now: float) -> None:
-        ticket.load.learn_decode(ticket, output_tokens, now)
-
-    def on_failure(self, ticket: Ticket, kind: str, now: float) -> None:
-        """An attempt on ``ticket.instance`` failed; the proxy's circuit breaker acts on it."""
-
     def choose_prefill(self, req: RequestInfo, candidates: Sequence[str], state: ClusterState) -> Choice | None:
         raise NotImplementedError
 
@@ -149,6 +145,15 @@ class Policy:
     def bypass_prefill(self, req: RequestInfo, decode_candidates: Sequence[str], state: ClusterState,
                        prefill_candidates: Sequence[str] | None = None) -> bool:
         return False
+
+    def on_first_byte(self, obs: Observation) -> None:
+        """A stream's first event came from ``obs.instance``."""
+
+    def on_prefill_done(self, obs: Observation) -> None:
+        """A PD prefill instance answered (``obs.at - obs.sent_at``: its prefill time)."""
+
+    def on_complete(self, obs: Observation) -> None:
+        """An attempt ended (``obs.ok``), with the token counts the proxy saw."""
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name}
@@ -428,6 +433,24 @@ class Omni(Policy):
         if len(self._bypassed) > 4096:  # requests that never reached choose_decode (client gone)
             self._bypassed.pop(next(iter(self._bypassed)))
         return True
+
+    # -- learning ----------------------------------------------------------------------------
+    def on_first_byte(self, obs: Observation) -> None:
+        """Dispatch -> first event measures prefill (queueing included) where it was computed."""
+        if obs.ticket is not None:
+            obs.ticket.prefill_done(obs.at)
+            obs.ticket.load.learn_prefill(obs.ticket)
+
+    def on_prefill_done(self, obs: Observation) -> None:
+        """A PD prefill instance's answer measures its prefill."""
+        self.on_first_byte(obs)
+
+    def on_complete(self, obs: Observation) -> None:
+        """A stream that ended cleanly measures TPOT against its decode window's load (a
+        non-streaming answer has no window: its ticket's first token is its end)."""
+        t = obs.ticket
+        if t is not None and obs.ok and obs.completion_tokens:
+            t.load.learn_decode(t, obs.completion_tokens, obs.at)
 
     # -- holding -----------------------------------------------------------------------------
     def held(self, stage, req, state):

@@ -55,8 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recent", type=int, default=384)
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default cuda bf16, cpu fp32")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("--cases", nargs="+", choices=("mha", "mla"), default=["mha", "mla"],
-                        help="which decode shapes to run (mha covers GQA when --kv-heads < --heads)")
+    parser.add_argument("--cases", nargs="+", choices=("mha", "mla", "latent"), default=["mha", "mla"],
+                        help="which decode shapes to run (mha covers GQA when --kv-heads < --heads; latent: MLA "
+                             "attention on a two-part latent cache, dense and sink+recent, vs torch.compile'd peers "
+                             "and transformers' expansion, with the copy-bandwidth and FLOPs floors)")
     parser.add_argument("--cache-state", choices=("cold", "hot", "both"), default="both",
                         help="CUDA: rotate caches so L2 is cold, reuse one (hot), or both")
     parser.add_argument("--prefill-lengths", type=int, nargs="*", default=None,
@@ -454,20 +456,32 @@ def main(args: argparse.Namespace) -> int:
     l2 = torch.cuda.get_device_properties(device).L2_cache_size if on_cuda else 0
     timer = _time_cuda if on_cuda else _time_cpu
     rows = run_decode(args, device, dtype, timer, l2)
+    ceilings = None
+    if "latent" in args.cases:
+        from omni_passes.bench.attn_latent import device_ceilings, run_latent
+
+        ceilings = device_ceilings(device) if on_cuda else None
+        rows += run_latent(args, device, dtype, timer, l2, ceilings, _parse_tune(args.tune) if on_cuda else [])
     if args.prefill_lengths:
         rows += run_prefill(args, device, dtype, timer)
 
     meta = {"device": torch.cuda.get_device_name(device) if on_cuda else "cpu",
             "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""),
-            "peak_tb_s": args.peak_tbs, "l2_bytes": l2, "cuda_graphs": on_cuda}
+            "peak_tb_s": args.peak_tbs, "l2_bytes": l2, "cuda_graphs": on_cuda,
+            **({"copy_tb_s": ceilings["copy_bytes_per_s"] / 1e12, "bf16_tflop_s": ceilings["bf16_flops_per_s"] / 1e12}
+               if ceilings else {})}
     try:
         import triton
 
         meta["triton"] = triton.__version__
     except ImportError:
         meta["triton"] = None
-    plots = _plot(rows, args.plot) if args.plot else []
-    table = _table(rows)
+    plots = _plot([r for r in rows if r.get("case") != "latent"], args.plot) if args.plot else []
+    table = _table([r for r in rows if r.get("case") != "latent"])
+    if "latent" in args.cases:
+        from omni_passes.bench.attn_latent import table as latent_table
+
+        table += "\n\n" + latent_table([r for r in rows if r.get("case") == "latent"])
     if args.json:
         say(table)
         emit_json({"benchmark": "attn", "meta": meta, "results": rows, "plots": plots})

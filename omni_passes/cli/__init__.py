@@ -14,7 +14,7 @@ import sys
 
 SUBCOMMANDS = {
     "demo": ("omni_passes.cli.demo", "tiny DeepSeek-V3 on CPU: dispatch pass, report, check, timings"),
-    "inspect": ("omni_passes.cli.inspect", "run passes on a DeepSeek graph, show and check the rewrite"),
+    "inspect": ("omni_passes.cli.inspect", "run passes on any transformers MoE model, show and check the rewrite"),
     "plan": ("omni_passes.cli.plan", "plan a redundant-expert placement from recorded loads"),
     "search-attn": ("omni_passes.cli.search_attn", "search which layers to compress to sink+recent attention"),
 }

@@ -12,7 +12,9 @@ from omni_passes.config import KNOWN_PASSES, ConfigError, PassConfig
 
 def add_model_arguments(parser: argparse.ArgumentParser, default_passes: str = "redundant_experts") -> None:
     parser.add_argument("--model-config", default="tiny", metavar="PATH|tiny",
-                        help="transformers DeepSeek-V3/V2 config.json (or its directory), or 'tiny' (default)")
+                        help="a transformers MoE causal-LM config.json or its directory (DeepSeek-V2/V3, Qwen3-MoE, "
+                             "Mixtral, GPT-OSS, ...; random weights), or a tiny model: tiny (DeepSeek-V3, default), "
+                             "tiny-deepseek-v2, tiny-qwen3-moe, tiny-mixtral, tiny-gpt-oss")
     parser.add_argument("--layers", type=int, default=None, metavar="N", help="override the number of decoder layers")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--pass-config", metavar="FILE", help="pass configuration JSON (the format OMNI_PASSES_CONFIG uses)")
@@ -51,11 +53,8 @@ def build_from_args(args: argparse.Namespace):
         raise UserError(str(exc)) from None
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but CUDA is not available here")
-    model = build_model(hf_config, dtype=getattr(torch, args.dtype), device=args.device, seed=args.seed)
+    try:
+        model = build_model(hf_config, dtype=getattr(torch, args.dtype), device=args.device, seed=args.seed)
+    except ModelConfigError as exc:
+        raise UserError(f"model config {args.model_config}: {exc}") from None
     return hf_config, model
-
-
-def check_tolerance(dtype: torch.dtype) -> float:
-    """Max abs difference accepted between eager and compiled logits: compiled code fuses and
-    reorders float ops; routing must be identical, so real errors are orders larger."""
-    return {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}[dtype]

@@ -128,9 +128,16 @@ def _build(args):
         return model.config, model
     try:
         hf_config = load_hf_config(args.model_config, layers=args.layers)
+        model = build_model(hf_config, dtype=dtype, device=args.device, seed=args.seed)
     except ModelConfigError as exc:
         raise UserError(str(exc)) from None
-    return hf_config, build_model(hf_config, dtype=dtype, device=args.device, seed=args.seed)
+    from omni_passes.model_info import attention_refusals
+
+    refused = attention_refusals(model, range(hf_config.num_hidden_layers))
+    if refused:  # the masked reference would not be this model's attention there
+        raise UserError("sink+recent attention cannot stand in for layers "
+                        f"{sorted(refused)} of this model: {next(iter(refused.values()))}")
+    return hf_config, model
 
 
 def _calibration(args, vocab_size: int) -> tuple[list[torch.Tensor], str]:

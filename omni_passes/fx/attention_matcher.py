@@ -133,6 +133,24 @@ def dtype_of(node: Any) -> torch.dtype | None:
     return value.dtype if isinstance(value, torch.Tensor) else None
 
 
+def permutation(node: Any) -> list[int] | None:
+    """The dim order a ``permute`` / ``transpose`` / ``t`` node applies (None for other nodes):
+    post-grad graphs say permute, traced ones (make_fx, torchair) may say transpose."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return None
+    rank = len(shape_of(node) or ())
+    if is_op(node, "aten.permute"):
+        return [d % rank for d in node.args[1]] if rank else None
+    if is_op(node, "aten.transpose") and rank:
+        order = list(range(rank))
+        a, b = node.args[1] % rank, node.args[2] % rank
+        order[a], order[b] = order[b], order[a]
+        return order
+    if is_op(node, "aten.t"):
+        return [1, 0] if rank == 2 else [0]
+    return None
+
+
 def bind_args(node: fx.Node) -> dict[str, Any]:
     """Arguments of an OpOverload call by schema name, defaults filled in."""
     schema = node.target._schema
@@ -205,6 +223,11 @@ def is_pure_mask(mask: fx.Node, max_hops: int = 8) -> bool:
             return allowed_value == 0.0 and blocked_value is not None and blocked_value <= -1e4
         if is_op(node, *VIEW_OPS, "aten.slice", "aten.unsqueeze", "aten.squeeze", "aten.select",
                  "prims.convert_element_type", "aten._to_copy"):
+            node = node.args[0]
+            continue
+        # SDPA's memory-efficient kernel pads a bias to a multiple of 16 keys (then slices it
+        # back): padding with 0 keeps the values in {0, blocked}.
+        if is_op(node, "aten.constant_pad_nd") and _const_value(node.args[2] if len(node.args) > 2 else 0.0) == 0.0:
             node = node.args[0]
             continue
         return False
@@ -347,7 +370,7 @@ def _peel(node: fx.Node, shape4: tuple, transpose: bool) -> tuple[Operand, float
     if base_shape and len(base_shape) == 4 and base_shape[0] == B and base_shape[1] and H % base_shape[1] == 0:
         if not transpose and base_shape[2:] == want:
             return Operand(base, base_shape), factor
-        if transpose and is_op(base, "aten.permute") and list(base.args[1]) == [0, 1, 3, 2]:
+        if transpose and permutation(base) == [0, 1, 3, 2]:
             inner = base.args[0]
             inner_shape = shape_of(inner)
             if inner_shape and inner_shape[:2] == base_shape[:2] and inner_shape[2:] == want:
@@ -470,3 +493,120 @@ def find_attention(graph: fx.Graph) -> AttentionMatch:
         elif isinstance(found, str):
             match.rejected.append((layer_index(node), found, node))
     return match
+
+
+# --------------------------------------------------------------------------- building (shared by the attention passes)
+class Emitter:
+    """Inserts call_function nodes with fake values (``meta["val"]``) computed on the spot and
+    the module stack of the site they replace (so drawings and layer numbering keep working)."""
+
+    def __init__(self, graph: fx.Graph, anchor: fx.Node):
+        from torch._guards import detect_fake_mode
+
+        self.graph = graph
+        self.anchor = anchor
+        vals = [n.meta.get("val") for n in anchor.all_input_nodes]
+        self.mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+
+    def __call__(self, target: Any, args: tuple, kwargs: dict | None = None) -> fx.Node:
+        kwargs = kwargs or {}
+        node = self.graph.call_function(target, args, kwargs)
+        for key in ("nn_module_stack", "stack_trace"):
+            if key in self.anchor.meta:
+                node.meta[key] = self.anchor.meta[key]
+        node.meta["val"] = _fake_run(target, args, kwargs, self.mode)
+        return node
+
+
+def _fake_run(target: Any, args: tuple, kwargs: dict, mode: Any) -> Any:
+    """The op on the arguments' fake values, in the graph's fake mode."""
+    values = torch.utils._pytree.tree_map(lambda a: a.meta.get("val") if isinstance(a, fx.Node) else a, (args, kwargs))
+    if mode is None:
+        return None
+    with mode:
+        return target(*values[0], **values[1])
+
+
+def operand_node(emit: Emitter, operand: Operand) -> fx.Node:
+    """The 4-D [B, H, S, D] tensor an ``Operand`` describes, built before the emitter's anchor."""
+    node = operand.node
+    shape = tuple(operand.shape)
+    if len(shape_of(node)) == 3:  # a [B*H, S, D] bmm operand: split B*H back
+        sizes = [-1, shape[1]] + [sym_dim(emit, node, i, shape[i + 1]) for i in (1, 2)]
+        if operand.transpose:  # the operand is [B*H, D, S]
+            sizes = [-1, shape[1]] + [sym_dim(emit, node, i, shape[4 - i]) for i in (1, 2)]
+        node = emit(torch.ops.aten.reshape.default, (node, sizes))
+    if operand.transpose:
+        node = emit(torch.ops.aten.permute.default, (node, [0, 1, 3, 2]))
+    return node
+
+
+def sym_dim(emit: Emitter, node: fx.Node, dim: int, size: Any) -> Any:
+    """A size for an op argument: the int, or a sym_size node when it is symbolic."""
+    if isinstance(size, int):
+        return size
+    return emit(torch.ops.aten.sym_size.int, (node, dim))
+
+
+def node_device(node: fx.Node) -> torch.device:
+    value = node.meta.get("val")
+    return value.device if isinstance(value, torch.Tensor) else torch.device("cpu")
+
+
+def comes_before(graph: fx.Graph, a: fx.Node, b: fx.Node) -> bool:
+    """``a`` comes before ``b`` in graph order (so ``b`` may use it)."""
+    for node in graph.nodes:
+        if node is a:
+            return True
+        if node is b:
+            return False
+    return False
+
+
+class QueryPositions:
+    """Query positions q_pos [B, Sq] (int64) from attention masks, one computation per mask.
+
+    In a causal mask whose key index j holds position j, the row of the query at p allows
+    exactly the keys [0, p], so p = (allowed keys) − 1. ``omni::mask_positions`` computes that
+    and, with ``check``, asserts at run time that every row is such a prefix (a left-padded or
+    windowed mask would otherwise make an op that takes positions compute something else).
+    Layers that each turn one shared bool mask into ``where(cond, 0, -inf)`` share one q_pos.
+    SDPA with ``is_causal=True`` and no mask gets 0..Sq−1 (SDPA's causal mask is top-left).
+    """
+
+    def __init__(self, graph: fx.Graph, pass_name: str, check: bool = True):
+        self.graph = graph
+        self.pass_name = pass_name
+        self.check = check
+        self._built: dict[Any, fx.Node] = {}
+
+    def get(self, emit: Emitter, site: DenseAttention, q: fx.Node, layer: int | None) -> fx.Node:
+        """q_pos for ``site`` (q: its 4-D query node), inserted at the emitter's position."""
+        source = site.mask.args[0] if site.mask is not None and mask_is_where_of_bool(site.mask) else None
+        key = source if source is not None else (site.mask if site.mask is not None else ("causal", shape_of(site.q.node)))
+        q_pos = self._built.get(key)
+        if q_pos is None or not comes_before(self.graph, q_pos, site.anchor):
+            q_pos = self._build(emit, site, q, layer, source)
+            self._built[key] = q_pos
+        return q_pos
+
+    def _build(self, emit: Emitter, site: DenseAttention, q: fx.Node, layer: int | None,
+               source: fx.Node | None) -> fx.Node:
+        import kernels.sparse_attention_positions  # noqa: F401  (registers omni::mask_positions)
+
+        B, _, Sq, _ = site.q.shape
+        if site.mask is None:
+            pos = emit(torch.ops.prims.iota.default, (sym_dim(emit, q, 2, Sq),),
+                       {"start": 0, "step": 1, "dtype": torch.int64, "device": node_device(q), "requires_grad": False})
+            return emit(torch.ops.aten.expand.default, (emit(torch.ops.aten.unsqueeze.default, (pos, 0)), [sym_dim(emit, q, 0, B), -1]))
+        if source is not None:
+            allowed = source
+        else:
+            allowed = site.mask if site.mask_is_bool else emit(torch.ops.aten.eq.Scalar, (site.mask, 0))
+        for _ in range(4 - len(shape_of(allowed))):
+            allowed = emit(torch.ops.aten.unsqueeze.default, (allowed, 0))
+        pos = emit(torch.ops.omni.mask_positions.default,
+                   (allowed, self.check, f"omni {self.pass_name} (layer {layer} and any sharing its mask)"))  # [b, Sq]
+        if shape_of(pos)[0] != B:
+            pos = emit(torch.ops.aten.expand.default, (pos, [sym_dim(emit, q, 0, B), -1]))
+        return pos

@@ -37,7 +37,6 @@ The report lists matched pattern layers; pattern layers that were not rewritten 
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -46,12 +45,14 @@ import kernels  # noqa: F401  (registers omni::sparse_attention)
 import kernels.sparse_attention_positions  # noqa: F401  (registers omni::mask_positions)
 from omni_passes.fx.attention_matcher import (
     DenseAttention,
-    Operand,
+    Emitter,
+    QueryPositions,
     VllmMlaAttention,
     find_attention,
     is_pure_mask,
-    mask_is_where_of_bool,
+    operand_node,
     shape_of,
+    sym_dim,
 )
 from omni_passes.fx.utils import PassReport
 
@@ -104,7 +105,7 @@ class SparseAttentionPass:
                 report.skip(layer, reason)
             else:
                 report.notes.append(f"layer {layer}: attention not recognised ({reason})")
-        positions: dict[Any, fx.Node] = {}
+        positions = QueryPositions(graph, self.name, check=self.check_mask)
         seen: set[int] = set()
         untouched: list[int] = []
         for layer, site in sites:
@@ -135,53 +136,26 @@ class SparseAttentionPass:
 
     # ------------------------------------------------------------------------------------
     def _rewrite_dense(self, graph: fx.Graph, site: DenseAttention, layer: int,
-                       positions: dict[Any, fx.Node]) -> str | None:
+                       positions: QueryPositions) -> str | None:
         if site.mask is None and not site.is_causal:
             return f"{site.form} attention without a mask and not causal: query positions unknown"
         if site.mask is not None and not site.mask_is_bool and not is_pure_mask(site.mask):
             return "attention mask is a float bias, not a 0/-inf mask; the sparse op cannot add it"
-        emit = _Emitter(graph, site.anchor)
+        emit = Emitter(graph, site.anchor)
         with graph.inserting_before(site.anchor):
-            q = _operand(emit, site.q)
-            k = _operand(emit, site.k)
-            v = _operand(emit, site.v)
-            mask_source = _bool_source(site.mask) if site.mask is not None else None
-            key = mask_source if mask_source is not None else (site.mask if site.mask is not None
-                                                               else ("causal", shape_of(site.q.node)))
-            q_pos = positions.get(key)
-            if q_pos is None or not _dominates(graph, q_pos, site.anchor):
-                q_pos = self._positions(emit, site, q, layer, mask_source)
-                positions[key] = q_pos
+            q = operand_node(emit, site.q)
+            k = operand_node(emit, site.k)
+            v = operand_node(emit, site.v)
+            q_pos = positions.get(emit, site, q, layer)
             out = emit(torch.ops.omni.sparse_attention.default, (q, k, v, q_pos, self.sink, self.recent, site.scale))
             out.meta["omni_layer"] = layer
             replacement = out
             if site.output_is_3d:  # [B, H, Sq, Dv] -> the second bmm's [B*H, Sq, Dv]
                 sq, dv = site.q.shape[2], shape_of(out)[3]
                 replacement = emit(torch.ops.aten.reshape.default,
-                                   (out, [-1, _dim(emit, out, 2, sq), _dim(emit, out, 3, dv)]))
+                                   (out, [-1, sym_dim(emit, out, 2, sq), sym_dim(emit, out, 3, dv)]))
         site.output.replace_all_uses_with(replacement)
         return None
-
-    def _positions(self, emit: "_Emitter", site: DenseAttention, q: fx.Node, layer: int,
-                   mask_source: fx.Node | None) -> fx.Node:
-        """q_pos [B, Sq] int64 from the mask (see the module docstring)."""
-        B, _, Sq, _ = site.q.shape
-        if site.mask is None:  # SDPA is_causal: top-left aligned, query i sees keys 0..i
-            pos = emit(torch.ops.prims.iota.default, (_dim(emit, q, 2, Sq),),
-                       {"start": 0, "step": 1, "dtype": torch.int64, "device": _device(q), "requires_grad": False})
-            return emit(torch.ops.aten.expand.default, (emit(torch.ops.aten.unsqueeze.default, (pos, 0)), [_dim(emit, q, 0, B), -1]))
-        if mask_source is not None:
-            allowed = mask_source
-        else:
-            allowed = site.mask if site.mask_is_bool else emit(torch.ops.aten.eq.Scalar, (site.mask, 0))
-        for _ in range(4 - len(shape_of(allowed))):
-            allowed = emit(torch.ops.aten.unsqueeze.default, (allowed, 0))
-        pos = emit(torch.ops.omni.mask_positions.default,
-                   (allowed, self.check_mask, f"omni sparse_attention (layer {layer} and any sharing its mask)"))   # [b, Sq]
-        mask_batch = shape_of(pos)[0]
-        if mask_batch != B:
-            pos = emit(torch.ops.aten.expand.default, (pos, [_dim(emit, q, 0, B), -1]))
-        return pos
 
     # ------------------------------------------------------------------------------------
     def _rewrite_vllm(self, graph: fx.Graph, site: VllmMlaAttention) -> str | None:
@@ -212,78 +186,3 @@ class SparseAttentionPass:
         node.replace_all_uses_with(new)
         graph.erase_node(node)
         return None
-
-
-# --------------------------------------------------------------------------- graph building
-class _Emitter:
-    """Inserts call_function nodes with fake values (``meta["val"]``) computed on the spot and
-    the module stack of the site they replace (so drawings and layer numbering keep working)."""
-
-    def __init__(self, graph: fx.Graph, anchor: fx.Node):
-        from torch._guards import detect_fake_mode
-
-        self.graph = graph
-        self.anchor = anchor
-        vals = [n.meta.get("val") for n in anchor.all_input_nodes]
-        self.mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
-
-    def __call__(self, target: Callable, args: tuple, kwargs: dict | None = None) -> fx.Node:
-        kwargs = kwargs or {}
-        node = self.graph.call_function(target, args, kwargs)
-        for key in ("nn_module_stack", "stack_trace"):
-            if key in self.anchor.meta:
-                node.meta[key] = self.anchor.meta[key]
-        node.meta["val"] = _fake_run(target, args, kwargs, self.mode)
-        return node
-
-
-def _fake_run(target: Callable, args: tuple, kwargs: dict, mode: Any) -> Any:
-    """The op on the arguments' fake values, in the graph's fake mode."""
-    values = torch.utils._pytree.tree_map(lambda a: a.meta.get("val") if isinstance(a, fx.Node) else a, (args, kwargs))
-    if mode is None:
-        return None
-    with mode:
-        return target(*values[0], **values[1])
-
-
-def _operand(emit: _Emitter, operand: Operand) -> fx.Node:
-    node = operand.node
-    shape = tuple(operand.shape)
-    if len(shape_of(node)) == 3:  # a [B*H, S, D] bmm operand: split B*H back
-        sizes = [-1, shape[1]] + [_dim(emit, node, i, shape[i + 1]) for i in (1, 2)]
-        if operand.transpose:  # the operand is [B*H, D, S]
-            sizes = [-1, shape[1]] + [_dim(emit, node, i, shape[4 - i]) for i in (1, 2)]
-        node = emit(torch.ops.aten.reshape.default, (node, sizes))
-    if operand.transpose:
-        node = emit(torch.ops.aten.permute.default, (node, [0, 1, 3, 2]))
-    return node
-
-
-def _dim(emit: _Emitter, node: fx.Node, dim: int, size: Any) -> Any:
-    """A size for an op argument: the int, or a sym_size node when it is symbolic."""
-    if isinstance(size, int):
-        return size
-    return emit(torch.ops.aten.sym_size.int, (node, dim))
-
-
-def _bool_source(mask: fx.Node) -> fx.Node | None:
-    """For ``where(cond, 0, -inf)`` (how a bool mask becomes additive), ``cond``: layers that
-    each convert one shared bool mask then share one q_pos computation."""
-    if mask_is_where_of_bool(mask):
-        return mask.args[0]
-    return None
-
-
-def _device(node: fx.Node) -> torch.device:
-    value = node.meta.get("val")
-    return value.device if isinstance(value, torch.Tensor) else torch.device("cpu")
-
-
-def _dominates(graph: fx.Graph, a: fx.Node, b: fx.Node) -> bool:
-    """``a`` comes before ``b`` in graph order (so ``b`` may use it)."""
-    for node in graph.nodes:
-        if node is a:
-            return True
-        if node is b:
-            return False
-    return False

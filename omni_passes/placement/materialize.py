@@ -44,6 +44,15 @@ def find_stacked_experts(model: nn.Module, num_experts: int) -> list[nn.Module]:
     return found
 
 
+def stacked_expert_tensors(module: nn.Module, num_experts: int) -> list[str]:
+    """Every per-expert tensor of an experts module: its own parameters stacked ``[E, ...]``,
+    weights and biases alike (GPT-OSS has ``gate_up_proj_bias [E, 2I]``, ``down_proj_bias
+    [E, H]``). All of them are indexed by the same expert id, so all must move to slots: one
+    left at ``[E, ...]`` is indexed by slot ids past its end."""
+    return [name for name, tensor in module.named_parameters(recurse=False)
+            if tensor.dim() >= 1 and tensor.shape[0] == num_experts]
+
+
 class PhysicalExperts:
     """The slot weights of every MoE layer of one model, and their in-place update."""
 
@@ -58,10 +67,8 @@ class PhysicalExperts:
         self.layers: list[_SlottedLayer] = []
         for row, module in enumerate(experts_modules):
             physical = {}
-            for name in STACKED_EXPERT_WEIGHTS:
-                weight = getattr(module, name, None)
-                if not isinstance(weight, nn.Parameter):
-                    continue
+            for name in stacked_expert_tensors(module, placement.num_logical_experts):
+                weight = getattr(module, name)
                 slots = weight.detach().index_select(0, placement.phy2log[row].to(weight.device))
                 physical[name] = nn.Parameter(slots, requires_grad=False)
                 setattr(module, name, physical[name])

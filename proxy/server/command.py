@@ -66,6 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hash-seed", default=DEFAULT_SEED,
                    help="seed of vLLM's first block hash: the instances' PYTHONHASHSEED if they set one")
     g.add_argument("--index-capacity-blocks", type=int, default=1 << 18, help="prefix-index entries kept per instance (LRU)")
+    g.add_argument("--max-prefix-blocks", type=int, default=16384,
+                   help="leading blocks of a prompt that routing hashes and matches (longer prompts: routed on that prefix)")
     g.add_argument("--approx-ttl", type=float, default=30.0,
                    help="seconds a routing-time guess lives on an instance with KV events unless an event confirms it")
 
@@ -73,14 +75,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--retries", type=int, default=2, help="extra attempts on other instances before the first byte")
     g.add_argument("--connect-timeout", type=float, default=5.0, help="seconds to connect to an instance")
     g.add_argument("--first-byte-timeout", type=float, default=300.0,
-                   help="seconds to the first token of a stream / to a prefill answer")
-    g.add_argument("--idle-timeout", type=float, default=120.0, help="seconds without data inside a stream")
-    g.add_argument("--request-timeout", type=float, default=3600.0, help="seconds for a whole non-streaming answer")
-    g.add_argument("--health-interval", type=float, default=2.0, help="seconds between GET /health probes (0: off)")
-    g.add_argument("--health-timeout", type=float, default=2.0, help="seconds a probe may take")
+                   help="seconds from sending to a stream's first event / to a prefill's answer")
+    g.add_argument("--idle-timeout", type=float, default=120.0,
+                   help="seconds without an event inside a stream (and for a client that stops reading one)")
+    g.add_argument("--request-timeout", type=float, default=3600.0,
+                   help="seconds for a whole non-streaming answer (a silent instance is caught by the prober sooner)")
+    g.add_argument("--health-interval", type=float, default=2.0,
+                   help="seconds between GET /health probes of each instance (0: off)")
+    g.add_argument("--health-timeout", type=float, default=2.0,
+                   help="seconds a probe may take; also the grace a running stream gets once its instance is down")
+    g.add_argument("--health-misses", type=int, default=3,
+                   help="failed probes in a row that declare an instance down (its requests in flight then fail over)")
     g.add_argument("--breaker-failures", type=int, default=3, help="consecutive failures that open an instance's circuit")
     g.add_argument("--breaker-cooldown", type=float, default=5.0, help="seconds an open circuit stays open (doubles on repeat)")
     g.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024, help="largest request body accepted (413 beyond)")
+    g.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds for a request body to arrive once its head has (408 after)")
+    g.add_argument("--keepalive-timeout", type=float, default=20.0,
+                   help="seconds a client connection may sit idle, or with an incomplete request head, before it is closed")
+    g.add_argument("--offload-bytes", type=int, default=1 << 16,
+                   help="request bodies this large or larger are parsed and tokenized in a worker process (0: never)")
+    g.add_argument("--prompt-workers", type=int, default=2, help="worker processes for large request bodies")
 
     g = p.add_argument_group("service")
     g.add_argument("--host", default="127.0.0.1", help="address to bind")
@@ -102,10 +117,12 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         admin_token=args.admin_token or os.environ.get("OMNI_PROXY_ADMIN_TOKEN") or None, max_body_bytes=args.max_body_bytes, connect_timeout=args.connect_timeout,
         first_byte_timeout=args.first_byte_timeout, idle_timeout=args.idle_timeout,
         request_timeout=args.request_timeout, retries=args.retries, health_interval=args.health_interval,
-        health_timeout=args.health_timeout, breaker_failures=args.breaker_failures,
+        health_timeout=args.health_timeout, health_misses=args.health_misses, breaker_failures=args.breaker_failures,
         breaker_cooldown=args.breaker_cooldown, queue_timeout=args.queue_timeout,
         index_capacity_blocks=args.index_capacity_blocks, approx_ttl=args.approx_ttl,
-        default_max_tokens=args.default_max_tokens,
+        default_max_tokens=args.default_max_tokens, body_timeout=args.body_timeout,
+        keepalive_timeout=args.keepalive_timeout, offload_bytes=args.offload_bytes, prompt_workers=args.prompt_workers,
+        max_prefix_blocks=args.max_prefix_blocks,
     )
 
 
@@ -122,6 +139,7 @@ def main(args: argparse.Namespace) -> int:
 
     async def start():
         await server.start()
+        server.intake.warm()
         print(f"omni-proxy serve: ready on {server.url} ({config.mode}, policy {config.policy})", file=sys.stderr, flush=True)
 
     try:

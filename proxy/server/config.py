@@ -41,12 +41,18 @@ class ProxyConfig:
     retries: int = 2
     health_interval: float = 2.0
     health_timeout: float = 2.0
+    health_misses: int = 3
     breaker_failures: int = 3
     breaker_cooldown: float = 5.0
     queue_timeout: float = 120.0
     index_capacity_blocks: int = 1 << 18
     approx_ttl: float = 30.0
     default_max_tokens: int = 16
+    keepalive_timeout: float = 20.0
+    body_timeout: float = 30.0
+    offload_bytes: int = 1 << 16
+    max_prefix_blocks: int = 16384
+    prompt_workers: int = 2
 
     def check(self) -> "ProxyConfig":
         """Normalise URLs and reject contradictions, naming the flag and value at fault."""
@@ -84,11 +90,12 @@ class ProxyConfig:
                 raise ValueError(f"--kv-events endpoint for {url} must be a ZMQ address (tcp://HOST:PORT), got {endpoint!r}")
         positive = ("chars_per_token", "block_size", "max_body_bytes", "breaker_failures", "index_capacity_blocks",
                     "default_max_tokens", "connect_timeout", "first_byte_timeout", "idle_timeout",
-                    "request_timeout", "health_timeout", "queue_timeout")
+                    "request_timeout", "health_timeout", "health_misses", "queue_timeout", "keepalive_timeout",
+                    "body_timeout", "prompt_workers", "max_prefix_blocks")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)!r}")
-        for name in ("retries", "health_interval", "breaker_cooldown", "approx_ttl"):
+        for name in ("retries", "health_interval", "breaker_cooldown", "approx_ttl", "offload_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)!r}")
         return self

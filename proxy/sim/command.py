@@ -6,8 +6,19 @@ import argparse
 import sys
 
 from proxy.runtime import run_until_signal, setup_logging
+from proxy.wire.tokens import make_tokenizer
 
-from .faults import FaultPlan
+from .faults import KINDS, FaultPlan
+
+FAULT_HELP = {
+    "fail": "answer HTTP 500 (JSON)",
+    "html": "answer HTTP 500 with an HTML page naming internal hosts",
+    "garbage": "answer HTTP 200 with a body that is not JSON (streams: not SSE)",
+    "stall": "never answer",
+    "hang": "go silent mid-answer, connection open",
+    "crash": "reset the connection mid-answer",
+    "truncate": "end the answer early, in the middle of an event",
+}
 from .profile import SimProfile
 from .server import ROLES, SimInstance
 
@@ -24,17 +35,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-events-port", type=int, action="append", default=None,
                    help="ZMQ port to publish KV events on (vLLM's format), once per --port; 0: none for that instance")
     p.add_argument("--kv-topic", default="", help="ZMQ topic of published KV events")
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="local Hugging Face tokenizer directory: real token counts and ids (chat templates as vLLM "
+                        "applies them); default: the character-block tokenizer")
     f = p.add_argument_group("fault injection (per instance; change at run time with POST /sim/faults)")
-    f.add_argument("--fail-next", type=int, default=0, help="answer the next N requests with HTTP 500")
-    f.add_argument("--fail-rate", type=float, default=0.0, help="answer this share of requests with HTTP 500")
-    f.add_argument("--stall-next", type=int, default=0, help="never answer the next N requests")
-    f.add_argument("--stall-rate", type=float, default=0.0, help="never answer this share of requests")
-    f.add_argument("--crash-next", type=int, default=0, help="reset the connection of the next N requests mid-answer")
-    f.add_argument("--crash-rate", type=float, default=0.0, help="reset the connection of this share of requests mid-answer")
-    f.add_argument("--crash-after-tokens", type=int, default=2, help="tokens generated before a crash")
+    for kind, what in FAULT_HELP.items():
+        f.add_argument(f"--{kind}-next", type=int, default=0, metavar="N", help=f"{what}: the next N requests")
+        f.add_argument(f"--{kind}-rate", type=float, default=0.0, metavar="P", help=f"{what}: this share of requests")
+    f.add_argument("--fault-after-tokens", type=int, default=2,
+                   help="tokens generated before a crash, hang or truncation mid-answer")
     f.add_argument("--slowdown", type=float, default=1.0, help="multiply every step time by this factor")
     f.add_argument("--refuse-for", type=float, default=0.0, help="refuse connections for this many seconds after start")
-    f.add_argument("--fault-seed", type=int, default=0, help="seed of the fault-rate draws")
+    f.add_argument("--fault-seed", type=int, default=0, help="seed of the fault-rate draws (instance k uses seed + k)")
     p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"), help="stderr log level")
     p.add_argument("--no-uvloop", action="store_true", help="use asyncio's default loop even if uvloop is installed")
 
@@ -53,22 +65,23 @@ def main(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     try:
         profile = SimProfile.load(args.profile) if args.profile else SimProfile()
+        tokenizer = make_tokenizer(args.tokenizer, profile.chars_per_token)
         roles = _per_port(args.role, args.port, "--role", "collocated")
         kv_ports = _per_port(args.kv_events_port, args.port, "--kv-events-port", 0)
         if args.kv_events_port and len(args.kv_events_port) == 1 and len(args.port) > 1 and args.kv_events_port[0]:
             raise ValueError("--kv-events-port must be given once per --port (each instance publishes on its own port)")
         instances = []
         for k, (port, role, kv_port) in enumerate(zip(args.port, roles, kv_ports)):
-            plan = FaultPlan(fail_next=args.fail_next, fail_rate=args.fail_rate, stall_next=args.stall_next,
-                             stall_rate=args.stall_rate, crash_next=args.crash_next, crash_rate=args.crash_rate,
-                             crash_after_tokens=args.crash_after_tokens, slowdown=args.slowdown,
+            fields = {f"{kind}_{what}": getattr(args, f"{kind}_{what}") for kind in KINDS for what in ("next", "rate")}
+            for name, value in fields.items():
+                if name.endswith("_rate") and not 0 <= value <= 1:
+                    raise ValueError(f"--{name.replace('_', '-')} is a probability, got {value}")
+            if args.slowdown <= 0:
+                raise ValueError(f"--slowdown must be positive, got {args.slowdown}")
+            plan = FaultPlan(**fields, after_tokens=args.fault_after_tokens, slowdown=args.slowdown,
                              seed=args.fault_seed + k)
-            for name in ("fail_rate", "stall_rate", "crash_rate"):
-                if not 0 <= getattr(plan, name) <= 1:
-                    raise ValueError(f"--{name.replace('_', '-')} is a probability, got {getattr(plan, name)}")
-            if plan.slowdown <= 0:
-                raise ValueError(f"--slowdown must be positive, got {plan.slowdown}")
-            instances.append(SimInstance(port, role, profile, args.model, args.host, kv_port or None, args.kv_topic, plan))
+            instances.append(SimInstance(port, role, profile, args.model, args.host, kv_port or None, args.kv_topic, plan,
+                                         tokenizer))
     except ValueError as exc:
         print(f"omni-proxy sim: {exc}", file=sys.stderr)
         return 2

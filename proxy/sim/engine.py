@@ -8,6 +8,8 @@ admission for its prompt and all of its ``max_tokens`` (so no preemption is need
 prompt blocks enter the prefix cache when the prefill completes; the step that completes a
 prefill samples the first token. A request sent for remote decode (PD prefill) finishes after
 that token and keeps its blocks until a decode instance pulls them (or ``kv_hold_s`` passes).
+A request with ``stop`` strings finishes (reason ``stop``) at the first token whose text
+completes one; its output is cut before that string, as vLLM does.
 """
 
 from __future__ import annotations
@@ -38,11 +40,11 @@ class SimRequest:
         "rid", "prompt_ids", "digests", "prompt_len", "max_tokens", "remote_decode", "kv_ready",
         "computed", "cached_tokens", "outputs", "state", "wake", "finish_reason", "base",
         "cached_blocks", "anon_blocks", "generation", "arrived", "first_token_at", "finished_at",
-        "kv_source", "hold_deadline",
+        "kv_source", "hold_deadline", "stop", "stop_at", "stop_reason", "kv_params_in",
     )
 
     def __init__(self, rid: str, prompt_ids: list[int], digests: list[bytes], max_tokens: int,
-                 remote_decode: bool = False, kv_ready: bool = False):
+                 remote_decode: bool = False, kv_ready: bool = False, stop: tuple[str, ...] = ()):
         self.rid = rid
         self.prompt_ids = prompt_ids
         self.digests = digests
@@ -65,6 +67,10 @@ class SimRequest:
         self.finished_at: float | None = None
         self.kv_source = "remote" if kv_ready else "local"
         self.hold_deadline = 0.0
+        self.stop = tuple(x for x in stop if x)
+        self.stop_at: int | None = None        # output text is cut here (a stop string began)
+        self.stop_reason: str | None = None
+        self.kv_params_in: dict | None = None   # the kv_transfer_params the request arrived with
 
     @property
     def prefilled(self) -> bool:
@@ -75,7 +81,19 @@ class SimRequest:
         return self.state in (FINISHED, ABORTED)
 
     def text(self) -> str:
-        return "".join(WORDS[t] for t in self.outputs)
+        text = "".join(WORDS[t] for t in self.outputs)
+        return text if self.stop_at is None else text[: self.stop_at]
+
+    def hit_stop(self) -> bool:
+        """Whether the last token completed a stop string (then ``stop_at``/``stop_reason`` are set)."""
+        longest = max(len(x) for x in self.stop)
+        tail_words = longest // 3 + 2  # every word is at least 3 characters (" wN")
+        tail = "".join(WORDS[t] for t in self.outputs[-tail_words:])
+        if not any(x in tail for x in self.stop):
+            return False
+        text = "".join(WORDS[t] for t in self.outputs)
+        self.stop_at, self.stop_reason = min((text.find(x), x) for x in self.stop if x in text)
+        return True
 
 
 class SimEngine:
@@ -253,7 +271,9 @@ class SimEngine:
                 continue
             r.outputs.append(output_token(r.base, len(r.outputs)))
             r.wake.set()
-            if len(r.outputs) >= r.max_tokens:
+            if r.stop and r.hit_stop():
+                self._retire(r, now, "stop")
+            elif len(r.outputs) >= r.max_tokens:
                 self._retire(r, now)
         for r, take in chunks:
             if r.done:
@@ -264,7 +284,9 @@ class SimEngine:
                 r.outputs.append(output_token(r.base, 0))
                 r.first_token_at = now
                 r.wake.set()
-                if len(r.outputs) >= r.max_tokens:
+                if r.stop and r.hit_stop():
+                    self._retire(r, now, "stop")
+                elif len(r.outputs) >= r.max_tokens:
                     self._retire(r, now)
         if any(r.done for r in self.running):
             self.running = [r for r in self.running if not r.done]
@@ -272,13 +294,13 @@ class SimEngine:
             if r.first_token_at is None and r.outputs:
                 r.first_token_at = now
 
-    def _retire(self, r: SimRequest, now: float) -> None:
+    def _retire(self, r: SimRequest, now: float, reason: str = "length") -> None:
         if r.remote_decode:
             r.hold_deadline = asyncio.get_running_loop().time() + self.profile.kv_hold_s
             self.held[r.rid] = r
         else:
             self._free(r)
-        self._finish(r, FINISHED, "length")
+        self._finish(r, FINISHED, reason)
 
     def _free(self, r: SimRequest) -> None:
         self.cache.release(r.cached_blocks, r.anon_blocks, r.generation)
@@ -296,7 +318,8 @@ class SimEngine:
         self.records[r.rid] = {
             "request_id": r.rid, "status": state, "output": r.text(), "prompt_tokens": r.prompt_len,
             "completion_tokens": len(r.outputs), "cached_tokens": r.cached_tokens, "kv_source": r.kv_source,
-            "remote_decode": r.remote_decode,
+            "remote_decode": r.remote_decode, "finish_reason": reason, "stop_reason": r.stop_reason,
+            "kv_transfer_params_in": r.kv_params_in,
         }
         while len(self.records) > self.max_records:
             self.records.popitem(last=False)

@@ -1,11 +1,18 @@
 """Fault injection for the simulated engine.
 
-Per request, in this order (counters first, then rates drawn from a seeded generator):
+Per request, one fault at most, in this order (counters ``KIND_next`` first, then rates
+``KIND_rate`` drawn from a seeded generator):
 
-* ``fail``:  answer HTTP 500 before any byte of a completion (``fail_next`` / ``fail_rate``);
-* ``stall``: accept the request and never answer (until the client goes away);
-* ``crash``: reset the connection after ``crash_after_tokens`` generated tokens (mid-stream for
-  streaming requests; before the response for the others);
+* ``fail``:     HTTP 500 with a JSON error, before any byte of a completion;
+* ``html``:     HTTP 500 with an HTML page naming internal hosts (what a broken gateway sends);
+* ``garbage``:  HTTP 200 with a body that is not JSON (a stream: not SSE either);
+* ``stall``:    accept the request and never answer (until the client goes away);
+* ``hang``:     start answering, then go silent with the connection open (a stream after
+  ``after_tokens`` tokens; a whole answer after half its body);
+* ``crash``:    reset the connection after ``after_tokens`` generated tokens (mid-stream for
+  streams; before the answer for the others);
+* ``truncate``: end the answer early but cleanly (a stream in the middle of an event after
+  ``after_tokens`` tokens; a whole answer shorter than its Content-Length);
 
 and for the whole instance:
 
@@ -20,25 +27,47 @@ import random
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-FAULT_FIELDS = ("fail_next", "fail_rate", "stall_next", "stall_rate", "crash_next", "crash_rate",
-                "crash_after_tokens", "slowdown", "refuse_s", "seed")
+KINDS = ("fail", "html", "garbage", "stall", "hang", "crash", "truncate")
+FAULT_FIELDS = tuple(f"{k}_{what}" for k in KINDS for what in ("next", "rate")) + (
+    "after_tokens", "slowdown", "refuse_s", "seed")
 
 
 @dataclass
 class FaultPlan:
     fail_next: int = 0
     fail_rate: float = 0.0
+    html_next: int = 0
+    html_rate: float = 0.0
+    garbage_next: int = 0
+    garbage_rate: float = 0.0
     stall_next: int = 0
     stall_rate: float = 0.0
+    hang_next: int = 0
+    hang_rate: float = 0.0
     crash_next: int = 0
     crash_rate: float = 0.0
-    crash_after_tokens: int = 2
+    truncate_next: int = 0
+    truncate_rate: float = 0.0
+    after_tokens: int = 2
     slowdown: float = 1.0
     seed: int = 0
-    injected: dict[str, int] = field(default_factory=lambda: {"fail": 0, "stall": 0, "crash": 0, "refuse": 0})
+    injected: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS + ("refuse",), 0))
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
+        self.check()
+
+    def check(self) -> None:
+        for name in FAULT_FIELDS:
+            if name == "refuse_s":
+                continue
+            value = getattr(self, name)
+            if name.endswith("_rate") and not 0 <= value <= 1:
+                raise ValueError(f"fault field {name!r} is a probability, got {value!r}")
+        if sum(getattr(self, f"{k}_rate") for k in KINDS) > 1:
+            raise ValueError("fault rates add up to more than 1")
+        if self.slowdown <= 0:
+            raise ValueError(f"fault field 'slowdown' must be positive, got {self.slowdown!r}")
 
     def update(self, changes: dict[str, Any]) -> None:
         """Apply fields from an admin request; names and values are checked."""
@@ -58,16 +87,17 @@ class FaultPlan:
                 self._rng = random.Random(int(value))
 
     def draw(self) -> str | None:
-        """The fault for the next request: "fail", "stall", "crash" or None."""
-        for kind in ("fail", "stall", "crash"):
-            if getattr(self, f"{kind}_next") > 0:
-                setattr(self, f"{kind}_next", getattr(self, f"{kind}_next") - 1)
+        """The fault for the next request: one of KINDS or None."""
+        for kind in KINDS:
+            left = getattr(self, f"{kind}_next")
+            if left > 0:
+                setattr(self, f"{kind}_next", left - 1)
                 self.injected[kind] += 1
                 return kind
-        if self.fail_rate or self.stall_rate or self.crash_rate:
+        rates = [getattr(self, f"{kind}_rate") for kind in KINDS]
+        if any(rates):
             x = self._rng.random()
-            for kind in ("fail", "stall", "crash"):
-                rate = getattr(self, f"{kind}_rate")
+            for kind, rate in zip(KINDS, rates):
                 if x < rate:
                     self.injected[kind] += 1
                     return kind
@@ -75,5 +105,4 @@ class FaultPlan:
         return None
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        return data
+        return asdict(self)

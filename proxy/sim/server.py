@@ -1,13 +1,15 @@
 """One simulated vLLM instance: OpenAI HTTP API, PD protocol, KV events on ZMQ, faults.
 
 Speaks what the proxy speaks to vLLM: ``/v1/completions`` and ``/v1/chat/completions``
-(streaming and not), ``/v1/models``, ``/health``, ``/metrics``, ``/reset_prefix_cache``, the
-``X-Request-Id`` header, and vLLM's disaggregation fields: a request with
-``kv_transfer_params.do_remote_decode`` is a PD prefill whose response returns
-``kv_transfer_params`` (``do_remote_prefill``, ``remote_engine_id``, ``remote_host``,
-``remote_port``, ``remote_request_id``, ``remote_block_ids``); a request carrying those
-pulls the KV from that prefill instance (``POST /sim/kv/pull``) instead of prefilling, and
-recomputes the prompt when the KV is not there any more.
+(streaming and not; ``n``, list prompts, ``stop``; 404 for another model name), ``/v1/responses``
+(stored per instance, ``previous_response_id``), ``/tokenize``, ``/detokenize``, ``/version``,
+``/v1/models``, ``/health``, ``/metrics``, ``/reset_prefix_cache``, the ``X-Request-Id`` header,
+and vLLM's disaggregation fields: a request with ``kv_transfer_params.do_remote_decode`` is a PD
+prefill whose response returns ``kv_transfer_params`` (``do_remote_prefill``,
+``remote_engine_id``, ``remote_host``, ``remote_port``, ``remote_request_id``,
+``remote_block_ids``); a request carrying those pulls the KV from that prefill instance
+(``POST /sim/kv/pull``) instead of prefilling, and recomputes the prompt when the KV is not
+there any more.
 
 Simulator-only endpoints: ``GET /sim/stats``, ``GET|POST /sim/faults`` (see
 ``proxy.sim.faults``), ``GET /sim/requests/{id}`` (what a request produced), ``POST /sim/kv/pull``.
@@ -20,31 +22,32 @@ import json
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-from proxy.sim.engine import WORD_JSON, SimEngine, SimRequest
+from proxy.sim.engine import SimEngine, SimRequest
 from proxy.sim.faults import FaultPlan
+from proxy.sim.generate import Generation, check_lengths, error, fault_answer, stops_of
 from proxy.sim.profile import SimProfile
+from proxy.sim.responses import answer_response
 from proxy.wire import kv_events as kv
-from proxy.wire.openai import RequestError, error_bytes, max_tokens_of, parse_json_body, validate_request
-from proxy.wire.text import prompt_ids as text_prompt_ids
+from proxy.wire.openai import RequestError, max_tokens_of, parse_json_body, validate_request
+from proxy.wire.text import render_chat
+from proxy.wire.tokens import make_tokenizer
 from scheduling.block_hash import to_key
 
 log = logging.getLogger("omni_proxy.sim")
 
 ROLES = ("prefill", "decode", "collocated")
+LARGE_BODY = 1 << 20
 _LOCAL: dict[str, "SimInstance"] = {}  # engine id -> instance, for in-process KV pulls
 
 
 def _json(document: Any, status: int = 200) -> web.Response:
     return web.Response(body=json.dumps(document).encode(), status=status, content_type="application/json")
-
-
-def _error(message: str, status: int, kind: str | None = None) -> web.Response:
-    return web.Response(body=error_bytes(message, status, kind), status=status, content_type="application/json")
 
 
 class KVPublisher:
@@ -96,6 +99,7 @@ class SimInstance:
         kv_events_port: int | None = None,
         kv_topic: str = "",
         faults: FaultPlan | None = None,
+        tokenizer=None,
     ):
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}; choose one of {', '.join(ROLES)}")
@@ -107,6 +111,9 @@ class SimInstance:
         self.kv_events_port = kv_events_port
         self.kv_topic = kv_topic
         self.faults = faults or FaultPlan()
+        self.tokenizer = tokenizer or make_tokenizer(None, self.profile.chars_per_token)
+        self.responses_store: OrderedDict[str, tuple[dict[str, Any], str]] = OrderedDict()  # id -> (doc, conversation)
+        self._pieces: OrderedDict[int, str] = OrderedDict()  # char-block id -> its text (for /detokenize)
         self.engine: SimEngine | None = None
         self.publisher: KVPublisher | None = None
         self.refusing_until = 0.0
@@ -137,6 +144,12 @@ class SimInstance:
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/reset_prefix_cache", self.reset_prefix_cache)
+        app.router.add_post("/tokenize", self.tokenize)
+        app.router.add_post("/detokenize", self.detokenize)
+        app.router.add_get("/version", self.version)
+        app.router.add_post("/v1/responses", self.responses)
+        app.router.add_get("/v1/responses/{id}", self.response_get)
+        app.router.add_post("/v1/responses/{id}/cancel", self.response_cancel)
         app.router.add_post("/sim/kv/pull", self.kv_pull)
         app.router.add_get("/sim/stats", self.stats)
         app.router.add_get("/sim/faults", self.get_faults)
@@ -238,7 +251,7 @@ class SimInstance:
                 raise ValueError("body must be a JSON object of fault fields")
             self.faults.update(changes)
         except (ValueError, json.JSONDecodeError) as exc:
-            return _error(str(exc), 400)
+            return error(str(exc), 400)
         self.engine.slowdown = self.faults.slowdown
         refuse = changes.get("refuse_s")
         if refuse:
@@ -249,7 +262,7 @@ class SimInstance:
     async def request_record(self, request: web.Request) -> web.Response:
         record = self.engine.records.get(request.match_info["rid"])
         if record is None:
-            return _error(f"no record of request {request.match_info['rid']!r}", 404)
+            return error(f"no record of request {request.match_info['rid']!r}", 404)
         return _json(record)
 
     async def reset_prefix_cache(self, request: web.Request) -> web.Response:
@@ -260,10 +273,65 @@ class SimInstance:
         body = json.loads(await request.read())
         held = self.engine.pull(str(body.get("request_id")))
         if held is None:
-            return _error(f"engine {self.engine_id} holds no KV for request {body.get('request_id')!r}", 404)
+            return error(f"engine {self.engine_id} holds no KV for request {body.get('request_id')!r}", 404)
         return _json({"prompt_tokens": held.prompt_len})
 
-    # -- completions ------------------------------------------------------------------------
+    # -- tokenizer endpoints --------------------------------------------------------------------
+    def _model_error(self, body: dict[str, Any]) -> web.Response | None:
+        model = body.get("model")
+        if model is not None and model != self.model:
+            return error(f"The model `{model}` does not exist. Valid aliases: {self.model}.", 404, "NotFoundError",
+                         "model")
+        return None
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        try:
+            body = parse_json_body(await request.read())
+            chat = "messages" in body
+            validate_request(body, chat)
+        except RequestError as exc:
+            return error(exc.message, exc.status, param=exc.param)
+        wrong = self._model_error(body)
+        if wrong:
+            return wrong
+        ids = self.tokenizer.prompt_ids(body, chat)
+        if not hasattr(self.tokenizer, "decode"):
+            self._learn(body, chat, ids)
+        return _json({"count": len(ids), "max_model_len": self.profile.max_model_len, "tokens": ids, "token_strs": None})
+
+    def _learn(self, body: dict[str, Any], chat: bool, ids: list[int]) -> None:
+        """Remember which text each char-block id stands for, so /detokenize can answer."""
+        text = render_chat(body["messages"]) if chat else body["prompt"]
+        if isinstance(text, str):
+            step = self.profile.chars_per_token
+            for k, token in enumerate(ids):
+                self._pieces[token] = text[k * step:(k + 1) * step]
+            while len(self._pieces) > 100_000:
+                self._pieces.popitem(last=False)
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        try:
+            body = parse_json_body(await request.read())
+        except RequestError as exc:
+            return error(exc.message, exc.status)
+        tokens = body.get("tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            return error(f"field 'tokens' must be a list of token ids, got {tokens!r:.60}", 400, param="tokens")
+        wrong = self._model_error(body)
+        if wrong:
+            return wrong
+        if hasattr(self.tokenizer, "decode"):
+            return _json({"prompt": self.tokenizer.decode(tokens)})
+        unknown = [t for t in tokens if t not in self._pieces]
+        if unknown:
+            return error(f"token id(s) {unknown[:5]} unknown to this instance's character-block tokenizer", 400,
+                         param="tokens")
+        return _json({"prompt": "".join(self._pieces[t] for t in tokens)})
+
+    async def version(self, request: web.Request) -> web.Response:
+        return _json({"version": f"omni-sim {self.engine_id}"})
+
+    # -- generation -------------------------------------------------------------------------------
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, chat=False)
 
@@ -277,55 +345,82 @@ class SimInstance:
         await asyncio.Event().wait()  # cancelled as the connection goes
         raise AssertionError("unreachable")
 
+    async def crash(self, request: web.Request, reqs: list[SimRequest]) -> web.StreamResponse:
+        for r in reqs:
+            self.engine.abort(r)
+            self.engine.records[r.rid]["status"] = "crashed"
+        return await self._reset(request)
+
+    async def _prompts(self, body: dict[str, Any], chat: bool, size: int) -> list[list[int]]:
+        if size < LARGE_BODY:
+            return self.tokenizer.prompts(body, chat)
+        # a large prompt: tokenize in a thread so the instance keeps answering probes meanwhile
+        return await asyncio.get_running_loop().run_in_executor(None, self.tokenizer.prompts, body, chat)
+
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
         if self._refusing():
             return await self._reset(request)
         try:
-            body = parse_json_body(await request.read())
+            raw = await request.read()
+            body = parse_json_body(raw)
             validate_request(body, chat)
         except RequestError as exc:
-            return _error(exc.message, exc.status)
+            return error(exc.message, exc.status, param=exc.param)
+        wrong = self._model_error(body)
+        if wrong:
+            return wrong
         rid = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        stream = bool(body.get("stream"))
         fault = self.faults.draw()
-        if fault == "fail":
-            return _error(f"injected failure on {self.engine_id}", 500)
+        answer = fault_answer(fault, stream)
+        if answer is not None:
+            return answer
         if fault == "stall":
             await asyncio.Event().wait()  # until the client goes away
         p = self.profile
-        ids = text_prompt_ids(body, chat, p.chars_per_token)
         max_tokens = max_tokens_of(body, p.default_max_tokens)
-        if len(ids) + max_tokens > p.max_model_len:
-            return _error(
-                f"This model's maximum context length is {p.max_model_len} tokens. However, you requested "
-                f"{len(ids) + max_tokens} tokens ({len(ids)} in the messages, {max_tokens} in the completion).", 400)
-        if -(-(len(ids) + max_tokens) // p.block_size) > p.num_kv_blocks:
-            return _error(f"request needs more KV blocks than the cache has ({p.num_kv_blocks})", 400)
+        if hasattr(self.tokenizer, "longest") and self.tokenizer.longest(body, chat) + max_tokens > p.max_model_len:
+            prompts = [[0] * self.tokenizer.longest(body, chat)]  # over the limit: no need to tokenize it
+        else:
+            prompts = await self._prompts(body, chat, len(raw))
+        too_long = check_lengths(self, prompts, max_tokens)
+        if too_long:
+            return too_long
+        gen = Generation(self, request, rid, body, chat, prompts, fault)
         params = body.get("kv_transfer_params")
         if params is not None and not isinstance(params, dict):
-            return _error(f"field 'kv_transfer_params' must be an object, got {params!r:.60}", 400)
+            return error(f"field 'kv_transfer_params' must be an object, got {params!r:.60}", 400)
+        if params and (gen.n > 1 or len(prompts) > 1):
+            return error("kv_transfer_params need a single prompt and n = 1", 400)
         params = params or {}
         remote_decode = bool(params.get("do_remote_decode"))
-        kv_ready = False
-        kv_source = "local"
+        kv_ready, kv_source = False, "local"
         if params.get("do_remote_prefill"):
             missing = [k for k in ("remote_engine_id", "remote_host", "remote_port", "remote_request_id") if k not in params]
             if missing:
-                return _error(f"kv_transfer_params lacks {', '.join(missing)}", 400)
+                return error(f"kv_transfer_params lacks {', '.join(missing)}", 400)
             if await self._pull_remote(params):
-                await asyncio.sleep(p.transfer_time(len(ids)) * self.engine.slowdown)
+                await asyncio.sleep(p.transfer_time(len(prompts[0])) * self.engine.slowdown)
                 kv_ready, kv_source = True, "remote"
             else:
                 kv_source = "recomputed"  # the KV is gone (or never was): compute the prompt here
-        req = SimRequest(rid, ids, self.engine.digests_of(ids), max_tokens, remote_decode, kv_ready)
-        req.kv_source = kv_source
-        self.engine.add(req)
+        stops = stops_of(body)
+        for i, ids in enumerate(prompts):
+            for k in range(gen.n):
+                req = SimRequest(gen.sub_rid(i * gen.n + k), ids, self.engine.digests_of(ids), max_tokens,
+                                 remote_decode, kv_ready, stops)
+                req.kv_source = kv_source
+                req.kv_params_in = body.get("kv_transfer_params")
+                gen.reqs.append(req)
+                self.engine.add(req)
         try:
-            if body.get("stream"):
-                return await self._stream(request, req, body, chat, fault)
-            return await self._whole(request, req, body, chat, fault)
+            if stream:
+                return await gen.stream()
+            return await gen.whole(self._kv_params_out(gen.reqs[0]))
         finally:
-            if not req.done:
-                self.engine.abort(req)
+            for req in gen.reqs:
+                if not req.done:
+                    self.engine.abort(req)
 
     async def _pull_remote(self, params: dict[str, Any]) -> bool:
         rid = str(params["remote_request_id"])
@@ -341,10 +436,6 @@ class SimInstance:
         except (aiohttp.ClientError, asyncio.TimeoutError):
             return False
 
-    def _usage(self, req: SimRequest) -> dict[str, int]:
-        return {"prompt_tokens": req.prompt_len, "completion_tokens": len(req.outputs),
-                "total_tokens": req.prompt_len + len(req.outputs)}
-
     def _kv_params_out(self, req: SimRequest) -> dict[str, Any] | None:
         if not req.remote_decode:
             return None
@@ -352,76 +443,20 @@ class SimInstance:
                 "remote_block_ids": list(range(len(req.digests) + 1)), "remote_host": self.host,
                 "remote_port": self.port, "remote_request_id": req.rid, "tp_size": 1}
 
-    async def _crash(self, request: web.Request, req: SimRequest) -> web.StreamResponse:
-        self.engine.abort(req)
-        self.engine.records[req.rid]["status"] = "crashed"
-        return await self._reset(request)
+    # -- responses API ----------------------------------------------------------------------------
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        return await answer_response(self, request)
 
-    async def _whole(self, request, req: SimRequest, body, chat: bool, fault) -> web.StreamResponse:
-        while not req.done:
-            await req.wake.wait()
-            req.wake.clear()
-            if fault == "crash" and len(req.outputs) >= self.faults.crash_after_tokens:
-                return await self._crash(request, req)
-        if fault == "crash":
-            return await self._crash(request, req)
-        created = int(time.time())
-        if chat:
-            doc = {"id": f"chatcmpl-{req.rid}", "object": "chat.completion", "created": created, "model": self.model,
-                   "choices": [{"index": 0, "message": {"role": "assistant", "content": req.text()},
-                                "logprobs": None, "finish_reason": req.finish_reason, "stop_reason": None}]}
-        else:
-            doc = {"id": f"cmpl-{req.rid}", "object": "text_completion", "created": created, "model": self.model,
-                   "choices": [{"index": 0, "text": req.text(), "logprobs": None,
-                                "finish_reason": req.finish_reason, "stop_reason": None}]}
-        doc["usage"] = self._usage(req)
-        doc["kv_transfer_params"] = self._kv_params_out(req)
-        return _json(doc)
+    async def response_get(self, request: web.Request) -> web.Response:
+        stored = self.responses_store.get(request.match_info["id"])
+        if stored is None:
+            return error(f"Response with id '{request.match_info['id']}' not found.", 404, "NotFoundError", "response_id")
+        return _json(stored[0])
 
-    async def _stream(self, request, req: SimRequest, body, chat: bool, fault) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await resp.prepare(request)
-        created = int(time.time())
-        model = json.dumps(self.model)
-        if chat:
-            head = (f'data: {{"id":"chatcmpl-{req.rid}","object":"chat.completion.chunk","created":{created},'
-                    f'"model":{model},"choices":[{{"index":0,"delta":{{').encode()
-            open_text, role = b'"content":', b'"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}\n\n'
-            tail = b'},"logprobs":null,"finish_reason":null}]}\n\n'
-            last = b'},"logprobs":null,"finish_reason":"length","stop_reason":null}]}\n\n'
-        else:
-            head = (f'data: {{"id":"cmpl-{req.rid}","object":"text_completion","created":{created},'
-                    f'"model":{model},"choices":[{{"index":0,').encode()
-            open_text, role = b'"text":', b""
-            tail = b',"logprobs":null,"finish_reason":null,"stop_reason":null}]}\n\n'
-            last = b',"logprobs":null,"finish_reason":"length","stop_reason":null}]}\n\n'
-        sent = 0
-        while True:
-            await req.wake.wait()
-            req.wake.clear()
-            n = len(req.outputs)
-            if n > sent:
-                parts = []
-                if sent == 0 and chat:
-                    parts.append(head + role)
-                for k in range(sent, n):
-                    final = req.done and k == n - 1 and req.state == "finished"
-                    parts.append(head + open_text + WORD_JSON[req.outputs[k]] + (last if final else tail))
-                sent = n
-                await resp.write(b"".join(parts))
-                if fault == "crash" and sent >= self.faults.crash_after_tokens:
-                    return await self._crash(request, req)
-            if req.done:
-                break
-        options = body.get("stream_options") or {}
-        if options.get("include_usage"):
-            usage = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{req.rid}",
-                     "object": "chat.completion.chunk" if chat else "text_completion",
-                     "created": created, "model": self.model, "choices": [], "usage": self._usage(req)}
-            await resp.write(b"data: " + json.dumps(usage).encode() + b"\n\n")
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
-        return resp
+    async def response_cancel(self, request: web.Request) -> web.Response:
+        if request.match_info["id"] not in self.responses_store:
+            return error(f"Response with id '{request.match_info['id']}' not found.", 404, "NotFoundError", "response_id")
+        return error("Cannot cancel a synchronous response.", 400)
 
 
 async def start_instances(ports: list[int], roles: list[str], profile: SimProfile | None = None,

@@ -26,7 +26,8 @@ def content_text(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        return "".join(p if isinstance(p, str) else p.get("text", "") for p in content
+                       if isinstance(p, str) or (isinstance(p, dict) and p.get("type") in ("text", "input_text")))
     return str(content)
 
 

@@ -62,7 +62,7 @@ async def test_decode_retry_never_reuses_kv_transfer_params():
     # decode 0 pulls the KV, then its connection breaks before the answer (non-streaming crash):
     # the retry on decode 1 must compute the prompt itself, not point at KV already taken
     async with await Cluster.start("pd", prefill=1, decode=2, profile=FAST, policy="round_robin",
-                                   faults={1: FaultPlan(crash_next=1, crash_after_tokens=1)}) as c:
+                                   faults={1: FaultPlan(crash_next=1, after_tokens=1)}) as c:
         p, d0, d1 = c.sims
         async with aiohttp.ClientSession() as s:
             status, text, _ = await call(s, c.proxy.url, {"prompt": PROMPT, "max_tokens": 4}, rid="dr")
@@ -75,14 +75,15 @@ async def test_decode_retry_never_reuses_kv_transfer_params():
 
 async def test_crash_mid_stream_ends_the_stream_with_an_error_event():
     async with await Cluster.start("collocated", collocated=1, profile=FAST,
-                                   faults={0: FaultPlan(crash_next=1, crash_after_tokens=3)}) as c:
+                                   faults={0: FaultPlan(crash_next=1, after_tokens=3)}) as c:
         sim = c.sims[0]
         async with aiohttp.ClientSession() as s:
             status, text, _ = await call(s, c.proxy.url, {"prompt": PROMPT, "max_tokens": 20, "stream": True}, rid="cr")
         assert status == 200
         docs = sse_documents(text)
         assert docs[-1] == "[DONE]" and docs[-2]["error"]["type"] == "upstream_error"
-        assert "failed mid-stream" in docs[-2]["error"]["message"]
+        assert "failed mid-stream" in docs[-2]["error"]["message"] and "cr" in docs[-2]["error"]["message"]
+        assert sim.url not in text
         received = streamed_text(docs[:-2], False)
         assert len(received.split()) == 3 and sim.engine.records["cr"]["output"].startswith(received)
         assert sim.engine.records["cr"]["status"] == "crashed"
@@ -131,23 +132,26 @@ async def test_slow_instance_keeps_serving_and_gets_less_traffic():
         assert slow.engine.busy_s > 0
 
 
-async def test_refused_connections_open_the_breaker_until_health_checks_pass():
+async def test_refused_connections_take_the_instance_out_until_it_answers_again():
     async with await Cluster.start("collocated", collocated=2, profile=FAST, policy="round_robin",
-                                   health_interval=0.1, breaker_failures=2, breaker_cooldown=0.3) as c:
+                                   health_interval=0.1, health_timeout=0.1, breaker_failures=2,
+                                   breaker_cooldown=0.3) as c:
         a, b = c.sims
         await a.refuse_for(1.0)
+        inst = c.proxy.registry.instances[a.url]
         async with aiohttp.ClientSession() as s:
             statuses = [(await call(s, c.proxy.url, {"prompt": PROMPT, "max_tokens": 2}, rid=f"rf-{k}"))[0]
                         for k in range(6)]
             assert statuses == [200] * 6
             assert not any(f"rf-{k}" in a.engine.records for k in range(6))
-            inst = c.proxy.registry.instances[a.url]
-            assert inst.breaker.trips >= 1
+            await wait_for(lambda: inst.down, timeout=2)  # probes too: 3 misses
             assert metric(c.proxy, f'omni_proxy_instance_usable{{instance="{a.url}",role="collocated"}}') == 0
-            await wait_for(lambda: inst.breaker.state == "closed", timeout=5)
+            # back: probes lift "down", the cooldown is over, a trial request closes the circuit
+            await wait_for(lambda: inst.usable(c.proxy.now()), timeout=5)
             for k in range(6, 10):
                 assert (await call(s, c.proxy.url, {"prompt": PROMPT, "max_tokens": 2}, rid=f"rf-{k}"))[0] == 200
             assert any(f"rf-{k}" in a.engine.records for k in range(6, 10))
+            assert inst.breaker.state == "closed"
 
 
 async def test_client_disconnect_cancels_upstream_and_frees_load():
@@ -204,20 +208,25 @@ async def test_bad_requests_get_4xx_naming_the_problem():
         assert metric(c.proxy, 'omni_proxy_requests_total{endpoint="completions",outcome="upstream_4xx"}') == 1
 
 
-async def test_no_usable_instance_gives_503_or_502_naming_it():
+async def test_no_usable_instance_gives_503_or_502_without_internal_urls(caplog):
     async with await Cluster.start("pd", prefill=1, decode=1, profile=FAST, health_interval=0.1,
                                    breaker_failures=1, breaker_cooldown=30, retries=1) as c:
         p, d = c.sims
         await d.refuse_for(30)
         async with aiohttp.ClientSession() as s:
-            status, text, _ = await call(s, c.proxy.url, {"prompt": PROMPT, "max_tokens": 2})
-            assert status in (502, 503) and d.url in json.loads(text)["error"]["message"]
-            await wait_for(lambda: c.proxy.registry.instances[d.url].breaker.state == "open")
-            status, text, _ = await call(s, c.proxy.url, {"prompt": PROMPT, "max_tokens": 2})
+            status, text, headers = await call(s, c.proxy.url, {"prompt": PROMPT, "max_tokens": 2}, rid="nu-1")
             err = json.loads(text)["error"]
-            assert status == 503 and "no usable decode instance" in err["message"] and d.url in err["message"]
+            assert status == 502 and err["type"] == "upstream_error" and "nu-1" in err["message"]
+            assert headers["X-Request-Id"] == "nu-1" and "127.0.0.1" not in text
+            await wait_for(lambda: c.proxy.registry.instances[d.url].down)  # probes: it is gone, not only failing
+            status, text, _ = await call(s, c.proxy.url, {"prompt": PROMPT, "max_tokens": 2}, rid="nu-2")
+            err = json.loads(text)["error"]
+            assert status == 503 and err["message"].startswith("no usable decode instance: 1 registered, 1 down")
+            assert "127.0.0.1" not in text and "nu-2" in err["message"]
             async with s.get(c.proxy.url + "/health") as r:
-                assert r.status == 503
+                assert r.status == 503 and "127.0.0.1" not in await r.text()
+        # the log has what the client was not told: which instance, and why
+        assert any("nu-2" in r.getMessage() and d.url in r.getMessage() for r in caplog.records)
 
 
 async def test_held_request_times_out_with_503():
@@ -270,3 +279,167 @@ async def test_admin_endpoints_are_off_without_a_token():
         async with aiohttp.ClientSession() as s:
             async with s.get(c.proxy.url + "/admin/instances", headers={"Authorization": "Bearer x"}) as r:
                 assert r.status == 403 and "--admin-token" in (await r.json())["error"]["message"]
+
+
+# -- the upstream lies, leaks, hangs or cuts --------------------------------------------------------
+def strict_events(text: str) -> list:
+    """Every event of an SSE body, each of which must be one complete ``data:`` line of JSON or [DONE]."""
+    assert text.endswith("\n\n"), text[-200:]
+    out = []
+    for block in text[:-2].split("\n\n"):
+        assert block.startswith("data: ") and "\n" not in block, block[:200]
+        payload = block[6:]
+        out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out
+
+
+@pytest.mark.parametrize("chat", [False, True])
+async def test_stream_cut_mid_event_drops_the_partial_event_then_error_and_done(chat):
+    async with await Cluster.start("collocated", collocated=1, profile=FAST,
+                                   faults={0: FaultPlan(truncate_next=1, after_tokens=3)}) as c:
+        sim = c.sims[0]
+        body = {"max_tokens": 20, "stream": True}
+        body.update({"messages": [{"role": "user", "content": PROMPT}]} if chat else {"prompt": PROMPT})
+        async with aiohttp.ClientSession() as s:
+            status, text, _ = await call(s, c.proxy.url, body, rid="cut", chat=chat)
+        assert status == 200
+        docs = strict_events(text)  # the half event the sim wrote never reached the client
+        assert docs[-1] == "[DONE]" and docs[-2]["error"]["type"] == "upstream_error"
+        assert "cut" in docs[-2]["error"]["message"] and sim.url not in text
+        received = streamed_text(docs[:-2], chat)
+        assert len(received.split()) == 3 and sim.engine.records["cut"]["output"].startswith(received)
+        assert metric(c.proxy, f'omni_proxy_upstream_errors_total{{instance="{sim.url}",kind="stream_broken"}}') == 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_200_that_is_not_json_or_not_sse_is_a_502_or_a_retry(stream):
+    async with await Cluster.start("collocated", collocated=1, profile=FAST, retries=2,
+                                   faults={0: FaultPlan(garbage_next=3)}) as c:  # every attempt of one request
+        async with aiohttp.ClientSession() as s:
+            status, text, headers = await call(s, c.proxy.url, {"prompt": PROMPT, "max_tokens": 3, "stream": stream},
+                                               rid="junk")
+        err = json.loads(text)["error"]
+        assert status == 502 and headers["Content-Type"].startswith("application/json")
+        assert err["type"] == "upstream_error" and "junk" in err["message"] and "overflow" not in text
+        assert metric(c.proxy, f'omni_proxy_upstream_errors_total{{instance="{c.sims[0].url}",kind="bad_response"}}') == 3
+        # the only instance is retried: it serves the next attempt
+        c.sims[0].faults.garbage_next = 1
+        async with aiohttp.ClientSession() as s:
+            status, text, _ = await call(s, c.proxy.url, {"prompt": PROMPT, "max_tokens": 3, "stream": stream},
+                                         rid="junk1")
+        assert status == 200 and c.sims[0].faults.injected["garbage"] == 4
+    async with await Cluster.start("collocated", collocated=2, profile=FAST, policy="round_robin",
+                                   faults={0: FaultPlan(garbage_next=1)}) as c:
+        async with aiohttp.ClientSession() as s:
+            status, text, _ = await call(s, c.proxy.url, {"prompt": PROMPT, "max_tokens": 3, "stream": stream},
+                                         rid="junk2")
+        assert status == 200
+        out = streamed_text(strict_events(text), False) if stream else json.loads(text)["choices"][0]["text"]
+        assert out == c.sims[1].engine.records["junk2"]["output"]
+
+
+async def test_500_html_with_internal_urls_is_logged_never_returned(caplog):
+    async with await Cluster.start("collocated", collocated=1, profile=FAST, retries=0,
+                                   faults={0: FaultPlan(html_next=1)}) as c:
+        async with aiohttp.ClientSession() as s:
+            status, text, headers = await call(s, c.proxy.url, {"prompt": PROMPT, "max_tokens": 3}, rid="leak-1")
+        assert status == 502 and headers["X-Request-Id"] == "leak-1"
+        doc = json.loads(text)
+        assert set(doc) == {"error"} and set(doc["error"]) == {"message", "type", "param", "code"}
+        assert doc["error"]["code"] == 502 and "leak-1" in doc["error"]["message"]
+        for secret in ("<html", "10.0.3.7", "grafana", "svc.cluster.local", c.sims[0].url, "127.0.0.1"):
+            assert secret not in text
+        logged = [r.getMessage() for r in caplog.records if "leak-1" in r.getMessage()]
+        assert any("10.0.3.7" in m and "500" in m for m in logged)  # the body, with the request id
+
+
+async def test_hung_stream_after_first_tokens_ends_within_the_idle_timeout():
+    async with await Cluster.start("collocated", collocated=1, profile=FAST, idle_timeout=0.5,
+                                   faults={0: FaultPlan(hang_next=1, after_tokens=2)}) as c:
+        loop = asyncio.get_running_loop()
+        async with aiohttp.ClientSession() as s:
+            t0 = loop.time()
+            status, text, _ = await call(s, c.proxy.url, {"prompt": PROMPT, "max_tokens": 20, "stream": True}, rid="hg")
+            elapsed = loop.time() - t0
+        docs = strict_events(text)
+        assert status == 200 and docs[-1] == "[DONE]" and "error" in docs[-2]
+        assert len(streamed_text(docs[:-2], False).split()) == 2
+        assert 0.5 <= elapsed < 2.0
+        assert c.proxy.loads[c.sims[0].url].running == 0 and c.proxy.inflight.count(c.sims[0].url) == 0
+
+
+async def test_hung_whole_answer_is_retried_after_the_request_timeout():
+    async with await Cluster.start("collocated", collocated=2, profile=FAST, policy="round_robin",
+                                   request_timeout=0.5, faults={0: FaultPlan(hang_next=1)}) as c:
+        async with aiohttp.ClientSession() as s:
+            status, text, _ = await call(s, c.proxy.url, {"prompt": PROMPT, "max_tokens": 3}, rid="hw")
+        assert status == 200 and json.loads(text)["choices"][0]["text"] == c.sims[1].engine.records["hw"]["output"]
+        assert metric(c.proxy, f'omni_proxy_upstream_errors_total{{instance="{c.sims[0].url}",kind="timeout"}}') == 1
+
+
+async def test_instance_failing_requests_while_passing_health_stays_out_without_flapping():
+    cooldown = 0.2
+    async with await Cluster.start("collocated", collocated=2, profile=FAST, policy="round_robin",
+                                   health_interval=0.05, health_timeout=0.5, breaker_failures=3,
+                                   breaker_cooldown=cooldown, faults={0: FaultPlan(fail_rate=1.0)}) as c:
+        bad, good = c.sims
+        inst = c.proxy.registry.instances[bad.url]
+        seen: list[str] = []
+
+        async def watch():
+            while True:
+                seen.append(inst.breaker.state)
+                await asyncio.sleep(0.005)
+
+        watcher = asyncio.ensure_future(watch())
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        async with aiohttp.ClientSession() as s:
+            k = 0
+            while loop.time() - t0 < 2.5:
+                status, text, _ = await call(s, c.proxy.url, {"prompt": PROMPT, "max_tokens": 1}, rid=f"fl-{k}")
+                assert status == 200, text  # every request answered (the good instance, after a retry)
+                k += 1
+        watcher.cancel()
+        elapsed = loop.time() - t0
+        assert k > 40 and inst.last_health_ok  # probes kept passing all along
+        # after the circuit first opened it never closed: only half-open trials reached the instance
+        first_open = seen.index("open")
+        assert "closed" not in seen[first_open:]
+        # 3 failures open it; then one trial per cooldown, doubling: 0.2, 0.4, 0.8, 1.6 s ...
+        trials, t, cd = 0, 0.0, cooldown
+        while t + cd <= elapsed:
+            t, cd, trials = t + cd, cd * 2, trials + 1
+        assert bad.faults.injected["fail"] <= 3 + trials + 1
+        assert inst.breaker.trips == bad.faults.injected["fail"] - 2  # the first opening, then each failed trial
+
+
+async def test_n_and_best_of_pass_through_in_collocated_mode():
+    async with await Cluster.start("collocated", collocated=1, profile=FAST) as c:
+        sim = c.sims[0]
+        async with aiohttp.ClientSession() as s:
+            status, text, _ = await call(s, c.proxy.url, {"prompt": PROMPT, "max_tokens": 4, "n": 3, "best_of": 3},
+                                         rid="n3")
+            assert status == 200
+            doc = json.loads(text)
+            assert [ch["index"] for ch in doc["choices"]] == [0, 1, 2]
+            assert [ch["text"] for ch in doc["choices"]] == [sim.engine.records[f"n3-{k}"]["output"] for k in range(3)]
+            assert len({ch["text"] for ch in doc["choices"]}) == 3 and doc["usage"]["completion_tokens"] == 12
+            status, text, _ = await call(s, c.proxy.url, {"prompt": PROMPT, "max_tokens": 4, "n": 2, "stream": True},
+                                         rid="n2s")
+            docs = strict_events(text)
+            for k in range(2):
+                got = "".join(d["choices"][0]["text"] for d in docs[:-1] if d["choices"][0]["index"] == k)
+                assert got == sim.engine.records[f"n2s-{k}"]["output"]
+
+
+async def test_n_above_one_is_refused_in_pd_mode_not_reduced():
+    async with await Cluster.start("pd", prefill=1, decode=1, profile=FAST) as c:
+        async with aiohttp.ClientSession() as s:
+            for extra in ({"n": 3}, {"best_of": 3}, {"n": 2, "best_of": 3}, {"use_beam_search": True}):
+                status, text, _ = await call(s, c.proxy.url, {"prompt": PROMPT, "max_tokens": 4, **extra}, rid="pdn")
+                err = json.loads(text)["error"]
+                assert status == 400 and "pd mode" in err["message"], text
+            assert not c.sims[0].engine.records and not c.sims[1].engine.records  # nothing reached an instance
+            status, _, _ = await call(s, c.proxy.url, {"prompt": PROMPT, "max_tokens": 4, "n": 1}, rid="pd1")
+            assert status == 200

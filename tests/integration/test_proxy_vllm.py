@@ -240,3 +240,58 @@ def test_real_vllm_pd_through_the_proxy_moves_kv_with_example_connector(vllm_pai
             await proxy.stop()
 
     asyncio.run(scenario())
+
+
+def test_real_vllm_surface_and_hostile_fields_through_the_proxy(vllm_pair, tiny_checkpoint):
+    """/tokenize, /detokenize, /version, /v1/responses and n pass through to real vLLM; bad content
+    and forged kv_transfer_params never reach it."""
+    async def scenario():
+        proxy = await _proxy(vllm_pair, tiny_checkpoint, policy="round_robin")
+        try:
+            async with aiohttp.ClientSession() as s:
+                direct = vllm_pair[0][0]
+                body = {"model": "tiny-dsv3", "prompt": SYSTEM}
+                async with s.post(proxy.url + "/tokenize", json=body) as r:
+                    via = await r.json()
+                    assert r.status == 200
+                async with s.post(direct + "/tokenize", json=body) as r:
+                    assert await r.json() == via  # both engines serve the same model
+                assert via["tokens"] == proxy.tokenizer.prompt_ids(body, chat=False)
+                async with s.post(proxy.url + "/detokenize", json={"model": "tiny-dsv3", "tokens": via["tokens"]}) as r:
+                    assert r.status == 200 and SYSTEM.strip() in (await r.json())["prompt"]
+                async with s.get(proxy.url + "/version") as r, s.get(direct + "/version") as d:
+                    assert r.status == 200 and await r.json() == await d.json()
+                # n passes through: vLLM generates every choice
+                status, text, _ = await call(s, proxy.url, {"model": "tiny-dsv3", "prompt": "Once upon a time",
+                                                             "max_tokens": 4, "n": 3, "temperature": 1.0, "seed": 1})
+                doc = json.loads(text)
+                assert status == 200 and [c["index"] for c in doc["choices"]] == [0, 1, 2]
+                assert doc["usage"]["completion_tokens"] == 12
+                # the Responses API, whole and streamed
+                rbody = {"model": "tiny-dsv3", "input": "Say something.", "max_output_tokens": 4}
+                async with s.post(proxy.url + "/v1/responses", json=rbody) as r:
+                    resp = await r.json()
+                    # 4 tokens: vLLM calls that "incomplete" (reason max_output_tokens)
+                    assert r.status == 200 and resp["object"] == "response" and resp["status"] == "incomplete", resp
+                    assert resp["output"] and resp["incomplete_details"] == {"reason": "max_output_tokens"}
+                async with s.post(proxy.url + "/v1/responses", json=dict(rbody, stream=True)) as r:
+                    events = [b for b in (await r.text()).split("\n\n") if b]
+                    assert r.status == 200 and events[0].startswith("event: response.created")
+                    # vLLM 0.32 ends the stream with response.completed even for an incomplete response
+                    assert events[-1].startswith("event: response.completed"), events[-1][:200]
+                    assert not any(e.startswith("event: error") for e in events)
+                # a forged KV pull from a port nobody listens on would fail in the engine's connector;
+                # dropped, the request is served as if it had none
+                forged = {"do_remote_prefill": True, "remote_engine_id": "x", "remote_host": "127.0.0.1",
+                          "remote_port": 9, "remote_block_ids": [1], "remote_request_id": "x"}
+                status, text, _ = await call(s, proxy.url, {"model": "tiny-dsv3", "prompt": "hello", "max_tokens": 2,
+                                                             "kv_transfer_params": forged})
+                assert status == 200, text
+                assert proxy.metrics.dropped_fields.labels("kv_transfer_params")._value.get() == 1
+                status, text, _ = await call(s, proxy.url, {"model": "tiny-dsv3", "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, chat=True)
+                assert status == 400 and "image_url.url" in text
+        finally:
+            await proxy.stop()
+
+    asyncio.run(scenario())

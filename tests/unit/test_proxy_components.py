@@ -4,7 +4,7 @@ import pytest
 
 from proxy.server.config import ProxyConfig, parse_kv_events
 from proxy.server.holding import HoldQueue, NoCapacity, NoInstance
-from proxy.server.instances import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
+from proxy.server.instances import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, Instance, Registry
 from proxy.server.kv_subscriber import KVEventSubscriber
 from proxy.sim.cache import BlockCache
 from proxy.sim.faults import FaultPlan
@@ -15,33 +15,68 @@ from scheduling.prefix_index import PrefixIndex
 from scheduling.queue_order import Held
 
 
-# -- circuit breaker ----------------------------------------------------------------------------
-def test_breaker_opens_after_consecutive_failures_and_closes_on_probe_after_cooldown():
+# -- circuit breaker and the down verdict ---------------------------------------------------------
+def test_breaker_opens_after_consecutive_failures_then_one_trial_at_a_time():
     b = CircuitBreaker(failures=3, cooldown_s=5.0)
-    b.record_failure(0.0)
-    b.record_failure(0.1)
+    assert not b.record_failure(0.0) and not b.record_failure(0.1)
     b.record_success(0.2)  # resets the count
     b.record_failure(1.0)
     b.record_failure(1.1)
     assert b.usable(1.2)
-    b.record_failure(1.2)
-    assert b.state == OPEN and not b.usable(1.3)
-    b.record_success(3.0, from_health=True)  # during cooldown: stays open
-    assert b.state == OPEN
-    b.record_success(6.3, from_health=True)
-    assert b.state == CLOSED and b.usable(6.3)
+    assert b.record_failure(1.2)  # opened now
+    assert b.state == OPEN and not b.usable(1.3) and not b.usable(6.1)
+    assert b.usable(6.2) and b.state == HALF_OPEN  # cooldown over: a trial may go
+    b.dispatched()
+    assert not b.usable(6.2)  # only one trial at a time
+    b.end_trial()  # that trial ended without a verdict (client left)
+    assert b.usable(6.3)
+    b.dispatched()
+    b.record_success(6.4)
+    assert b.state == CLOSED and b.usable(6.4) and b.consecutive == 0
 
 
-def test_breaker_half_open_without_health_checks_doubles_cooldown():
-    b = CircuitBreaker(failures=1, cooldown_s=2.0)
+def test_breaker_failed_trial_reopens_with_doubled_cooldown_up_to_the_cap():
+    b = CircuitBreaker(failures=1, cooldown_s=2.0, max_cooldown_s=6.0)
     b.record_failure(0.0)
-    assert not b.usable(1.0, health_checked=False)
-    assert b.usable(2.0, health_checked=False) and b.state == HALF_OPEN
-    b.record_failure(2.0)  # trial failed: open again, twice as long
+    assert not b.usable(1.0) and b.usable(2.0) and b.state == HALF_OPEN
+    b.dispatched()
+    assert b.record_failure(2.0)  # trial failed: open again, twice as long
     assert b.state == OPEN and b.open_until == pytest.approx(6.0)
-    assert b.usable(6.0, health_checked=False)
-    b.record_success(6.1)
-    assert b.state == CLOSED
+    assert b.usable(6.0)
+    b.record_failure(6.0)
+    assert b.open_until == pytest.approx(12.0)  # 4 s
+    assert b.usable(12.0)
+    b.record_failure(12.0)
+    assert b.open_until == pytest.approx(18.0)  # capped at 6 s
+    assert b.trips == 4
+
+
+def test_probes_declare_down_and_up_without_touching_the_request_breaker():
+    downs = []
+    reg = Registry(on_down=lambda url, why: downs.append((url, why)), health_misses=3)
+    inst = Instance("http://a:1", "collocated", breaker=CircuitBreaker(failures=2, cooldown_s=1.0))
+    reg.add(inst)
+    reg.probed(inst.url, False, "unanswered")
+    reg.probed(inst.url, False, "unanswered")
+    assert reg.usable("collocated", 0.0) == [inst.url] and not downs
+    reg.probed(inst.url, True)
+    reg.probed(inst.url, False, "x")
+    reg.probed(inst.url, False, "x")
+    assert not inst.down  # not in a row
+    reg.probed(inst.url, False, "x")
+    assert inst.down and reg.usable("collocated", 0.0) == [] and len(downs) == 1 and "3 health probes" in downs[0][1]
+    reg.probed(inst.url, False, "x")
+    assert len(downs) == 1  # declared once
+    reg.probed(inst.url, True)
+    assert not inst.down and reg.usable("collocated", 0.0) == [inst.url]
+    # requests failing while /health passes: the breaker opens and passing probes do not close it
+    reg.request_failed(inst.url, 0.0, "http_5xx")
+    reg.request_failed(inst.url, 0.1, "http_5xx")
+    assert inst.breaker.state == OPEN and len(downs) == 2 and "circuit opened" in downs[1][1]
+    for _ in range(5):
+        reg.probed(inst.url, True)
+    assert inst.breaker.state == OPEN and reg.usable("collocated", 0.5) == []
+    assert reg.usable("collocated", 1.1) == [inst.url] and inst.breaker.state == HALF_OPEN
 
 
 # -- hold queue ---------------------------------------------------------------------------------
@@ -181,14 +216,60 @@ def test_profile_defaults_step_time_and_errors(tmp_path):
 
 
 def test_fault_plan_counters_rates_and_errors():
-    plan = FaultPlan(fail_next=1, crash_next=1, seed=3)
-    assert [plan.draw(), plan.draw(), plan.draw()] == ["fail", "crash", None]
+    plan = FaultPlan(fail_next=1, crash_next=1, truncate_next=1, seed=3)
+    assert [plan.draw(), plan.draw(), plan.draw(), plan.draw()] == ["fail", "crash", "truncate", None]
     plan.update({"stall_rate": 1.0})
     assert plan.draw() == "stall"
-    plan.update({"stall_rate": 0.0, "fail_rate": 0.25})
+    plan.update({"stall_rate": 0.0, "fail_rate": 0.25, "hang_rate": 0.25})
     draws = [plan.draw() for _ in range(4000)]
-    assert 800 < draws.count("fail") < 1200 and set(draws) == {"fail", None}
+    assert 800 < draws.count("fail") < 1200 and 800 < draws.count("hang") < 1200
+    assert set(draws) == {"fail", "hang", None}
+    assert plan.injected["hang"] == draws.count("hang")
     with pytest.raises(ValueError, match="unknown fault field 'explode'"):
         plan.update({"explode": 1})
     with pytest.raises(ValueError, match="probability"):
         plan.update({"fail_rate": 2})
+    with pytest.raises(ValueError, match="add up to more than 1"):
+        FaultPlan(fail_rate=0.6, html_rate=0.6)
+
+
+# -- observations reach the policy's hooks --------------------------------------------------------
+@pytest.mark.asyncio
+async def test_policy_hooks_get_what_the_proxy_saw():
+    import aiohttp
+
+    from proxy.harness import Cluster, call
+    from scheduling.policies import POLICIES, LeastLoad
+
+    seen = []
+
+    class Watching(LeastLoad):
+        name = "watching"
+
+        def on_first_byte(self, obs):
+            seen.append(("first", obs))
+
+        def on_prefill_done(self, obs):
+            seen.append(("prefill", obs))
+
+        def on_complete(self, obs):
+            seen.append(("complete", obs))
+
+    POLICIES["watching"] = Watching
+    try:
+        fast = SimProfile(step_overhead_s=0.001)
+        async with await Cluster.start("pd", prefill=1, decode=1, profile=fast, policy="watching") as c:
+            p, d = c.sims
+            async with aiohttp.ClientSession() as s:
+                await call(s, c.proxy.url, {"prompt": "x" * 400, "max_tokens": 5, "stream": True,
+                                            "stream_options": {"include_usage": True}}, rid="o1")
+                await call(s, c.proxy.url, {"prompt": "y" * 400, "max_tokens": 3}, rid="o2")
+        kinds = [(k, o.request.request_id, o.instance, o.stage) for k, o in seen]
+        assert kinds == [("prefill", "o1", p.url, "prefill"), ("first", "o1", d.url, "decode"),
+                         ("complete", "o1", d.url, "decode"), ("prefill", "o2", p.url, "prefill"),
+                         ("complete", "o2", d.url, "decode")]
+        done = [o for k, o in seen if k == "complete"]
+        assert [(o.ok, o.prompt_tokens, o.completion_tokens) for o in done] == [(True, 100, 5), (True, 100, 3)]
+        assert all(o.at >= o.sent_at for _, o in seen)
+    finally:
+        POLICIES.pop("watching")

@@ -88,3 +88,30 @@ async def test_abort_frees_blocks():
     assert engine.cache.anonymous > 0
     engine.abort(r)
     assert engine.cache.anonymous == 0 and engine.records["x"]["status"] == "aborted" and not engine.running
+
+
+async def test_stop_strings_end_a_sequence_and_cut_its_text():
+    profile = SimProfile(step_overhead_s=0.0001)
+    engine = SimEngine(profile)
+    engine.start()
+    try:
+        probe = request(engine, "s", 20, max_tokens=12)
+        full = "".join(WORDS[output_token(probe.base, k)] for k in range(12))
+        stop = full[len(full) // 2: len(full) // 2 + 5]  # a string that spans into the middle
+        r = SimRequest("s", probe.prompt_ids, probe.digests, 12, stop=(stop, "never-there"))
+        engine.add(r)
+        while not r.done:
+            await r.wake.wait()
+            r.wake.clear()
+        cut = full.index(stop)
+        assert r.finish_reason == "stop" and r.stop_reason == stop
+        assert r.text() == full[:cut] and stop not in r.text()
+        assert len(r.outputs) < 12 and engine.records["s"]["finish_reason"] == "stop"
+        plain = request(engine, "p", 20, max_tokens=4)
+        engine.add(plain)
+        while not plain.done:
+            await plain.wake.wait()
+            plain.wake.clear()
+        assert plain.finish_reason == "length" and len(plain.outputs) == 4
+    finally:
+        await engine.stop()

@@ -5,7 +5,7 @@ import msgpack
 import pytest
 
 from proxy.wire import kv_events as kv
-from proxy.wire.openai import RequestError, parse_json_body, validate_request
+from proxy.wire.openai import RequestError, events_end, json_depth_over, looks_like_sse, parse_json_body, validate_request
 from proxy.wire.text import char_block_ids, prompt_ids, render_chat
 
 
@@ -88,6 +88,19 @@ def test_char_block_tokenizer():
     ({"prompt": "x", "max_tokens": "5"}, False, "'max_tokens' must be a positive integer, got '5'"),
     ({"prompt": "x", "stream": "yes"}, False, "'stream' must be true or false"),
     ({"prompt": "x", "model": 3}, False, "'model' must be a string"),
+    ({"prompt": "x", "n": 0}, False, "'n' must be a positive integer"),
+    ({"prompt": "x", "n": 3, "best_of": 2}, False, r"'best_of' \(2\) must be at least 'n' \(3\)"),
+    ({"prompt": "x", "stop": 5}, False, "'stop' must be a string or a list of strings"),
+    ({"prompt": "x", "stop": ["a", 1]}, False, "'stop' must be a string or a list of strings"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, True, "needs field 'text'"),
+    ({"messages": [{"role": "user", "content": [{"text": "x"}]}]}, True, "must be an object with a string 'type'"),
+    ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": "x"}]}]}, True,
+     "needs field 'input_audio'"),
+    ({"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {}}]}]}, True,
+     r"video_url.url must be a string"),
+    ({"messages": [{"role": "user", "content": "x", "name": 3}]}, True, r"messages\[0\].name must be a string"),
+    ({"messages": [{"role": "assistant", "content": "x", "tool_calls": {}}]}, True, "tool_calls must be a list"),
+    ({"messages": [{"role": "system", "content": None}]}, True, r"messages\[0\] \(system\) needs 'content'"),
 ])
 def test_validation_names_field_and_value(body, chat, message):
     with pytest.raises(RequestError, match=message):
@@ -102,3 +115,49 @@ def test_body_parsing_errors():
     with pytest.raises(RequestError, match="must be a JSON object, got list"):
         parse_json_body(b"[1]")
     assert parse_json_body(json.dumps({"a": 1}).encode()) == {"a": 1}
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": "hi"}],
+    [{"role": "developer", "content": [{"type": "text", "text": "rules"}]}],
+    [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png", "detail": "low"}},
+                                  {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
+                                  {"type": "video_url", "video_url": {"url": "https://x/v.mp4"}}, "bare string"]}],
+    [{"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function",
+                                                           "function": {"name": "f", "arguments": "{}"}}]},
+     {"role": "tool", "tool_call_id": "c", "content": "ok"}],
+    [{"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]}],
+])
+def test_openai_message_shapes_are_accepted(messages):
+    validate_request({"messages": messages}, chat=True)
+
+
+def test_json_nesting_is_limited_at_the_stated_depth():
+    def nested(depth):  # the body object counts as level 1
+        return b'{"prompt": "x", "a": ' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}"
+
+    assert parse_json_body(nested(400))["prompt"] == "x"
+    for depth in (401, 999, 5000, 100_000):
+        with pytest.raises(RequestError, match="more than 400 levels deep"):
+            parse_json_body(nested(depth))
+    wide = json.dumps({"prompt": "x", "a": [[1]] * 10_000}).encode()  # many brackets, shallow
+    assert len(parse_json_body(wide)["a"]) == 10_000
+    assert parse_json_body(nested(10), max_depth=10) and not json_depth_over({"a": [[]]}, 3)
+    with pytest.raises(RequestError):
+        parse_json_body(nested(11), max_depth=10)
+
+
+def test_sse_event_boundaries():
+    assert events_end(b"data: a\n\ndata: b") == len(b"data: a\n\n")
+    assert events_end(b"data: a\r\n\r\ndata: b\n\n") == len(b"data: a\r\n\r\ndata: b\n\n")
+    assert events_end(b"data: partial") == 0
+    assert looks_like_sse(b"data: {}\n\n") and looks_like_sse(b": keep-alive\n\n")
+    assert looks_like_sse(b"event: response.created\ndata: {}\n\n")
+    assert not looks_like_sse(b"<html><body>Bad Gateway</body></html>\n\n")
+
+
+def test_request_error_survives_a_process_pool():
+    import pickle
+
+    err = pickle.loads(pickle.dumps(RequestError("too big", 413, "prompt")))
+    assert (err.message, err.status, err.param) == ("too big", 413, "prompt")

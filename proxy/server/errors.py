@@ -1,0 +1,56 @@
+"""How an upstream attempt can fail, and what the client is told (never the upstream's words).
+
+Upstream error bodies, instance URLs and exception texts go to the log, tagged with the request
+id; the client gets an OpenAI-shaped error that carries the request id and nothing internal.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from proxy.server.holding import NoCapacity, NoInstance
+from proxy.wire.openai import error_bytes
+
+__all__ = ["AttemptFailed", "UpstreamRejected", "AllAttemptsFailed", "NoInstance", "NoCapacity", "client_error"]
+
+# kinds of AttemptFailed; all but "down" count against the instance's circuit breaker
+KINDS = ("connect", "timeout", "http_5xx", "broken", "bad_response", "stream_broken", "down")
+
+
+class AttemptFailed(Exception):
+    """One upstream attempt failed before any byte reached the client (so it can be retried)."""
+
+    def __init__(self, instance: str, kind: str, detail: str):
+        super().__init__(f"{instance}: {kind}: {detail}")
+        self.instance = instance
+        self.kind = kind
+        self.detail = detail
+
+    @property
+    def counts(self) -> bool:
+        return self.kind != "down"  # the instance is already known to be down
+
+
+class UpstreamRejected(Exception):
+    """The instance answered 4xx: the request is at fault. ``body`` is what the client gets."""
+
+    def __init__(self, status: int, body: bytes):
+        super().__init__(f"upstream answered {status}")
+        self.status = status
+        self.body = body
+
+
+class AllAttemptsFailed(Exception):
+    def __init__(self, failures: list[AttemptFailed]):
+        super().__init__("; ".join(str(f) for f in failures))
+        self.failures = failures
+
+
+def client_error(message: str, status: int, rid: str | None, kind: str | None = None,
+                 param: str | None = None) -> web.Response:
+    """An OpenAI-style error response; the request id goes into the message and the header."""
+    if rid:
+        message = f"{message} (request id {rid})"
+    headers = {"X-Request-Id": rid} if rid else None
+    return web.Response(body=error_bytes(message, status, kind, param), status=status,
+                        content_type="application/json", headers=headers)
