@@ -138,13 +138,14 @@ class Forwarder:
                 clean = True
                 call.head = data
                 self.registry.request_succeeded(instance, now)
-                self.router.observe("on_complete", call.info, instance, stage, attempt.sent_at, usage=doc.get("usage"))
+                self.router.observe("on_complete", call.info, instance, stage, attempt.sent_at, usage=doc.get("usage"),
+                                    ticket=ticket)
                 return web.Response(body=data, status=resp.status, content_type="application/json",
                                     headers={"X-Request-Id": call.rid})
             call.head = first
             call.ttft = now - call.t0
             self.metrics.ttft.observe(call.ttft)
-            self.router.observe("on_first_byte", call.info, instance, stage, attempt.sent_at)
+            self.router.observe("on_first_byte", call.info, instance, stage, attempt.sent_at, ticket=ticket)
             out, clean = await self._stream(call, stage, attempt, resp, first, pending, ticket, dialect)
             return out
         except AttemptFailed as failure:
@@ -185,5 +186,5 @@ class Forwarder:
             if attempt.down_reason is None:
                 self.registry.request_failed(attempt.instance, now, f"stream_broken: {result.why}")
         self.router.observe("on_complete", call.info, attempt.instance, stage, attempt.sent_at, ok=result.ok,
-                            usage=result.usage, chunks=max(0, result.events - 1))
+                            usage=result.usage, chunks=max(0, result.events - 1), ticket=ticket)
         return out, result.ok

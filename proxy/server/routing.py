@@ -133,10 +133,10 @@ class Router:
 
     # -- observations for the policy ------------------------------------------------------------
     def observe(self, hook: str, info: RequestInfo, instance: str, stage: str, sent_at: float, ok: bool = True,
-                usage: dict | None = None, chunks: int | None = None) -> None:
+                usage: dict | None = None, chunks: int | None = None, ticket: Ticket | None = None) -> None:
         if hook not in self._hooks:
             return
         usage = usage if isinstance(usage, dict) else {}
         completion = usage.get("completion_tokens", chunks)
         getattr(self.policy, hook)(Observation(info, instance, stage, sent_at, self.now(), ok,
-                                               usage.get("prompt_tokens"), completion))
+                                               usage.get("prompt_tokens"), completion, ticket))
