@@ -5,7 +5,7 @@ TTFT, delayed release, hooks)."""
 import pytest
 
 from scheduling.load import KV_SCALE, PREFILL_SCALE, DecodeTimeModel, LoadModel
-from scheduling.policies import POLICIES, ClusterState, RequestInfo, make_policy, policy_options
+from scheduling.policies import POLICIES, ClusterState, Observation, RequestInfo, make_policy, policy_options
 from scheduling.predict import tpot_capacity
 from scheduling.prefix_index import PrefixIndex
 from scheduling.slo import SLOTarget
@@ -263,28 +263,40 @@ def test_omni_bypass_counts_the_decode_side_prefix():
 
 
 # -- hooks and holding -------------------------------------------------------------------------
+def obs(ticket, stage, at, ok=True, tokens=None, instance="c"):
+    return Observation(req(), instance, stage, ticket.sent_at, at, ok, None, tokens, ticket)
+
+
 def test_hooks_feed_the_models_only_from_what_measures_them():
     loads = LoadModel()
     loads.add("c", "collocated")
     p = make_policy("omni")
-    t = loads.acquire("c", 100, 100, now=0.0, max_tokens=11)
-    p.on_first_token(t, 0.3)  # first byte: dispatch -> first token with 100 queued tokens
     pm, dm = loads.models_of("collocated")
-    assert pm.observations == 1 and loads["c"].prefill_tokens == 0
+    t = loads.acquire("c", 100, 100, now=0.0, max_tokens=11)
+    p.on_first_byte(obs(t, "collocated", 0.3))  # dispatch -> first token with 100 queued tokens
+    assert pm.observations == 1 and loads["c"].prefill_tokens == 0 and t.first_token_at == 0.3
     t.grow(10)
-    p.on_complete(t, 11, 1.3)  # 10 gaps in 1 s: TPOT 0.1
+    p.on_complete(obs(t, "collocated", 1.3, tokens=11))  # 10 gaps in 1 s: TPOT 0.1
     assert dm.observations == 1
-    p.on_failure(t, "stream_broken", 1.3)  # no model change
+    p.on_complete(obs(t, "collocated", 1.3, ok=False, tokens=11))  # a broken stream measures nothing
+    assert (pm.observations, dm.observations) == (1, 1)
+    # a non-streaming answer: the proxy marks its ticket's prefill done when the whole answer
+    # is in, and reports only on_complete: neither model learns from its latency
+    t4 = loads.acquire("c", 100, 100, now=2.0, max_tokens=11)
+    t4.prefill_done(3.0)
+    p.on_complete(obs(t4, "collocated", 3.0, tokens=11))
     assert (pm.observations, dm.observations) == (1, 1)
     # a decode leg of PD (KV from a prefill, nothing prefilled here): no prefill-time sample
     loads.add("d", "decode")
     t2 = loads.acquire("d", 0, 100, now=0.0)
-    p.on_first_token(t2, 0.05)
+    p.on_first_byte(obs(t2, "decode", 0.05, instance="d"))
     assert loads.models_of("decode")[0].observations == 0
     loads.add("p", "prefill")
     t3 = loads.acquire("p", 200, 200, now=0.0)
-    p.on_prefill_answer(t3, 0.2)
+    p.on_prefill_done(obs(t3, "prefill", 0.2, instance="p"))
     assert loads.models_of("prefill")[0].observations == 1
+    # policies without models ignore observations (the proxy does not even build them)
+    assert make_policy("round_robin").on_first_byte(obs(t, "collocated", 0.3)) is None
 
 
 def test_omni_held_service_and_order():
