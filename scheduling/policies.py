@@ -341,14 +341,14 @@ class Omni(Policy):
 
     # -- forecasts ---------------------------------------------------------------------------
     def _forecasts(self, req: RequestInfo, candidates: Sequence[str], state: ClusterState,
-                   prefilled_here: bool) -> list[Forecast]:
+                   prefilled_here: bool, tpot: bool = True) -> list[Forecast]:
         loads = state.loads.instances
         matches = _matches(req, candidates, state)
         budget = self.ttft_share * self.slo.ttft
         return [forecast(loads[i], loads, prompt_tokens=req.prompt_tokens,
                          uncached=uncached(req, matches[i], state.block_size) if prefilled_here else 0,
                          matched_blocks=matches[i], now=state.now, slo=self.slo, ttft_budget_s=budget,
-                         margin_z=self.margin)
+                         margin_z=self.margin, tpot=tpot)
                 for i in candidates]
 
     def _under_caps(self, load: InstanceLoad, stage: str) -> bool:
@@ -377,7 +377,7 @@ class Omni(Policy):
 
     # -- choices -----------------------------------------------------------------------------
     def choose_collocated(self, req, candidates, state):
-        fcs = [f for f in self._forecasts(req, candidates, state, True) if f.ttft_ok]
+        fcs = [f for f in self._forecasts(req, candidates, state, True, tpot=False) if f.ttft_ok]
         if not fcs:
             return None  # every instance's prefill queue is full: wait for the first to free
         loads = state.loads.instances
@@ -391,7 +391,7 @@ class Omni(Policy):
         return self._pick("collocated", fcs, state, least_busy)
 
     def choose_prefill(self, req, candidates, state):
-        fcs = [f for f in self._forecasts(req, candidates, state, True) if f.ttft_ok]
+        fcs = [f for f in self._forecasts(req, candidates, state, True, tpot=False) if f.ttft_ok]
         return self._pick("prefill", fcs, state, lambda f, l: (f.ttft_s, -f.matched_blocks, l.running))
 
     def choose_decode(self, req, candidates, state):
@@ -420,7 +420,7 @@ class Omni(Policy):
         local_best = min(local, key=lambda f: (f.ttft_s, -f.matched_blocks))
         if prefill_candidates is None:
             prefill_candidates = [i for i, l in loads.items() if l.role == "prefill"]
-        remote = self._forecasts(req, prefill_candidates, state, True)
+        remote = self._forecasts(req, prefill_candidates, state, True, tpot=False)
         if remote:
             decode_step = min(step_seconds(loads[i], loads, loads[i].running + 1, loads[i].kv_tokens + req.prompt_tokens)
                               for i in decode_candidates)

@@ -19,6 +19,7 @@ the most, so its first requests are not predicted from the prior alone.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -71,19 +72,23 @@ class Forecast:
 
 
 def forecast(load: InstanceLoad, loads: Mapping[str, InstanceLoad], *, prompt_tokens: int, uncached: int,
-             matched_blocks: int, now: float, slo: SLOTarget, ttft_budget_s: float, margin_z: float) -> Forecast:
-    """Predict TTFT and TPOT of a request (``uncached`` = 0: its KV arrives from a prefill)."""
+             matched_blocks: int, now: float, slo: SLOTarget, ttft_budget_s: float, margin_z: float,
+             tpot: bool = True) -> Forecast:
+    """Predict TTFT and TPOT of a request (``uncached`` = 0: its KV arrives from a prefill;
+    ``tpot`` False: TTFT only, the TPOT fields are NaN and True)."""
     pm = prefill_model_of(load, loads)
-    dm = decode_model_of(load, loads)
     if uncached > 0:
         ttft = prefill_seconds(load, loads, load.prefill_tokens + uncached)
         ttft_ok = load.prefill_tokens == 0 or ttft + margin_z * pm.residual_std <= ttft_budget_s
     else:
         ttft, ttft_ok = 0.0, True
+    if not tpot:
+        return Forecast(load.instance, matched_blocks, uncached, ttft, math.nan, ttft_ok, True)
+    dm = decode_model_of(load, loads)
     rate = load.prefill_rate(now) + uncached / RATE_WINDOW_S
-    tpot = tpot_seconds(load, loads, load.running + 1, load.kv_tokens + prompt_tokens, rate)
-    tpot_ok = load.running == 0 or tpot + margin_z * dm.residual_std <= slo.tpot or unattainable(dm, slo, margin_z)
-    return Forecast(load.instance, matched_blocks, uncached, ttft, tpot, ttft_ok, tpot_ok)
+    tpot_s = tpot_seconds(load, loads, load.running + 1, load.kv_tokens + prompt_tokens, rate)
+    tpot_ok = load.running == 0 or tpot_s + margin_z * dm.residual_std <= slo.tpot or unattainable(dm, slo, margin_z)
+    return Forecast(load.instance, matched_blocks, uncached, ttft, tpot_s, ttft_ok, tpot_ok)
 
 
 def unattainable(dm: DecodeTimeModel, slo: SLOTarget, margin_z: float) -> bool:
