@@ -23,7 +23,7 @@ from typing import Any
 
 KNOWN_PASSES = ("redundant_experts", "sparse_attention", "latent_attention")
 TOP_KEYS = {"passes", "placement", "sparse_attention", "report_path", "expert_load_path", "expert_load_interval_steps"}
-ATTN_KEYS = {"sink", "recent", "pattern"}
+ATTN_KEYS = {"sink", "recent", "pattern", "free_kv"}
 
 
 class ConfigError(ValueError):
@@ -35,6 +35,8 @@ class SparseAttentionConfig:
     sink: int = 128
     recent: int = 384
     pattern: tuple[int, ...] = ()
+    # Under vLLM: give the pattern layers sink+recent KV blocks (freed outside the window).
+    free_kv: bool = True
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,7 @@ class PassConfig:
                 "sink": self.sparse_attention.sink,
                 "recent": self.sparse_attention.recent,
                 "pattern": list(self.sparse_attention.pattern),
+                "free_kv": self.sparse_attention.free_kv,
             },
             "report_path": self.report_path,
             "expert_load_path": self.expert_load_path,
@@ -129,7 +132,7 @@ def _sparse_attention(data: Any, source: str) -> SparseAttentionConfig:
         raise ConfigError(f"{where} must be an object with sink, recent, pattern")
     unknown = sorted(set(data) - ATTN_KEYS)
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; known: sink, recent, pattern")
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(ATTN_KEYS))}")
     values = {}
     # recent counts the query's own position: recent >= 1 so that no query sees nothing.
     for key, default, least in (("sink", 128, 0), ("recent", 384, 1)):
@@ -142,4 +145,8 @@ def _sparse_attention(data: Any, source: str) -> SparseAttentionConfig:
         raise ConfigError(f"{where}.pattern must be a list of decoder-layer indices >= 0, got {pattern!r}")
     if len(set(pattern)) != len(pattern):
         raise ConfigError(f"{where}.pattern lists a layer twice: {pattern}")
-    return SparseAttentionConfig(sink=values["sink"], recent=values["recent"], pattern=tuple(sorted(pattern)))
+    free_kv = data.get("free_kv", True)
+    if not isinstance(free_kv, bool):
+        raise ConfigError(f"{where}.free_kv must be true or false, got {free_kv!r}")
+    return SparseAttentionConfig(sink=values["sink"], recent=values["recent"], pattern=tuple(sorted(pattern)),
+                                 free_kv=free_kv)

@@ -4,7 +4,9 @@ vLLM loads it in every process it starts. It registers the omni custom ops (so g
 call them load anywhere), makes vLLM treat ``omni_passes.vllm_post_grad_pass`` as its own
 ``InductorPass`` (so the pass's ``uuid()`` keys the compile caches), and, when
 ``OMNI_PASSES_CONFIG`` is set, validates that file early so a bad config is reported before
-the model loads. Enabling the pass is still the compile-config line (README).
+the model loads. Enabling the pass is still the compile-config line (README). With
+``sparse_attention.free_kv`` (the default) it also registers sink+recent KV for the pattern
+layers (``_register_kv_cache``).
 """
 
 from __future__ import annotations
@@ -25,3 +27,18 @@ def register() -> None:
     if os.environ.get(ENV_CONFIG):
         config = load_config_from_env()  # raises ConfigError naming the file and the problem
         log.info("omni_passes plugin: %s = %s, passes %s", ENV_CONFIG, os.environ[ENV_CONFIG], list(config.passes))
+        _register_kv_cache(config)
+
+
+def _register_kv_cache(config) -> None:
+    """Sink+recent KV cache spec, manager and MLA layer class for the pattern layers."""
+    from omni_passes.kvcache.vllm_register import register_sink_recent_kv
+
+    if "sparse_attention" in config.passes:
+        # The op the pass inserts, registered up front: a compiled graph loaded from a cache
+        # calls it without the pass having run in this process.
+        import omni_passes.kvcache.vllm_mla  # noqa: F401
+    if register_sink_recent_kv(config):
+        attn = config.sparse_attention
+        log.info("omni_passes plugin: sink+recent KV for layers %s (sink %d, recent %d)",
+                 list(attn.pattern), attn.sink, attn.recent)

@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--out", metavar="FILE")
+    from omni_passes.bench.vllm_kv import add_kv_arguments
+
+    add_kv_arguments(parser)  # sink+recent KV: dense vs compressed (--pass-config with free_kv, or --kv)
 
 
 def _engine(name, model, pass_config, cache_dir, commands, results):
@@ -61,6 +64,10 @@ def _engine(name, model, pass_config, cache_dir, commands, results):
 
 
 def main(args: argparse.Namespace) -> int:
+    from omni_passes.bench import vllm_kv
+
+    if vllm_kv.wants_kv_bench(args):
+        return vllm_kv.main(args)
     setup_logging()
     work = Path(tempfile.mkdtemp(prefix="omni-bench-vllm-"))
     model = args.model

@@ -20,18 +20,21 @@ kernels) on modified attention metadata, so only the set of keys changes:
   blocks, which keeps up to a block of extra tokens at the window's start; the copy keeps the
   token-exact semantics of ``omni::sparse_attention``, at the cost of copying sink + recent
   latent rows per request and layer.)
-* **prefill** (the MHA path over the new tokens; vLLM on CPU disables chunked prefill and
-  prefix caching for MLA, so a prefill has no cached context): the prefill backend is wrapped
-  so that its ``run_prefill_new_tokens`` computes ``omni::sparse_attention`` per request, with
-  positions 0..L−1, on the q/k/v that vLLM's ``forward_mha`` built.
+* **prefill** (the MHA path over the new tokens): the prefill backend is wrapped so that its
+  ``run_prefill_new_tokens`` computes ``omni::sparse_attention`` per request, with positions
+  0..L−1, on the q/k/v that vLLM's ``forward_mha`` built. A chunk with cached context (chunked
+  prefill, which vLLM turns off for MLA on CPU but uses elsewhere) also reads the context rows
+  its queries see, [0, sink) ∪ [C + 1 − recent, C), from the paged cache and attends over them
+  and the new keys under the window mask; vLLM's own context pass (which would read the whole
+  context) is dropped.
 
 When no sequence in the batch is longer than sink + recent, every query already sees exactly its
 window, and the op calls ``forward_impl`` unchanged (bit-identical to the dense run).
 
-Limits (each raises naming itself rather than computing something else): prefill with cached
-context (chunked prefill / prefix caching), hisparse caches, KV caches that are not
-[blocks, block_size, row]. vLLM still allocates and writes full-length KV for every layer:
-memory is not saved here, only attention work.
+Limits (each raises naming itself rather than computing something else): hisparse caches, KV
+caches that are not [blocks, block_size, row]. Every block table entry this op reads holds a
+visible position, so with sink+recent KV (``omni_passes.kvcache.vllm_layer``: blocks outside
+the window freed) it never touches a freed block or the null block.
 """
 
 from __future__ import annotations
@@ -53,21 +56,26 @@ def sparse_mla_attention(q: torch.Tensor, kv_c_normed: torch.Tensor, k_pe: torch
     attn_metadata, layer, kv_cache, _ = get_attention_context(layer_name)
     if getattr(layer, "hisparse_cache", None) is not None:
         raise NotImplementedError(f"{layer_name}: sink+recent attention over a hisparse KV cache is not supported")
+    # A layer with sink+recent KV (``vllm_layer.compress_layer``) guards its ``forward_impl``
+    # against dense reads of freed blocks; this op is the caller allowed past that guard.
+    forward_impl = getattr(layer, "dense_forward_impl", layer.forward_impl)
     if attn_metadata is None or attn_metadata.max_seq_len <= sink + recent:
-        layer.forward_impl(q, kv_c_normed, k_pe, kv_cache, attn_metadata, output=output)
+        forward_impl(q, kv_c_normed, k_pe, kv_cache, attn_metadata, output=output)
         return
     changes: dict[str, Any] = {}
     if attn_metadata.prefill is not None and attn_metadata.num_prefills > 0:
         prefill = attn_metadata.prefill
+        context = None
         if prefill.chunked_context is not None:
-            raise NotImplementedError(
-                f"{layer_name}: prefill over cached context (chunked prefill / prefix caching) with sink+recent "
-                "attention is not supported; vLLM on CPU disables both for MLA")
-        wrapped = _SinkRecentPrefill(prefill.prefill_backend, prefill.query_start_loc, sink, recent)
-        changes["prefill"] = dataclasses.replace(prefill, prefill_backend=wrapped)
+            # vLLM would attend over the whole cached context (freed blocks included): the
+            # wrapper reads the visible context rows itself, so vLLM's context pass is dropped.
+            context = _CachedContext(layer.impl, kv_cache, prefill.block_table,
+                                     prefill.chunked_context.context_lens_list, layer_name)
+        wrapped = _SinkRecentPrefill(prefill.prefill_backend, prefill.query_start_loc, sink, recent, context)
+        changes["prefill"] = dataclasses.replace(prefill, prefill_backend=wrapped, chunked_context=None)
     if attn_metadata.decode is not None and attn_metadata.num_decodes > 0:
         kv_cache, changes["decode"] = _compact_decode(kv_cache, attn_metadata.decode, sink, recent, layer_name)
-    layer.forward_impl(q, kv_c_normed, k_pe, kv_cache, dataclasses.replace(attn_metadata, **changes), output=output)
+    forward_impl(q, kv_c_normed, k_pe, kv_cache, dataclasses.replace(attn_metadata, **changes), output=output)
 
 
 @sparse_mla_attention.register_fake
@@ -114,12 +122,21 @@ def _compact_decode(kv_cache: torch.Tensor, decode: Any, sink: int, recent: int,
 
 # --------------------------------------------------------------------------- prefill
 class _SinkRecentPrefill:
-    """Wraps vLLM's MLA prefill backend: new-token attention becomes sink+recent."""
+    """Wraps vLLM's MLA prefill backend: new-token attention becomes sink+recent.
 
-    def __init__(self, inner: Any, query_start_loc: torch.Tensor, sink: int, recent: int):
+    Without cached context (a whole prompt) the new tokens attend over their own fresh keys with
+    ``omni::sparse_attention`` (positions 0..L−1). With cached context (chunked prefill: tokens
+    [C, C + L) of a longer prompt) each query at p also sees the context keys [0, sink) ∪
+    (p − recent, C); those rows are read from the paged cache (``_CachedContext``), expanded as
+    vLLM expands its context, and attended together with the new keys under the window mask.
+    """
+
+    def __init__(self, inner: Any, query_start_loc: torch.Tensor, sink: int, recent: int,
+                 context: "_CachedContext | None" = None):
         self._inner = inner
         self._starts = [int(x) for x in query_start_loc.cpu()]
         self._sink, self._recent = sink, recent
+        self._context = context
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -130,16 +147,63 @@ class _SinkRecentPrefill:
         import kernels  # noqa: F401  (registers omni::sparse_attention)
 
         chunks = []
-        for start, end in zip(self._starts[:-1], self._starts[1:]):
-            length = end - start
-            positions = torch.arange(length, device=q.device)[None]
+        scale = float(self._inner.scale)
+        for r, (start, end) in enumerate(zip(self._starts[:-1], self._starts[1:])):
+            context_len = self._context.lengths[r] if self._context is not None else 0
+            if context_len:
+                chunks.append(self._with_context(r, context_len, q[start:end], k[start:end], v[start:end], scale))
+                continue
+            positions = torch.arange(end - start, device=q.device)[None]
             qr, kr, vr = (x[start:end].transpose(0, 1)[None] for x in (q, k, v))      # [1, H, L, D]
             dtype = v.dtype
             res = torch.ops.omni.sparse_attention(qr.to(dtype), kr.to(dtype), vr, positions,
-                                                  self._sink, self._recent, float(self._inner.scale))
+                                                  self._sink, self._recent, scale)
             chunks.append(res[0].transpose(0, 1))                                    # [L, H, Dv]
         result = torch.cat(chunks, dim=0)
         if out is not None:
             out.copy_(result)
             return out
         return result
+
+    def _with_context(self, r: int, context_len: int, q, k, v, scale: float) -> torch.Tensor:
+        """q, k, v [L, H, D] of tokens [C, C + L) -> output [L, H, Dv]."""
+        key_pos, k_ctx, v_ctx = self._context.visible_rows(r, context_len, self._sink, self._recent)
+        length = q.shape[0]
+        q_pos = context_len + torch.arange(length, device=q.device)
+        key_pos = torch.cat([key_pos, q_pos])
+        keys = torch.cat([k_ctx.to(k.dtype), k]).transpose(0, 1).float()            # [H, n + L, D]
+        values = torch.cat([v_ctx.to(v.dtype), v]).transpose(0, 1).float()
+        visible = (key_pos[None] <= q_pos[:, None]) & (
+            (key_pos[None] < self._sink) | (key_pos[None] > q_pos[:, None] - self._recent))  # [L, n + L]
+        scores = torch.matmul(q.transpose(0, 1).float(), keys.transpose(1, 2)) * scale     # [H, L, n + L]
+        scores = scores.masked_fill(~visible[None], float("-inf"))
+        return torch.matmul(torch.softmax(scores, dim=-1), values).transpose(0, 1).to(v.dtype)
+
+
+class _CachedContext:
+    """The cached context of the prefill requests of one step, read row by row: only the rows a
+    sink+recent query can see, so freed blocks (null entries) are never touched."""
+
+    def __init__(self, impl: Any, kv_cache: torch.Tensor, block_table: torch.Tensor, lengths: list[int],
+                 layer_name: str):
+        if kv_cache.dim() != 3:
+            raise NotImplementedError(f"{layer_name}: KV cache of shape {tuple(kv_cache.shape)}; expected "
+                                      "[num_blocks, block_size, row] (vLLM CPU MLA)")
+        self._impl, self._cache, self._table = impl, kv_cache, block_table
+        self.lengths = [int(n) for n in lengths]
+
+    def visible_rows(self, r: int, context_len: int, sink: int, recent: int):
+        """Positions [0, sink) ∪ [C + 1 − recent, C) of request r's context (the union of what its
+        new queries see there) -> (positions [n], k [n, H, Dqk], v [n, H, Dv]) as vLLM's MLA
+        prefill builds them from the latent rows."""
+        impl, cache = self._impl, self._cache
+        block_size, row = cache.shape[1], cache.shape[2]
+        first_recent = max(min(sink, context_len), context_len + 1 - recent)
+        positions = torch.cat([torch.arange(min(sink, context_len)), torch.arange(first_recent, context_len)])
+        positions = positions.to(self._table.device)
+        blocks = self._table[r].to(torch.int64)[positions // block_size]
+        rows = cache.reshape(-1, row).index_select(0, blocks * block_size + positions % block_size)
+        kv_c, k_pe = rows[:, :impl.kv_lora_rank], rows[:, impl.kv_lora_rank:].unsqueeze(1)
+        kv_nope = impl.kv_b_proj(kv_c)[0].view(-1, impl.num_heads, impl.qk_nope_head_dim + impl.v_head_dim)
+        k_nope, v = kv_nope.split([impl.qk_nope_head_dim, impl.v_head_dim], dim=-1)
+        return positions, impl._concat_k_nope_k_pe(k_nope, k_pe), v

@@ -1,0 +1,157 @@
+"""The layer side of sink+recent KV in vLLM: what a compressed MLA layer changes at build time.
+
+vLLM's DeepSeek model builds each decoder layer's attention as ``MultiHeadLatentAttentionWrapper``,
+a ``PluggableLayer`` that an out-of-tree class can replace (``PluggableLayer.register_oot``).
+``SinkRecentMLAWrapper`` is that class: it builds the layer exactly as vLLM does and then, for
+layers in the pattern, changes three things on its ``MLAAttention`` (the module that owns the
+KV cache), before the worker asks for KV cache specs:
+
+* ``get_kv_cache_spec`` returns ``SinkRecentMLASpec`` (same page layout as the layer's own
+  ``MLAAttentionSpec``, plus the window), so the layer lands in its own KV cache group served by
+  ``SinkRecentManager``;
+* ``update_kv_cache`` drops writes aimed at the null block (slots < block_size): the tokens of
+  a long prompt's middle have no storage, since nothing will read them from the cache;
+* ``forward_impl`` refuses to run vLLM's dense MLA over sequences longer than sink + recent
+  (some of their blocks are freed): only ``omni_vllm::sparse_mla_attention`` — what the
+  sparse-attention pass puts in the graph — may, and it calls ``dense_forward_impl``.
+
+Start-up refuses (naming the setting) what this cannot serve correctly: sink/recent that are not
+multiples of the block size, pattern layers the model does not have, compilation off or without
+the omni post-grad pass, prefix caching, speculative decoding, KV connectors, context
+parallelism. Layers outside the pattern are untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, Callable
+
+import torch
+from vllm.model_executor.layers.mla import MultiHeadLatentAttentionWrapper
+
+from omni_passes.config import SparseAttentionConfig
+from omni_passes.kvcache.window import block_multiple_problem
+
+log = logging.getLogger("omni_passes")
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+POST_GRAD_PASS = "omni_passes.vllm_post_grad_pass"
+
+_window: SparseAttentionConfig | None = None  # set by ``install`` in every vLLM process
+
+
+class SinkRecentKVError(ValueError):
+    """A vLLM setup that sink+recent KV cannot serve correctly; the message names the setting."""
+
+
+def install(config: SparseAttentionConfig) -> None:
+    """Make vLLM build MLA layers through ``SinkRecentMLAWrapper`` with this window."""
+    global _window
+    from vllm.model_executor.custom_op import op_registry_oot
+
+    _window = config
+    name = MultiHeadLatentAttentionWrapper.__name__
+    registered = op_registry_oot.get(name)
+    if registered is None:
+        MultiHeadLatentAttentionWrapper.register_oot(SinkRecentMLAWrapper, name=name)
+    elif registered is not SinkRecentMLAWrapper:
+        raise SinkRecentKVError(f"another plugin already replaced vLLM's {name} ({registered!r}); "
+                                "sink+recent KV needs to build the MLA layers itself")
+
+
+def uninstall() -> None:
+    """Undo ``install`` in this process (tests that build vLLM models afterwards)."""
+    global _window
+    from vllm.model_executor.custom_op import op_registry_oot
+
+    _window = None
+    if op_registry_oot.get(MultiHeadLatentAttentionWrapper.__name__) is SinkRecentMLAWrapper:
+        del op_registry_oot[MultiHeadLatentAttentionWrapper.__name__]
+
+
+class SinkRecentMLAWrapper(MultiHeadLatentAttentionWrapper):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        config = _window
+        match = _LAYER_INDEX.search(self.prefix + ".")
+        if config is None or match is None or int(match.group(1)) not in config.pattern:
+            return
+        from vllm.config import get_current_vllm_config
+
+        vllm_config = get_current_vllm_config()
+        problem = startup_problem(vllm_config, config)
+        if problem:
+            raise SinkRecentKVError(f"sink+recent KV (sparse_attention.free_kv) for {self.prefix}: {problem}")
+        compress_layer(self.mla_attn, config.sink, config.recent, vllm_config.cache_config.block_size)
+
+
+def startup_problem(vllm_config: Any, config: SparseAttentionConfig) -> str | None:
+    """The first reason this vLLM configuration cannot free sink+recent KV blocks, or None."""
+    from vllm.config import CompilationMode
+
+    block_size = vllm_config.cache_config.block_size
+    if problem := block_multiple_problem(config.sink, config.recent, block_size):
+        return problem + "; or set free_kv to false to keep every block (no block-size constraint)"
+    layers = vllm_config.model_config.hf_config.num_hidden_layers
+    if missing := [i for i in config.pattern if i >= layers]:
+        return f"pattern names layers {missing}, but the model has {layers} decoder layers (0..{layers - 1})"
+    compilation = vllm_config.compilation_config
+    if compilation.mode == CompilationMode.NONE:
+        return ("compilation is off (enforce_eager or compilation mode 0), so the sparse-attention pass never "
+                "replaces the attention of these layers; their freed blocks would be read")
+    configured = compilation.inductor_passes.get("post_grad_custom_post_pass")
+    if configured != POST_GRAD_PASS and type(configured).__name__ != "VllmPostGradPass":
+        return (f"compilation_config.inductor_passes.post_grad_custom_post_pass is {configured!r}, not "
+                f"{POST_GRAD_PASS!r}: without the pass these layers would read freed blocks")
+    if vllm_config.cache_config.enable_prefix_caching:
+        return "prefix caching is on; sink+recent groups cannot take prefix-cache hits (enable_prefix_caching=False)"
+    if vllm_config.speculative_config is not None:
+        return "speculative decoding is on; it is not supported with freed KV blocks"
+    if vllm_config.kv_transfer_config is not None:
+        return "a KV connector is configured; connectors expect every block of a request to exist"
+    parallel = vllm_config.parallel_config
+    if parallel.decode_context_parallel_size > 1 or getattr(parallel, "prefill_context_parallel_size", 1) > 1:
+        return "context parallelism is on; not supported with freed KV blocks"
+    return None
+
+
+def compress_layer(attn: Any, sink: int, recent: int, block_size: int) -> None:
+    """Give one ``MLAAttention`` module the sink+recent spec, masked writes and the dense guard."""
+    from vllm.v1.kv_cache_interface import MLAAttentionSpec
+
+    from omni_passes.kvcache.vllm_spec import SinkRecentMLASpec
+
+    mla_spec: Callable = attn.get_kv_cache_spec
+    update: Callable = attn.update_kv_cache
+    dense: Callable = attn.forward_impl
+    name = attn.layer_name
+
+    def get_kv_cache_spec(vllm_config: Any):
+        spec = mla_spec(vllm_config)
+        if type(spec) is not MLAAttentionSpec:
+            raise SinkRecentKVError(f"{name}: KV cache spec {type(spec).__name__}; sink+recent KV needs a plain "
+                                    "MLAAttentionSpec (no sliding window, no sparse indexer)")
+        return SinkRecentMLASpec.from_mla_spec(spec, sink, recent)
+
+    def update_kv_cache(kv_c_normed, k_pe, kv_cache, slot_mapping, *args, **kwargs):
+        if slot_mapping is not None:
+            # Slots of the null block (block 0) belong to tokens without storage: skip them
+            # (-1 is vLLM's padding slot, which every MLA cache writer skips).
+            slot_mapping = torch.where(slot_mapping < block_size, torch.full_like(slot_mapping, -1), slot_mapping)
+        return update(kv_c_normed, k_pe, kv_cache, slot_mapping, *args, **kwargs)
+
+    def forward_impl(q, k_c_normed, k_pe, kv_cache, attn_metadata, *args, **kwargs):
+        if attn_metadata is not None and attn_metadata.max_seq_len > sink + recent:
+            raise RuntimeError(
+                f"{name} keeps only sink+recent KV (blocks outside the window are freed), but vLLM's dense MLA "
+                f"attention was called on a sequence of {attn_metadata.max_seq_len} tokens: the sparse-attention "
+                "pass did not replace this layer's attention (check the omni pass report)")
+        return dense(q, k_c_normed, k_pe, kv_cache, attn_metadata, *args, **kwargs)
+
+    attn.get_kv_cache_spec = get_kv_cache_spec
+    attn.update_kv_cache = update_kv_cache
+    attn.forward_impl = forward_impl
+    attn.dense_forward_impl = dense
+    attn.omni_sink_recent = (sink, recent)
+    log.info("omni sink+recent KV: %s keeps [0, %d) and the last %d positions", name, sink, recent)

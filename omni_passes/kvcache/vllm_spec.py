@@ -1,0 +1,56 @@
+"""``SinkRecentMLASpec``: the vLLM KV cache spec of an MLA layer that keeps only sink + recent.
+
+vLLM builds one ``KVCacheSpec`` per attention layer in the worker, groups layers with equal
+specs, and gives each group its own block table and manager over one shared block pool (the
+hybrid KV cache manager). A compressed layer's spec differs from ``MLAAttentionSpec`` only in
+how many blocks a request can hold at once, so it has the same page layout (one 576-element
+latent row per token) and adds the window:
+
+    MLAAttentionSpec      layers 0, 2, ...   FullAttentionManager   every block until the end
+    SinkRecentMLASpec     pattern layers     SinkRecentManager      [0, sink) ∪ last `recent`
+
+It subclasses ``AttentionSpec``, not ``MLAAttentionSpec``: vLLM merges every subclass of
+``MLAAttentionSpec`` into one full-attention group (``MLAAttentionSpec.merge`` accepts them),
+which would put the compressed layers back under the full-attention manager. Its fields are
+copied from the layer's own ``MLAAttentionSpec`` (``from_mla_spec``), so shapes, dtype and
+page size match it exactly and both groups share pages of the same size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheSpec, MLAAttentionSpec
+
+from omni_passes.kvcache.window import SinkRecentWindow
+
+
+@dataclass(frozen=True, kw_only=True)
+class SinkRecentMLASpec(AttentionSpec):
+    sink: int
+    recent: int
+    cache_dtype_str: str | None = None
+    # MLA stores one latent row per token; there is no separate V (as in MLAAttentionSpec).
+    head_size_v: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        SinkRecentWindow(self.sink, self.recent, self.block_size)  # raises naming the problem
+
+    @classmethod
+    def from_mla_spec(cls, spec: MLAAttentionSpec, sink: int, recent: int) -> "SinkRecentMLASpec":
+        shared = {f.name: getattr(spec, f.name) for f in fields(AttentionSpec)}
+        return cls(**shared, sink=sink, recent=recent, cache_dtype_str=spec.cache_dtype_str)
+
+    @property
+    def window(self) -> SinkRecentWindow:
+        return SinkRecentWindow(self.sink, self.recent, self.block_size)
+
+    def max_memory_usage_bytes(self, vllm_config: Any) -> int:
+        chunked = bool(vllm_config.scheduler_config.enable_chunked_prefill)
+        return self.window.max_live_blocks(vllm_config.model_config.max_model_len, chunked) * self.page_size_bytes
+
+    def is_uniform_with_collection(self, kv_cache_specs: dict[str, KVCacheSpec]) -> bool:
+        return all(isinstance(s, SinkRecentMLASpec) and (s.sink, s.recent) == (self.sink, self.recent)
+                   for s in kv_cache_specs.values())
