@@ -43,7 +43,7 @@ def test_load_good_file_sorted_and_roundtrip(tmp_path):
     assert reqs[2].system_group == "s" and reqs[2].system_tokens == 10
     save_jsonl(reqs, tmp_path / "again.jsonl")
     assert load_jsonl(tmp_path / "again.jsonl") == reqs
-    # the plain DESIGN.md format is written without the optional system fields
+    # the base format (five fields, docs/interfaces.md) is written without the optional system fields
     assert "system" not in (tmp_path / "again.jsonl").read_text().splitlines()[0]
 
 
