@@ -96,6 +96,16 @@ def test_suite_summary_ratios_and_ttft_at_common_load(tmp_path):
     # decode's, which would give 0.40), CPU mean / peak, TTFT p50 / p90 at the common load
     assert "| omni | 240 | 95 % | 0.100 / 0.300 | 20.0 / 60.0 | 0.80 | 12 % / 30 % | 40 % | 0.100 / 0.200 |" in text
     assert "| vllm-router:round_robin | 120 | 95 % | 0.100 / 0.300 | 20.0 / 60.0 | 0.50 | 12 % / 30 % | - | 0.250 / 0.500 |" in text
+    assert "TTFT p50 / p90 at the common load of every router 2 req/s" in text
+
+    # a router that passed only a rate omni and round robin did not run leaves no common load of
+    # every router; the TTFT comparison is then made at omni's and round robin's (2 req/s)
+    routers["omni:cache_aware"] = sweep_entry(90.0, [point(1.5, 0.95, 0.05), point(2.5, 0.5, 2.0)])
+    (tmp_path / "pd_1p3d_long_prompt.json").write_text(json.dumps(doc))
+    text = suite.summary(tmp_path)
+    assert "| 2.00x | 1.33x | 2 | 0.100 / 0.250 s = 0.40x |" in text
+    assert "TTFT p50 / p90 at the common load of omni and round robin 2 req/s" in text
+    assert "| omni:cache_aware | 90 |" in text
 
 
 def test_sweep_refinement_bisects_the_edge_to_the_step():
