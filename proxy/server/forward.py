@@ -34,6 +34,15 @@ from scheduling.load import Ticket
 log = logging.getLogger("omni_proxy")
 
 
+class EventStream(web.StreamResponse):
+    """A streamed answer whose headers leave with its first event, in one write (aiohttp
+    sends a StreamResponse's headers on ``prepare`` otherwise): one syscall and one TCP
+    segment fewer on the way to the client's first token. The proxy has the first event in
+    hand when it answers, so nothing waits for it. Older aiohttp ignores the attribute."""
+
+    _send_headers_immediately = False
+
+
 class Forwarder:
     def __init__(self, config: ProxyConfig, router: Router, registry: Registry, upstream: Upstream,
                  inflight: InFlight, metrics: ProxyMetrics, now: Callable[[], float]):
@@ -165,8 +174,8 @@ class Forwarder:
         attempt.client_started = True
         if attempt.down_reason is not None:  # declared down between the first event and now
             attempt.idle_s = min(attempt.idle_s, self.config.health_timeout)
-        out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                          "X-Request-Id": call.rid})
+        out = EventStream(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                   "X-Request-Id": call.rid})
         try:
             await out.prepare(call.request)
             await out.write(first)
