@@ -138,3 +138,25 @@ def test_plan_pd_bypass_and_option_arguments():
         _options(["bypass_tokens=3"])  # given per candidate by --bypass
     with pytest.raises(ValueError, match="ttft_share must be in"):
         _options(["ttft_share=2"])
+
+
+def test_profile_shares_count_the_event_loop_only_first_part_wins():
+    from proxy.bench.profile import UVLOOP, shares
+
+    loop = "<module> (proxy/cli.py:5);run (uvloop/__init__.py:1);Runner.run (asyncio/runners.py:118)"
+    lines = [
+        f"{loop};ProxyServer._handle (proxy/server/app.py:250);Intake.prepare (proxy/server/intake.py:166) 3",
+        # placement inside the handler: placement, not "rest of the handler"
+        f"{loop};ProxyServer._handle (proxy/server/app.py:250);Router.place (proxy/server/routing.py:90) 2",
+        f"{loop} 4",  # uvloop's own C work
+        f"{loop};Upstream.send (proxy/server/upstream.py:55);MutexValue.inc (prometheus_client/values.py:1) 1",
+        "Thread._bootstrap (threading.py:1);Condition.wait (threading.py:2) 50",  # another thread: ignored
+        "",
+    ]
+    total, parts = shares(lines)
+    assert total == 10
+    assert parts == {"prepare: parse, validate, tokenize, hash blocks": 0.3,
+                     "placement: policy choice, load, hold queue": 0.2,
+                     "metrics (prometheus_client)": 0.1,  # listed before the HTTP client
+                     UVLOOP: 0.4}
+    assert shares(["Thread._bootstrap (threading.py:1) 5"]) == (0, {})
