@@ -1,7 +1,7 @@
 """Where the proxy's event loop spends its time: a py-spy profile summed into named parts.
 
     py-spy record --pid PID --duration 15 --rate 250 --format raw --output omni.raw
-    python -m proxy.bench.profile omni.raw
+    python -m proxy.bench.profile omni.raw      # or a .gz of it
 
 ``--format raw`` writes one line per distinct stack, ``frame;frame;... COUNT`` (outermost
 first, frames ``function (file:line)``). Only the event loop's thread counts (stacks through
@@ -13,6 +13,7 @@ callback dispatch), which py-spy sees without a Python frame of its own.
 
 from __future__ import annotations
 
+import gzip
 import sys
 from collections import Counter
 from pathlib import Path
@@ -57,9 +58,11 @@ def shares(lines: list[str]) -> tuple[int, dict[str, float]]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m proxy.bench.profile PROFILE.raw (py-spy record --format raw)", file=sys.stderr)
+        print("usage: python -m proxy.bench.profile PROFILE.raw[.gz] (py-spy record --format raw)", file=sys.stderr)
         return 2
-    total, parts = shares(Path(argv[0]).read_text().splitlines())
+    path = Path(argv[0])
+    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+    total, parts = shares(text.splitlines())
     if not total:
         print(f"{argv[0]}: no stack through the event loop ({LOOP}); is it a py-spy raw profile of the proxy?",
               file=sys.stderr)
