@@ -100,7 +100,7 @@ RUNS = [
                                               "vllm-router:cache_aware,balance_abs_threshold=8",
                                               "sglang-router:cache_aware",
                                               "sglang-router:cache_aware,balance_abs_threshold=8"),
-        rates="8,10,12,14,16,18,20,24,28", slo="ttft=1.5,tpot=0.08"),
+        rates="28,36,44,52,60,70,80,90,100,115,130", slo="ttft=1.5,tpot=0.08"),
     Run("overhead_200rps", "overhead2", "tiny", OVERHEAD_ROUTERS, rate=200.0, wall_only=True),
     Run("overhead_50rps", "overhead2", "tiny", OVERHEAD_ROUTERS, rate=50.0, wall_only=True),
 ]
