@@ -44,8 +44,11 @@ PEERS_COLLOCATED = [RR, "vllm-router:power_of_two", "vllm-router:cache_aware",
 PEERS_PD = [RR, "vllm-router:power_of_two", "vllm-router:cache_aware",
             "vllm-router:cache_aware,balance_abs_threshold=8"]
 # the virtual clock runs our proxy only: our implementations of the peers' rules stand in
+# (both peers' cache-aware rules are the same rule: one stand-in, at the default and the tuned threshold)
 VIRTUAL_STAND_INS = {RR: "omni:round_robin", "vllm-router:cache_aware": "omni:cache_aware",
-                     "vllm-router:cache_aware,balance_abs_threshold=8": "omni:cache_aware,balance_abs=8"}
+                     "sglang-router:cache_aware": "omni:cache_aware",
+                     "vllm-router:cache_aware,balance_abs_threshold=8": "omni:cache_aware,balance_abs=8",
+                     "sglang-router:cache_aware,balance_abs_threshold=8": "omni:cache_aware,balance_abs=8"}
 
 
 @dataclass(frozen=True)
