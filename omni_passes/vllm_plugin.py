@@ -3,8 +3,10 @@
 vLLM loads it in every process it starts. It registers the omni custom ops (so graphs that
 call them load anywhere), makes vLLM treat ``omni_passes.vllm_post_grad_pass`` as its own
 ``InductorPass`` (so the pass's ``uuid()`` keys the compile caches), and, when
-``OMNI_PASSES_CONFIG`` is set, validates that file early so a bad config is reported before
-the model loads. Enabling the pass is still the compile-config line (README). With
+``OMNI_PASSES_CONFIG`` is set, validates that file and the placement file it names early, so
+a bad config is reported before the model loads. (Whether a placement fits the model is
+checked when the model's graph compiles, in the worker; a refusal there fails vLLM's start-up
+and the server exits.) Enabling the pass is still the compile-config line (README). With
 ``sparse_attention.free_kv`` (the default) it also registers sink+recent KV for the pattern
 layers (``_register_kv_cache``).
 """
@@ -26,6 +28,10 @@ def register() -> None:
     register_ascend_with_vllm()
     if os.environ.get(ENV_CONFIG):
         config = load_config_from_env()  # raises ConfigError naming the file and the problem
+        if config.placement:
+            from omni_passes.placement.placement import Placement
+
+            Placement.load(config.placement)  # raises PlacementError naming the file
         log.info("omni_passes plugin: %s = %s, passes %s", ENV_CONFIG, os.environ[ENV_CONFIG], list(config.passes))
         _register_kv_cache(config)
 

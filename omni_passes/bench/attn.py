@@ -10,7 +10,7 @@ for MHA/GQA (``--batch --heads --kv-heads --head-dim``) and absorbed-MLA shapes
 
 On CUDA every call is replayed from a CUDA graph. "cold" rotates over several copies of the
 cache so that the bytes a call touches are not already in L2 (50 MB on an H100: the 33.5 MB a
-sparse MHA step reads would fit); "hot" replays on one copy (as the anchors in NOTES.md were
+sparse MHA step reads would fit); "hot" replays on one copy (as the project's anchor figures were
 taken). Achieved bandwidth = the fewest bytes the method must read (visible K/V rows, q,
 output) over time, against ``--peak-tbs`` (3.35 TB/s, H100 SXM HBM3).
 

@@ -59,7 +59,10 @@ def add_kv_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kv-max-num-seqs", type=int, default=32)
     group.add_argument("--kv-rounds", type=int, default=3,
                        help="timed workload rounds per engine, alternating (0: capacity and the token check only)")
-    group.add_argument("--plot", metavar="DIR", help="write vllm_kv.png there")
+    try:
+        group.add_argument("--plot", metavar="DIR", help="write vllm_kv.png there")
+    except argparse.ArgumentError:
+        pass  # bench vllm's own --plot serves both modes
 
 
 def wants_kv_bench(args: argparse.Namespace) -> bool:

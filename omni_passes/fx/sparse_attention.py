@@ -54,7 +54,7 @@ from omni_passes.fx.attention_matcher import (
     shape_of,
     sym_dim,
 )
-from omni_passes.fx.utils import PassReport
+from omni_passes.fx.utils import PassReport, eager_input_vals
 
 class SparseAttentionPass:
     name = "sparse_attention"
@@ -180,8 +180,10 @@ class SparseAttentionPass:
             new = graph.call_function(torch.ops.higher_order.auto_functionalized,
                                       (vllm_mla.sparse_mla_attention_op(),), new_kwargs)
         old_val = node.meta.get("val")
-        new.meta.update({k: v for k, v in node.meta.items() if k != "val"})
+        new.meta.update({k: v for k, v in node.meta.items() if k not in ("val", "eager_input_vals")})
         new.meta["val"] = (None, old_val[1]) if isinstance(old_val, tuple) and len(old_val) > 1 else old_val
+        # the old node's eager_input_vals describe the old op's arity (Inductor checks it)
+        new.meta["eager_input_vals"] = eager_input_vals(new.args, new_kwargs)
         new.meta["omni_layer"] = site.layer
         node.replace_all_uses_with(new)
         graph.erase_node(node)

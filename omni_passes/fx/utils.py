@@ -79,6 +79,36 @@ def to_networkx(graph: fx.Graph, exclude: Iterable[fx.Node] = ()) -> nx.DiGraph:
     return dag
 
 
+def eager_input_vals(args: tuple, kwargs: dict) -> tuple:
+    """``node.meta["eager_input_vals"]`` for a call with these arguments: each node replaced
+    by its fake value (Inductor checks a custom op's arity and strides against it)."""
+
+    def value(arg: Any) -> Any:
+        return arg.meta.get("val") if isinstance(arg, fx.Node) else arg
+
+    return fx.node.map_aggregate(args, value), fx.node.map_aggregate(kwargs, value)
+
+
+def replace_functionalized(graph: fx.Graph, node: fx.Node, op: Any, kwargs: dict[str, Any],
+                           outputs: int | None = None) -> fx.Node:
+    """Replace ``auto_functionalized(old_op, **...)`` by ``auto_functionalized(op, **kwargs)``:
+    same users, the old node's meta (module stack, stack trace), ``val`` trimmed to the new
+    op's outputs, and ``eager_input_vals`` rebuilt for the new arguments (a copied one would
+    describe the old op's arity)."""
+    target = node.target
+    with graph.inserting_before(node):
+        new = graph.call_function(target, (op,), kwargs)
+    new.meta.update({k: v for k, v in node.meta.items() if k not in ("val", "eager_input_vals")})
+    old_val = node.meta.get("val")
+    if outputs is not None and isinstance(old_val, tuple):
+        old_val = old_val[:outputs]
+    new.meta["val"] = old_val
+    new.meta["eager_input_vals"] = eager_input_vals((op,), kwargs)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    return new
+
+
 def fake_like(value: Any) -> Any:
     """A fresh fake tensor with ``value``'s metadata (own storage, so no false aliasing)."""
     if not isinstance(value, torch.Tensor):

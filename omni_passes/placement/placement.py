@@ -1,6 +1,6 @@
 """Expert placement: which logical expert each physical slot holds, per MoE layer.
 
-The on-disk format (DESIGN.md) is::
+The on-disk format (docs/interfaces.md) is::
 
     {"num_layers": L, "num_logical_experts": E, "num_ranks": R, "num_nodes": N,
      "slots_per_rank": S, "phy2log": [[... R*S logical ids ...] per MoE layer]}

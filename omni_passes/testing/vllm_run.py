@@ -1,9 +1,15 @@
 """Run vLLM (CPU) on a model with or without the omni passes, in a child process, and
-report tokens and timings as JSON. Tests and the throughput benchmark use it so that each
-engine lives in its own process tree (vLLM's engine is spawned and needs a __main__ guard).
+report tokens, timings and the passes' worker-side status as JSON. Tests and benchmarks use
+it so that each engine lives in its own process tree (vLLM's engine is spawned and needs a
+__main__ guard).
 
     python -m omni_passes.testing.vllm_run --model DIR [--pass-config FILE] \
-        --prompts-json '["a", "b"]' --max-tokens 16 [--repeats N]
+        --prompts-json '["a", "b"]' --max-tokens 16 [--repeats N] \
+        [--phases-json '[{"apply": "p.json", "rounds": 2}, ...]']
+
+Each phase optionally applies a placement in place in the running engine
+(``omni_passes.vllm_control``), then generates ``rounds`` times; the worker's status (report,
+placement, loads, rebalance events, dynamo's graph count) is taken after each phase.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import time
 from pathlib import Path
 
 COMPILE_CONFIG = {"inductor_passes": {"post_grad_custom_post_pass": "omni_passes.vllm_post_grad_pass"}}
+WORKER_EXTENSION = "omni_passes.vllm_control.OmniWorkerExtension"
 
 
 def child_env(pass_config: str | None, cache_dir: str) -> dict[str, str]:
@@ -34,7 +41,7 @@ def child_env(pass_config: str | None, cache_dir: str) -> dict[str, str]:
 
 
 def run_engine(model: str | Path, prompts: list[str], max_tokens: int, pass_config: str | None = None,
-               repeats: int = 1, timeout: float = 600, max_num_seqs: int = 8) -> dict:
+               repeats: int = 1, timeout: float = 600, max_num_seqs: int = 8, phases: list[dict] | None = None) -> dict:
     """Start an engine in a child process; returns its JSON result (raises on failure with
     the child's stderr tail, which holds vLLM's error)."""
     with tempfile.TemporaryDirectory(prefix="omni-vllm-") as cache_dir:
@@ -43,6 +50,8 @@ def run_engine(model: str | Path, prompts: list[str], max_tokens: int, pass_conf
                "--repeats", str(repeats), "--max-num-seqs", str(max_num_seqs)]
         if pass_config:
             cmd += ["--pass-config", str(pass_config)]
+        if phases:
+            cmd += ["--phases-json", json.dumps(phases)]
         proc = subprocess.run(cmd, env=child_env(pass_config, cache_dir), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise EngineFailed(proc.returncode, proc.stderr)
@@ -56,6 +65,14 @@ class EngineFailed(RuntimeError):
         super().__init__(f"vLLM run failed ({returncode}):\n{stderr[-4000:]}")
 
 
+def engine_kwargs(model: str, pass_config: str | None, max_num_seqs: int) -> dict:
+    kwargs = dict(model=model, dtype="float32", max_model_len=512, max_num_seqs=max_num_seqs, seed=0)
+    if pass_config:
+        kwargs["compilation_config"] = COMPILE_CONFIG
+        kwargs["worker_extension_cls"] = WORKER_EXTENSION
+    return kwargs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
@@ -64,16 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=1, help="timed generate() rounds after the first")
     parser.add_argument("--max-num-seqs", type=int, default=8)
+    parser.add_argument("--phases-json", default="[]", help="in-place placements and generate rounds after the first")
     args = parser.parse_args(argv)
     prompts = json.loads(args.prompts_json)
 
     from vllm import LLM, SamplingParams
 
-    kwargs = dict(model=args.model, dtype="float32", max_model_len=512, max_num_seqs=args.max_num_seqs, seed=0)
-    if args.pass_config:
-        kwargs["compilation_config"] = COMPILE_CONFIG
     start = time.perf_counter()
-    llm = LLM(**kwargs)
+    llm = LLM(**engine_kwargs(args.model, args.pass_config, args.max_num_seqs))
     startup_s = time.perf_counter() - start
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     outputs = llm.generate(prompts, params, use_tqdm=False)
@@ -83,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
         "text": [o.outputs[0].text for o in outputs],
         "rounds": [],
+        "phases": [],
     }
     for _ in range(args.repeats):
         begin = time.perf_counter()
@@ -90,6 +106,20 @@ def main(argv: list[str] | None = None) -> int:
         elapsed = time.perf_counter() - begin
         generated = sum(len(o.outputs[0].token_ids) for o in timed)
         result["rounds"].append({"seconds": elapsed, "output_tokens": generated, "tokens_per_s": generated / elapsed})
+    if args.pass_config:
+        result["status"] = llm.collective_rpc("omni_status")[0]
+    for phase in json.loads(args.phases_json):
+        entry: dict = {"apply": phase.get("apply"), "token_ids": []}
+        if phase.get("apply"):
+            from omni_passes.placement.placement import Placement
+
+            entry["applied"] = llm.collective_rpc("omni_apply_placement", args=(Placement.load(phase["apply"]).to_dict(),))[0]
+        for _ in range(int(phase.get("rounds", 1))):
+            out = llm.generate(phase.get("prompts", prompts), params, use_tqdm=False)
+            entry["token_ids"].append([list(o.outputs[0].token_ids) for o in out])
+        entry["status"] = llm.collective_rpc("omni_status")[0]
+        result["phases"].append(entry)
+    llm.shutdown() if hasattr(llm, "shutdown") else None
     del llm
     print(json.dumps(result), flush=True)
     return 0

@@ -123,12 +123,7 @@ PLACEMENTS = {"identity": lambda: None, "permuted+redundant": permuted_hot_repli
 PLACEMENT_CASES = [
     "identity",
     "permuted+redundant",
-    # A permutation without redundant slots: omni_passes.compiler.prepare materialises slot
-    # weights only when R > 0, so the experts' weights stay in logical order while dispatch
-    # sends tokens to permuted slots: wrong logits in every host, not only here. Issue 13 makes
-    # every non-identity placement materialise its slots; then this passes (strict: it will say so).
-    pytest.param("permuted", marks=pytest.mark.xfail(
-        strict=True, reason="issue 13: prepare() does not materialise slots for a permutation (R = 0)")),
+    "permuted",  # exact since issue 13: a slot names a storage row, and row e holds expert e
 ]
 
 
@@ -266,13 +261,15 @@ def test_latent_and_sparse_attention_decode_through_torchair(torchair, protos, t
 
 @pytest.mark.slow  # a whole-model compile
 def test_stale_tables_refused_in_ge_mode(torchair, tmp_path):
-    """Without run_eagerly the GE graph holds the tables as constants: applying a placement after
-    the graph was built must make the compiled callable refuse to run, not run stale tables."""
+    """Without run_eagerly the GE graph holds the tables as constants: applying a placement that
+    changes them after the graph was built must make the compiled callable refuse to run, not
+    run stale tables. (A pure permutation changes no table: every expert keeps its storage row.)"""
     from kernels.torchair_converters import StaleGEGraph
     from omni_passes.torchair_backend import torchair_backend
 
     model = build_model(load_hf_config("tiny"))
-    runtime = prepare(model, PassConfig.from_dict({"passes": ["redundant_experts"]}))
+    start = permuted_hot_replica_placement()
+    runtime = prepare(model, PassConfig.from_dict({"passes": ["redundant_experts"]}), placement=start)
     backend = torchair_backend(runtime.manager, torchair.CompilerConfig(), torchair=torchair)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=backend, fullgraph=True)
@@ -280,7 +277,10 @@ def test_stale_tables_refused_in_ge_mode(torchair, tmp_path):
         with torch.no_grad():
             compiled(INPUTS)
     assert "needs CANN" in str(first.value)
-    runtime.placement_state.apply(permuted_placement())   # new tables, same shapes
+    moved = start.phy2log.clone()
+    moved[:, 16:] = (moved[:, 16:] + 1) % 16                  # other experts get the replicas
+    runtime.placement_state.apply(Placement(num_layers=3, num_logical_experts=16, num_ranks=2, num_nodes=1,
+                                            slots_per_rank=start.slots_per_rank, phy2log=moved))
     with pytest.raises(StaleGEGraph, match="recompile"):
         with torch.no_grad():
             compiled(INPUTS)

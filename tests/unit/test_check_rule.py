@@ -7,6 +7,7 @@ import torch
 import omni_passes
 from omni_passes.models import build_model, load_hf_config
 from omni_passes.numerics import RELATIVE_EPS, check_rewrite, max_abs_diff
+from omni_passes.placement.layout import RowLayout
 from omni_passes.placement.placement import Placement
 
 
@@ -32,8 +33,12 @@ def test_bf16_check_ok_for_exact_rewrite_and_not_ok_for_corrupted_table(arch):
                                        placement=doubled(experts, layers, torch.arange(experts)))
         rewritten = compiled(tokens).logits
         exact = check_rewrite(rewritten, plain, eager, torch.bfloat16)
-        # The tables now say replica slot E + e holds expert e + 1; the weights still hold e.
-        compiled.omni.placement_state.apply(doubled(experts, layers, torch.arange(experts).roll(-1)))
+        # Corrupt the tables behind the controller's back: they now say storage row E + e holds
+        # expert e + 1, while it still holds e (the controller itself would have moved the slot
+        # to the row that holds e + 1, or copied the row).
+        bad = doubled(experts, layers, torch.arange(experts).roll(-1))
+        lying = RowLayout(slot_row=torch.arange(2 * experts).repeat(layers, 1), row_expert=bad.phy2log.clone())
+        compiled.omni.placement_state.state.apply(bad, lying)
         corrupted = check_rewrite(compiled(tokens).logits, plain, eager, torch.bfloat16)
     assert exact["ok"] is True, exact
     assert exact["pass_error"] <= exact["tolerance"]

@@ -1,4 +1,6 @@
-"""omni::expert_dispatch and omni::record_expert_load against references, eager and compiled."""
+"""omni::expert_dispatch and omni::record_expert_load against references: eager, compiled with
+their Inductor lowerings (static and dynamic shapes, every occurrence/count formulation) and
+compiled with the eager kernels; tensor-side gate; tables updated in place."""
 
 import pytest
 import torch
@@ -117,3 +119,87 @@ def test_layer_out_of_range_is_a_clear_error():
     state = ExpertPlacementState(Placement.identity(2, 4))
     with pytest.raises(IndexError, match="layer 5 out of range"):
         torch.ops.omni.expert_dispatch(torch.zeros(2, 2, dtype=torch.int64), state.handle, 5)
+
+
+@pytest.fixture(params=["lowered", "eager-kernels"])
+def inductor_mode(request, monkeypatch):
+    from kernels import inductor_lowerings
+
+    assert inductor_lowerings.register()
+    monkeypatch.setenv(inductor_lowerings.ENV, "1" if request.param == "lowered" else "0")
+    torch._inductor.config.fx_graph_cache, saved = False, torch._inductor.config.fx_graph_cache
+    yield request.param
+    torch._inductor.config.fx_graph_cache = saved
+
+
+# (tokens, dynamic): pairwise occurrence + reduced counts, one-hot cumsum + reduced counts,
+# one-hot cumsum + index_put counts (symbolic size)
+@pytest.mark.parametrize("tokens, dynamic", [(5, False), (300, False), (37, True)])
+def test_compiled_ops_equal_the_reference_and_count_rows(tokens, dynamic, inductor_mode):
+    generator = torch.Generator().manual_seed(tokens)
+    experts, extra = 16, 9
+    rows = torch.stack([torch.cat([torch.arange(experts), torch.randint(0, experts, (extra,), generator=generator)])
+                        [torch.randperm(experts + extra, generator=generator)] for _ in range(2)])
+    p = placement(rows.tolist(), experts)
+    state = ExpertPlacementState(p)
+
+    def route(ids):
+        torch.ops.omni.record_expert_load(ids, state.handle, 1)
+        return torch.ops.omni.expert_dispatch(ids, state.handle, 1) + 0
+
+    torch._dynamo.reset()
+    compiled = torch.compile(route, fullgraph=True)
+    for n in (tokens, tokens + 3) if dynamic else (tokens,):
+        ids = torch.randint(0, experts, (n, 4), generator=generator)
+        if dynamic:
+            torch._dynamo.mark_dynamic(ids, 0)  # a symbolic token count (the state handle stays a constant)
+        ids[: n // 2, 0] = int(rows[1, 0])  # a hot expert: occurrences past its replica count
+        state.expert_load.zero_()
+        state.row_load.zero_()
+        out = compiled(ids)
+        expected = expert_dispatch_reference(ids, state.replica_slots, state.replica_count, 1)
+        assert torch.equal(out, expected)
+        assert torch.equal(p.phy2log[1][out], ids)  # every row holds the chosen expert
+        assert torch.equal(state.expert_load[1], torch.bincount(ids.flatten(), minlength=experts))
+        assert torch.equal(state.row_load[1], torch.bincount(expected.flatten(), minlength=experts + extra))
+        assert int(state.expert_load[0].sum()) == int(state.row_load[0].sum()) == 0
+        state.gate.zero_()  # tensor-side gate: the next call counts nothing
+        compiled(ids)
+        state.gate.fill_(1)
+        assert int(state.expert_load.sum()) == int(state.row_load.sum()) == ids.numel()
+    state.close()
+
+
+def test_lowered_dispatch_reads_tables_updated_in_place(inductor_mode):
+    from torch._dynamo.utils import counters
+
+    p_a = placement([[0, 1, 2, 3, 0, 1, 2, 3]], experts=4)
+    p_b = placement([[0, 1, 2, 3, 3, 2, 1, 0]], experts=4)
+    state = ExpertPlacementState(p_a)
+    compiled = torch.compile(lambda ids: torch.ops.omni.expert_dispatch(ids, state.handle, 0) * 1, fullgraph=True)
+    ids = torch.tensor([[0, 0], [1, 1], [2, 3], [3, 2], [0, 1]])
+    torch._dynamo.reset()
+    counters.clear()
+    out_a = compiled(ids)
+    state.apply(p_b)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        out_b = compiled(ids)
+    assert torch.equal(out_a, expert_dispatch_reference(ids, *dispatch_tables(p_a), 0))
+    assert torch.equal(out_b, expert_dispatch_reference(ids, *dispatch_tables(p_b), 0))
+    assert not torch.equal(out_a, out_b)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_occurrence_index_formulations_agree():
+    from kernels import expert_dispatch as ed
+
+    flat = torch.randint(0, 8, (4000,), generator=torch.Generator().manual_seed(3))
+    onehot = ed.occurrence_index(flat, 8)
+    saved, ed.ONE_HOT_LIMIT = ed.ONE_HOT_LIMIT, 0
+    try:
+        sorted_path = ed.occurrence_index(flat, 8)
+    finally:
+        ed.ONE_HOT_LIMIT = saved
+    assert torch.equal(onehot, sorted_path)
+    expected = torch.tensor([int((flat[:i] == flat[i]).sum()) for i in range(200)])
+    assert torch.equal(onehot[:200], expected)

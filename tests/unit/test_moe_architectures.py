@@ -22,10 +22,6 @@ ARCHITECTURES = ["tiny", "tiny-deepseek-v2", "tiny-qwen3-moe", "tiny-mixtral", "
 LAYERS = {"tiny": 2, "tiny-deepseek-v2": 2, "tiny-qwen3-moe": 3, "tiny-mixtral": 2, "tiny-gpt-oss": 2}
 EXPECTED_MOE = {"tiny": [1], "tiny-deepseek-v2": [1], "tiny-qwen3-moe": [1, 2],
                 "tiny-mixtral": [0, 1], "tiny-gpt-oss": [0, 1]}
-# Without redundant slots a permuted placement's slot weights are not re-ordered by
-# omni_passes.compile, so routing reads the wrong experts (issue 13 fixes it in the compile path).
-PERMUTED_WITHOUT_SLOTS = pytest.mark.xfail(
-    strict=True, reason="compile path does not materialise a permuted placement without redundant slots (issue 13)")
 
 
 def placement(kind: str, layers: int, experts: int) -> Placement | None:
@@ -52,8 +48,7 @@ def inputs():
     return torch.randint(0, 256, (3, 11), generator=torch.Generator().manual_seed(7))
 
 
-@pytest.mark.parametrize("kind", ["identity", "redundant", pytest.param("permuted", marks=PERMUTED_WITHOUT_SLOTS),
-                                  "permuted-redundant"])
+@pytest.mark.parametrize("kind", ["identity", "redundant", "permuted", "permuted-redundant"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_dispatch_exact_on_every_moe_layer(arch, kind, inputs):
     config = load_hf_config(arch, layers=LAYERS[arch])
@@ -81,14 +76,12 @@ def test_dispatch_exact_on_every_moe_layer(arch, kind, inputs):
 
 
 def _zero_replicas(experts, chosen: Placement) -> None:
-    """Zero every slot that holds a second or later copy of its expert, in place."""
-    for row, layer in enumerate(experts.layers):
-        seen, replicas = set(), []
-        for slot, expert in enumerate(chosen.phy2log[row].tolist()):
-            (replicas.append(slot) if expert in seen else seen.add(expert))
-        for tensor in layer.physical.values():
+    """Zero every storage row that holds a second or later copy of its expert, in place (rows
+    E.. in the placement controller's layout; rows < E are the experts themselves)."""
+    for tensors in experts.storage:
+        for tensor in tensors.values():
             with torch.no_grad():
-                tensor.data[replicas] = 0
+                tensor.data[chosen.num_logical_experts:] = 0
 
 
 def test_gpt_oss_redundant_slots_include_expert_biases():
@@ -174,3 +167,22 @@ def test_dispatch_refuses_experts_outside_the_experts_interface(tmp_path):
     model = build_model(load_hf_config(str(path)))
     reason = dispatch_refusal(model)
     assert reason is not None and reason.startswith("JetMoeForCausalLM: its experts are not stacked")
+
+
+def test_compile_refuses_what_the_checks_refuse(tmp_path):
+    """``omni_passes.compile`` itself refuses, naming the layer or the model, before tracing:
+    sink+recent on GPT-OSS's sliding-window layer, the dispatch pass on JetMoE's expert loop."""
+    import json
+
+    from omni_passes.config import ConfigError
+    from omni_passes.placement.placement import PlacementError
+
+    gpt_oss = build_model(load_hf_config("tiny-gpt-oss", layers=2))
+    with pytest.raises(ConfigError, match=r"layer 0: .*sliding-window attention \(window 8\)"):
+        omni_passes.compile(gpt_oss, {"passes": ["sparse_attention"],
+                                      "sparse_attention": {"sink": 2, "recent": 4, "pattern": [0]}})
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(JETMOE))
+    jetmoe = build_model(load_hf_config(str(path)))
+    with pytest.raises(PlacementError, match="redundant_experts cannot rewrite this model: JetMoeForCausalLM"):
+        omni_passes.compile(jetmoe, {"passes": ["redundant_experts"]})

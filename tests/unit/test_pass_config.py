@@ -47,6 +47,17 @@ def test_fingerprint_changes_with_config_and_placement_contents(tmp_path):
     ({"sparse_attention": {"pattern": [1, 1]}}, "lists a layer twice"),
     ({"sparse_attention": {"window": 3}}, "unknown key(s) 'window'"),
     ({"expert_load_interval_steps": 0}, "must be a positive integer"),
+    ({"rebalance": {"interval_steps": 0}}, "'rebalance.interval_steps' must be an integer >= 1, got 0"),
+    ({"rebalance": {"window_steps": "10"}}, "'rebalance.window_steps' must be an integer >= 1, got '10'"),
+    ({"rebalance": {"max_moves": -1}}, "'rebalance.max_moves' must be an integer >= 0 or null, got -1"),
+    ({"rebalance": {"max_replicas": 0}}, "'rebalance.max_replicas' must be an integer >= 1 or null, got 0"),
+    ({"rebalance": {"min_gain": 1.5}}, "'rebalance.min_gain' must be a number in [0, 1], got 1.5"),
+    ({"rebalance": {"layer_min_gain": True}}, "'rebalance.layer_min_gain' must be a number in [0, 1], got True"),
+    ({"rebalance": {"forecast": "yes"}}, "'rebalance.forecast' must be true or false"),
+    ({"rebalance": {"interval": 5}}, "'rebalance': unknown key(s) 'interval'; known: interval_steps"),
+    ({"rebalance": 5}, "'rebalance' must be an object"),
+    ({"passes": ["sparse_attention"], "rebalance": {}}, "'rebalance' require the 'redundant_experts' pass"),
+    ({"slot_load_path": 3}, "'slot_load_path' must be a file path string"),
     ([1, 2], "expected a JSON object"),
 ])
 def test_bad_configs_are_rejected_naming_the_problem(tmp_path, data, message):
@@ -61,3 +72,17 @@ def test_missing_and_malformed_files(tmp_path):
         PassConfig.load(tmp_path / "nope.json")
     with pytest.raises(ConfigError, match="malformed JSON"):
         PassConfig.load(write(tmp_path, "{not json"))
+
+
+def test_rebalance_block_and_slot_load_path(tmp_path):
+    config = PassConfig.load(write(tmp_path, {
+        "passes": ["redundant_experts"], "slot_load_path": "slots.npy",
+        "rebalance": {"interval_steps": 20, "window_steps": 80, "min_gain": 0.02, "max_moves": 8},
+    }))
+    assert config.slot_load_path == str(tmp_path / "slots.npy")
+    r = config.rebalance
+    assert (r.interval_steps, r.window_steps, r.min_gain, r.max_moves) == (20, 80, 0.02, 8)
+    assert (r.layer_min_gain, r.max_replicas, r.forecast) == (0.005, None, True)  # documented defaults
+    assert PassConfig.load(write(tmp_path, {"passes": ["redundant_experts"]}, "b.json")).rebalance is None
+    other = PassConfig.load(write(tmp_path, {"passes": ["redundant_experts"], "rebalance": {"max_moves": 9}}, "c.json"))
+    assert other.fingerprint() != config.fingerprint()

@@ -1,9 +1,10 @@
-"""Placement files: the DESIGN.md format, validated with errors that name the problem."""
+"""Placement files: the documented format (docs/interfaces.md), validated with errors that name the problem."""
 
 import json
 
 import pytest
 import torch
+from torch import nn
 
 from omni_passes.placement.placement import Placement, PlacementError
 from omni_passes.placement.runtime import dispatch_tables
@@ -71,44 +72,72 @@ def test_identity_and_tables():
         assert torch.all(placement.phy2log[0][used] == expert)
 
 
-def test_physical_experts_apply_moves_only_changed_slots_and_keeps_no_logical_copy():
-    """Slot weights after a chain of placements equal the original experts indexed by the
-    current phy2log, and the materialised model holds one tensor per stacked weight."""
-    from torch import nn
+def test_compact_layout_keeps_experts_in_their_rows_and_reuses_extra_rows():
+    from omni_passes.placement.layout import compact_layout
 
-    from omni_passes.placement.materialize import PhysicalExperts
+    E = 4
+    first = torch.tensor([[3, 0, 2, 1, 0, 3, 0]])       # extras: 0 (twice), 3
+    layout = compact_layout(first, E)
+    assert layout.row_expert[0, :E].tolist() == [0, 1, 2, 3]
+    # each slot's row holds the slot's expert; slot_row is a permutation of the rows
+    assert torch.equal(layout.row_expert.gather(1, layout.slot_row), first)
+    assert sorted(layout.slot_row[0].tolist()) == list(range(7))
+    # first replica of each expert (in slot order) is its own row
+    assert layout.slot_row[0, :4].tolist() == [3, 0, 2, 1]
+    second = torch.tensor([[0, 0, 1, 2, 3, 1, 3]])       # extras: 0, 1, 3
+    relaid = compact_layout(second, E, previous=layout)
+    assert torch.equal(relaid.row_expert.gather(1, relaid.slot_row), second)
+    changed = relaid.changed_rows(layout)[0].tolist()
+    assert len(changed) == 1 and changed[0] >= E           # only the row that now holds expert 1
+    assert relaid.row_expert[0, :E].tolist() == [0, 1, 2, 3]
+
+
+class Experts(nn.Module):
+    """Stacked experts with GPT-OSS-style biases (2-D stacked tensors) beside the 3-D weights."""
+
+    def __init__(self, seed, E):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.gate_up_proj = nn.Parameter(torch.randn(E, 4, 3, generator=g))
+        self.gate_up_proj_bias = nn.Parameter(torch.randn(E, 4, generator=g))
+        self.down_proj = nn.Parameter(torch.randn(E, 3, 2, generator=g))
+        self.down_proj_bias = nn.Parameter(torch.randn(E, 3, generator=g))
+        self.num_experts = E
+
+
+def test_expert_rows_cover_every_stacked_tensor_move_only_changed_rows_and_keep_no_copy():
+    """Storage rows after a chain of placements hold expert row_expert[r] in row r, for the
+    weights and the biases; only the R extra rows cost memory; tensors keep their identity."""
+    from omni_passes.placement.controller import PlacementController
+    from omni_passes.placement.materialize import transformers_expert_rows
 
     E, S, layers = 6, 9, 2
-
-    class Experts(nn.Module):
-        def __init__(self, seed):
-            super().__init__()
-            g = torch.Generator().manual_seed(seed)
-            self.gate_up_proj = nn.Parameter(torch.randn(E, 4, 3, generator=g))
-            self.down_proj = nn.Parameter(torch.randn(E, 3, 2, generator=g))
-            self.num_experts = E
-
-    model = nn.Sequential(*[Experts(k) for k in range(layers)])
-    originals = [{n: getattr(m, n).detach().clone() for n in ("gate_up_proj", "down_proj")} for m in model]
+    model = nn.Sequential(*[Experts(k, E) for k in range(layers)])
+    names = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
+    originals = [{n: getattr(m, n).detach().clone() for n in names} for m in model]
 
     def placement(rows):
         return Placement(num_layers=layers, num_logical_experts=E, num_ranks=1, num_nodes=1, slots_per_rank=S,
                          phy2log=torch.tensor(rows))
 
-    first = placement([[0, 1, 2, 3, 4, 5, 0, 1, 2]] * layers)
-    experts = PhysicalExperts(model, first)
-    tensors = [(m.gate_up_proj, m.down_proj) for m in model]
+    controller = PlacementController(placement([[0, 1, 2, 3, 4, 5, 0, 1, 2]] * layers),
+                                     rows=lambda layout: transformers_expert_rows(list(model), E, layout))
+    tensors = [getattr(m, n) for m in model for n in names]
+    assert all(t.shape[0] == S for t in tensors) and all(m.num_experts == S for m in model)
     chain = [placement([[5, 4, 3, 2, 1, 0, 5, 5, 5], [0, 1, 2, 3, 4, 5, 0, 1, 2]]),  # layer 1 unchanged
              placement([[3, 3, 3, 0, 1, 2, 4, 5, 0], [2, 0, 1, 5, 4, 3, 3, 2, 1]]),
              placement([[0, 1, 2, 3, 4, 5, 1, 1, 1]] * layers)]
+    copies = []
     for p in chain:
-        experts.apply(p)
+        copies.append(controller.apply(p))
+        layout = controller.layout
         for layer, module in enumerate(model):
-            for name in ("gate_up_proj", "down_proj"):
-                assert torch.equal(getattr(module, name), originals[layer][name][p.phy2log[layer]])
-    # same tensors (a compiled graph keeps pointing at them) and no other expert weights held
-    assert [(m.gate_up_proj, m.down_proj) for m in model] == tensors
-    held = {id(t) for layer in experts.layers for t in layer.physical.values()}
-    assert held == {id(t) for pair in tensors for t in pair}
-    assert not hasattr(experts.layers[0], "logical")
-    assert experts.slot_bytes() == (S - E) * sum(t[0].numel() * 4 for t in tensors[0]) * layers
+            for name in names:
+                assert torch.equal(getattr(module, name), originals[layer][name][layout.row_expert[layer]])
+            # every slot's row holds the slot's expert, so the tables name the right weights
+            assert torch.equal(layout.row_expert[layer][layout.slot_row[layer]], p.phy2log[layer])
+    assert copies[0] == 3 and copies[-1] > 0
+    assert [getattr(m, n) for m in model for n in names] == tensors
+    held = {id(t) for layer in controller.weights.storage for t in layer.values()}
+    assert held == {id(t) for t in tensors}
+    assert controller.weights.extra_bytes() == (S - E) * sum(originals[0][n][0].numel() * 4 for n in names) * layers

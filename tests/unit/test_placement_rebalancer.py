@@ -165,8 +165,9 @@ def test_rebalancer_on_a_compiled_deepseek_model_zero_recompiles():
     counters.clear()
     compiled = omni_passes.compile(model, {"passes": ["redundant_experts"]}, placement=start)
     runtime = compiled.omni
-    rebalancer = Rebalancer(runtime.placement_state, runtime.experts,
-                            RebalancerConfig(window=2, interval=2, min_gain=0.0, layer_min_gain=0.0, max_moves=12))
+    # the controller owns rows and tables: the rebalancer applies through it alone
+    rebalancer = Rebalancer(runtime.placement_state,
+                            config=RebalancerConfig(window=2, interval=2, min_gain=0.0, layer_min_gain=0.0, max_moves=12))
     outs = []
     with torch.no_grad():
         for _ in range(4):

@@ -1,0 +1,135 @@
+"""OmniPlacement inside a serving engine: per-step counting gate, load files, rebalancing.
+
+A serving host whose MoE ops run eagerly every step (vLLM on CPU: ``omni::slot_fused_moe``)
+registers one ``ServingSteps`` per model as a step hook (``kernels.state``). On each step:
+
+* ``begin`` (before MoE layer 0 computes): the count gate is set from ``is_serving()``, so
+  warm-up and profiling batches (dummy tokens) are not counted as load;
+* ``end`` (after the last MoE layer computed, before any later step): on serving steps, the
+  load files are updated and the online rebalancer runs; an applied placement is in place
+  (storage rows, then tables) before the next step's first MoE layer.
+
+Load files (``expert_load_path [L, E]``, ``slot_load_path [L, P]``, int64 ``.npy``,
+cumulative) are memory-mapped: they are rewritten in place at the end of every serving step
+(a copy into the page cache, no system call) and flushed every ``interval_steps`` steps and at
+close. The file therefore holds the loads of the last completed step even when the engine
+process is killed without warning (vLLM's api_server stops its engine with SIGKILL after
+SIGTERM unless ``--shutdown-timeout`` is given). A reader racing a running engine may see
+layers of two consecutive steps.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from omni_passes.config import RebalanceConfig
+from omni_passes.placement.rebalancer import RebalanceEvent, Rebalancer, RebalancerConfig
+
+log = logging.getLogger("omni_passes")
+
+
+class LoadFile:
+    """An int64 ``.npy`` of fixed shape, memory-mapped and rewritten in place."""
+
+    def __init__(self, path: str | Path, shape: tuple[int, ...]):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.array = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.int64, shape=shape)
+        self.array.flush()  # an all-zero file from the start: readers never see a missing file
+
+    def write(self, values: torch.Tensor) -> None:
+        self.array[...] = values.numpy()
+
+    def flush(self) -> None:
+        self.array.flush()
+
+
+class LoadExport:
+    """The controller's cumulative loads in ``expert_path`` / ``slot_path`` (either optional)."""
+
+    def __init__(self, controller, expert_path: str | None, slot_path: str | None, interval: int):
+        p = controller.placement
+        self.controller = controller
+        self.interval = interval
+        self.steps = 0
+        self.expert_file = LoadFile(expert_path, (p.num_layers, p.num_logical_experts)) if expert_path else None
+        self.slot_file = LoadFile(slot_path, (p.num_layers, p.num_slots)) if slot_path else None
+
+    def step_end(self) -> None:
+        self.steps += 1
+        self.write(flush=self.steps % self.interval == 0)
+
+    def write(self, flush: bool = True) -> None:
+        for file, values in ((self.expert_file, self.controller.total_expert_load),
+                             (self.slot_file, self.controller.total_slot_load)):
+            if file is not None:
+                file.write(values())
+                if flush:
+                    file.flush()
+
+
+class OnlineRebalancer:
+    """The OmniPlacement loop: the step's counted loads into a sliding window, and every
+    ``interval_steps`` a forecast, migration-aware plan (gain threshold, move budget) applied
+    in place through the controller."""
+
+    def __init__(self, controller, settings: RebalanceConfig):
+        config = RebalancerConfig(
+            window=settings.window_steps, interval=settings.interval_steps, min_gain=settings.min_gain,
+            layer_min_gain=settings.layer_min_gain, max_moves=settings.max_moves,
+            max_replicas=settings.max_replicas, forecast=settings.forecast,
+        )
+        self.rebalancer = Rebalancer(controller, config=config)
+
+    @property
+    def events(self) -> list[RebalanceEvent]:
+        return self.rebalancer.events
+
+    def step_end(self) -> None:
+        event = self.rebalancer.step()
+        if event is not None:
+            log.info("omni rebalance at step %d: %s (%s), balancedness %.4f -> %.4f, %d slot moves, plan %.1f ms",
+                     event.step, "applied" if event.applied else "kept", event.reason,
+                     event.balancedness_before, event.balancedness_candidate, event.moves, event.plan_ms)
+
+
+class ServingSteps:
+    """The step hook of one serving model (module docstring)."""
+
+    def __init__(self, controller, is_serving: Callable[[], bool], export: LoadExport | None = None,
+                 rebalancer: OnlineRebalancer | None = None):
+        self.controller = controller
+        self.is_serving = is_serving
+        self.export = export
+        self.rebalancer = rebalancer
+        self.serving = False
+        self.open = False
+        self.steps = 0
+
+    def __call__(self, phase: str) -> None:
+        if phase == "next":  # a host that sees only step starts (kernels.state)
+            if self.open:
+                self("end")
+            phase = "begin"
+        if phase == "begin":
+            self.serving = bool(self.is_serving())
+            self.controller.gate.fill_(1 if self.serving else 0)
+            self.open = True
+        elif phase == "end":
+            self.open = False
+            if not self.serving:
+                return
+            self.steps += 1
+            if self.rebalancer is not None:
+                self.rebalancer.step_end()  # takes this step's loads (they stay in the totals)
+            if self.export is not None:
+                self.export.step_end()
+
+    def close(self) -> None:
+        if self.export is not None:
+            self.export.write(flush=True)

@@ -1,0 +1,165 @@
+"""The single pass registry and runtime builder every host uses.
+
+A host (``omni_passes.compile``, ``omni_passes.vllm_post_grad_pass``, the torchair backend,
+the vllm-ascend adapter, ``omni-passes inspect``) calls ``build_runtime`` once with what it
+knows about the model, and hands ``runtime.manager`` to its compiler hook; the manager then
+rewrites *every* graph the host compiles (a model compiled in several pieces is several
+calls). The name → pass chain lives in ``PASSES`` only.
+
+    runtime = build_runtime(config, info, device, rows=...)   # rows: how to extend expert tensors
+    runtime.manager(graph)                                    # per compiled graph
+    runtime.placement_state.take_load(); runtime.apply_placement(p); runtime.close()
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from omni_passes.config import ConfigError, PassConfig
+from omni_passes.model_info import MoEModelInfo
+from omni_passes.pass_manager import GraphPass, OmniPassManager
+from omni_passes.placement.controller import PlacementController, RowsFactory
+from omni_passes.placement.placement import Placement
+
+log = logging.getLogger("omni_passes")
+
+
+@dataclass
+class BuildContext:
+    """What a pass factory may use."""
+
+    config: PassConfig
+    info: MoEModelInfo
+    device: torch.device
+    controller: PlacementController | None
+
+
+def _redundant_experts(ctx: BuildContext) -> GraphPass:
+    from omni_passes.fx.redundant_experts import RedundantExpertDispatchPass
+
+    return RedundantExpertDispatchPass(ctx.controller, moe_layer_ids=list(ctx.info.moe_layer_ids) or None)
+
+
+def _sparse_attention(ctx: BuildContext) -> GraphPass:
+    return sparse_attention_pass(ctx.config, ctx.info)
+
+
+def _latent_attention(ctx: BuildContext) -> GraphPass:
+    """After sparse_attention: it takes over its sparse sites (their pattern, sink + recent)."""
+    from omni_passes.fx.latent_attention import LatentAttentionPass
+
+    attn = ctx.config.sparse_attention if "sparse_attention" in ctx.config.passes else None
+    return LatentAttentionPass(window=(attn.sink, attn.recent) if attn else None, pattern=list(attn.pattern) if attn else ())
+
+
+# name → factory, in the order passes run (the config's list only selects).
+PASSES: dict[str, Callable[[BuildContext], GraphPass]] = {
+    "redundant_experts": _redundant_experts,
+    "sparse_attention": _sparse_attention,
+    "latent_attention": _latent_attention,
+}
+
+
+@dataclass
+class OmniRuntime:
+    """What a compiled model carries besides its code: state the ops read, and the reports."""
+
+    config: PassConfig
+    info: MoEModelInfo
+    manager: OmniPassManager
+    controller: PlacementController | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+    closers: list[Callable[[], None]] = field(default_factory=list)
+
+    def report(self) -> dict[str, Any]:
+        return self.manager.report()
+
+    @property
+    def placement_state(self) -> PlacementController | None:
+        """The placement controller (tables, counters, storage rows)."""
+        return self.controller
+
+    @property
+    def experts(self):
+        return self.controller.weights if self.controller is not None else None
+
+    def apply_placement(self, placement: Placement) -> int:
+        """Switch placement in place: storage rows, then tables; no recompile. Returns rows copied."""
+        if self.controller is None:
+            raise RuntimeError("the redundant_experts pass is not enabled for this model")
+        return self.controller.apply(placement)
+
+    def close(self) -> None:
+        """Flush what the host attached (load files) and release the op state."""
+        while self.closers:
+            self.closers.pop()()
+        if self.controller is not None:
+            self.controller.close()
+
+
+def resolve_placement(config: PassConfig, info: MoEModelInfo, placement: Placement | None = None) -> Placement:
+    """The placement to use: given, else the config's file, else identity; checked against
+    the model's MoE layers and experts (the message names the file)."""
+    if placement is None and config.placement:
+        placement = Placement.load(config.placement)
+    if placement is None:
+        return Placement.identity(max(len(info.moe_layer_ids), 1), max(info.num_experts, 1))
+    source = f"placement file {config.placement}" if config.placement else "placement"
+    if info.moe_layer_ids:
+        placement.check_fits(len(info.moe_layer_ids), info.num_experts, source=source)
+    elif info.num_experts:  # layers unknown (a graph without module names): experts still checkable
+        placement.check_fits(placement.num_layers, info.num_experts, source=source)
+    return placement
+
+
+def sparse_attention_pass(config: PassConfig, info: MoEModelInfo):
+    """The configured SparseAttentionPass; a pattern naming a missing layer is a ConfigError."""
+    from omni_passes.fx.sparse_attention import SparseAttentionPass
+
+    attn = config.sparse_attention
+    bad = [i for i in attn.pattern if i >= info.num_layers]
+    if bad:
+        raise ConfigError(f"{config.source}: sparse_attention.pattern names layer(s) {bad}; the model has {info.num_layers} layers")
+    return SparseAttentionPass(sink=attn.sink, recent=attn.recent, pattern=list(attn.pattern))
+
+
+def build_runtime(
+    config: PassConfig,
+    info: MoEModelInfo,
+    device: torch.device | str = "cpu",
+    rows: RowsFactory | None = None,
+    placement: Placement | None = None,
+    cannot_extend: str | None = None,
+    on_graph: Callable | None = None,
+) -> OmniRuntime:
+    """Build the passes and the run-time state for one model.
+
+    Args:
+        config: the pass configuration.
+        info: the model's decoder layers, MoE layers and experts (complete: every graph the
+            host compiles is bound to these rows).
+        device: where the model runs.
+        rows: extends the expert tensors to a row layout (needed for R > 0).
+        placement: overrides the config's placement file.
+        cannot_extend: why ``rows`` is absent, for the refusal message of an R > 0 placement.
+    """
+    device = torch.device(device)
+    unbuilt = [name for name in config.passes if name not in PASSES]
+    if unbuilt:
+        raise ConfigError(f"{config.source}: pass(es) {unbuilt} have no factory in omni_passes.registry.PASSES")
+    controller = None
+    if "redundant_experts" in config.passes:
+        if not info.moe_layer_ids:
+            log.warning("no MoE layers known for this model; the redundant_experts pass will report that")
+        placement = resolve_placement(config, info, placement)
+        kwargs = {"cannot_extend": cannot_extend} if cannot_extend else {}
+        controller = PlacementController(placement, device=device, rows=rows, **kwargs)
+    ctx = BuildContext(config=config, info=info, device=device, controller=controller)
+    passes = [factory(ctx) for name, factory in PASSES.items() if name in config.passes]
+    fingerprint = config.fingerprint() + (controller.placement.fingerprint() if controller is not None else "")
+    manager = OmniPassManager(passes, fingerprint=fingerprint, report_path=config.report_path, on_graph=on_graph)
+    return OmniRuntime(config=config, info=info, manager=manager, controller=controller)

@@ -1,0 +1,125 @@
+"""What the passes need from the vLLM model they compile, read in the worker process.
+
+vLLM's post-grad hook hands the passes a graph only. The model itself is reachable through
+vLLM's forward context while the graph compiles (vLLM compiles inside its warm-up forward):
+every MoE layer registers its runner there under its prefix (``model.layers.N.mlp.experts``),
+and the runner's ``routed_experts`` holds the packed expert parameters (``w13_weight [E, 2I,
+H]``, ``w2_weight [E, H, I]``, and ``w13_bias`` / ``w2_bias`` where the model has them).
+
+From there this module gives the runtime builder (``omni_passes.registry``)
+
+* the MoE layers and expert count of the *whole* model (not of the graph at hand, which may
+  be one piece of several), and
+* the storage rows for redundant slots: each expert tensor becomes ``[E + R, ...]`` storage
+  with the packed experts in rows ``0..E-1``, and vLLM's parameter becomes a view of those
+  rows (``param.data = storage[:E]``), so R extra slots cost R rows and the graph, which still
+  reads its ``[E, ...]`` parameter, reads the same memory. ``omni::slot_fused_moe`` reads the
+  whole storage from the placement state.
+
+vLLM's CPU weight packing (``_C.prepack_moe_weight``) is per expert, so rows copied from a
+packed tensor are packed tensors; that is checked on random weights for the kernel's ISA
+before any storage is built, and redundant slots are refused if it does not hold.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import torch
+
+from omni_passes.model_info import MoEModelInfo, info_from_graph
+from omni_passes.placement.layout import RowLayout
+from omni_passes.placement.materialize import ExpertRows, extend_rows
+from omni_passes.placement.placement import PlacementError
+
+log = logging.getLogger("omni_passes")
+
+EXPERT_TENSORS = ("w13_weight", "w2_weight", "w13_bias", "w2_bias")
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def forward_context_moe_layers() -> dict[int, Any] | None:
+    """Decoder-layer index → the routed-experts module of that MoE layer, from vLLM's forward
+    context; None when no forward context is active (not inside a vLLM forward)."""
+    try:
+        from vllm.forward_context import get_forward_context, is_forward_context_available
+    except ImportError:
+        return None
+    if not is_forward_context_available():
+        return None
+    layers = {}
+    for name, layer in get_forward_context().no_compile_layers.items():
+        experts = getattr(layer, "routed_experts", None)
+        match = _LAYER.search(name)
+        if experts is not None and isinstance(getattr(experts, "w13_weight", None), torch.Tensor) and match:
+            layers[int(match.group(1))] = experts
+    return layers
+
+
+def model_info(graph, moe_layers: dict[int, Any] | None) -> MoEModelInfo:
+    """The model's facts: MoE layers and experts from vLLM's layers when known, the rest (and
+    everything without a forward context) from the graph."""
+    from_graph = info_from_graph(graph)
+    if not moe_layers:
+        return from_graph
+    ids = tuple(sorted(moe_layers))
+    experts = {int(moe_layers[i].w13_weight.shape[0]) for i in ids}
+    if len(experts) != 1:
+        raise PlacementError(f"vLLM MoE layers {list(ids)} have different expert counts {sorted(experts)}")
+    return MoEModelInfo(num_layers=max(from_graph.num_layers, ids[-1] + 1), moe_layer_ids=ids, num_experts=experts.pop(),
+                        top_k=from_graph.top_k, n_group=from_graph.n_group)
+
+
+def graph_isa(graph) -> str | None:
+    """The ISA vLLM's fused-MoE nodes in this graph were traced with (``'vec'``, ``'amx'``)."""
+    from omni_passes.fx.fused_moe_slots import is_cpu_fused_moe
+
+    for node in graph.nodes:
+        if is_cpu_fused_moe(node):
+            return node.kwargs.get("isa")
+    return None
+
+
+def packing_is_per_expert(isa: str, dtype: torch.dtype, shape: tuple[int, ...]) -> bool:
+    """``prepack(w)[i] == prepack(w[i])`` bitwise for random ``w [3, *shape]`` of ``dtype``."""
+    weight = torch.randn(3, *shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    whole = torch.empty_like(weight)
+    torch.ops._C.prepack_moe_weight(weight, whole, isa)
+    for i in range(3):
+        one = torch.empty_like(weight[i:i + 1])
+        torch.ops._C.prepack_moe_weight(weight[i:i + 1].contiguous(), one, isa)
+        if not torch.equal(one, whole[i:i + 1]):
+            return False
+    return True
+
+
+def rows_factory(moe_layers: dict[int, Any], isa: str | None):
+    """A ``RowsFactory`` for the controller: vLLM's expert tensors extended to a layout."""
+
+    def build(layout: RowLayout) -> ExpertRows:
+        order = sorted(moe_layers)
+        first = moe_layers[order[0]].w13_weight
+        if isa is None:
+            raise PlacementError("no _C.cpu_fused_moe node in the compiled graph: the expert rows would not be read")
+        if not packing_is_per_expert(isa, first.dtype, tuple(first.shape[1:])):
+            raise PlacementError(f"vLLM's CPU weight packing for isa {isa!r} is not per expert: rows of packed "
+                                 "weights would not be packed weights")
+        storage = []
+        for layer, index in enumerate(order):
+            experts = moe_layers[index]
+            tensors = {}
+            for name in EXPERT_TENSORS:
+                param = getattr(experts, name, None)
+                if not isinstance(param, torch.Tensor):
+                    continue
+                rows = extend_rows(param.detach(), layout.row_expert[layer])
+                param.data = rows[: param.shape[0]]  # the graph's [E, ...] input is now a view of the rows
+                tensors[name] = rows
+            storage.append(tensors)
+        extra = layout.num_rows - int(first.shape[0])
+        log.info("omni_passes: vLLM expert weights extended by %d rows per MoE layer (%d layers)", extra, len(order))
+        return ExpertRows(storage, layout, int(first.shape[0]))
+
+    return build
