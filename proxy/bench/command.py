@@ -43,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rates", default=DEFAULT_RATES, help="sweep rates (req/s), comma-separated")
     p.add_argument("--sweep-patience", type=int, default=1,
                    help="stop a router's sweep after this many rates in a row below the SLO attainment")
+    p.add_argument("--refine", type=float, default=0.0, metavar="STEP",
+                   help="after a sweep, bisect between the highest passing and the next failing rate until "
+                        "they are at most STEP apart (relative, e.g. 0.05); 0: off")
     p.add_argument("--slo", default="ttft=2.0,tpot=0.05",
                    help="SLO: ttft=S,tpot=S[,attainment=F] (attainment default 0.9)")
     p.add_argument("--duration", type=float, default=60.0, help="synthetic workloads: seconds of arrivals per run")
@@ -86,7 +89,7 @@ async def _run(args, cluster, workload, specs, slo, rates) -> dict:
         outcome = await bench_router(cluster, spec, workload, slo, rates=rates, sweep=args.sweep,
                                      patience=args.sweep_patience, timeout_s=args.timeout,
                                      progress=not args.no_progress, on_point=on_point,
-                                     virtual=args.clock == "virtual")
+                                     virtual=args.clock == "virtual", refine=args.refine)
         if "skipped" in outcome.entry or "error" in outcome.entry:
             say(f"  {spec.name}: {outcome.entry.get('skipped') or outcome.entry.get('error')}")
         outcomes.append(outcome)
@@ -107,6 +110,8 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"--rate must be positive, got {args.rate}")
         if args.duration <= 0 or args.timeout <= 0 or args.sweep_patience < 1:
             raise ValueError("--duration and --timeout must be positive and --sweep-patience at least 1")
+        if not 0 <= args.refine < 1:
+            raise ValueError(f"--refine must be in [0, 1), got {args.refine}")
         if args.workload:
             workload = WorkloadSource(Path(args.workload).name, seed=args.seed, file_requests=load_jsonl(args.workload))
         else:
@@ -144,7 +149,7 @@ def main(args: argparse.Namespace) -> int:
     if args.plot:
         from .plots import write_plots
 
-        for path in write_plots(outcomes, slo, args.plot, title=f"({workload.name}, {cluster.label()})"):
+        for path in write_plots(entries, slo, args.plot, title=f"({workload.name}, {cluster.label()})"):
             say(f"omni-proxy bench: wrote {path}")
     dumped = json.dumps(document, indent=1)
     if args.output:

@@ -15,6 +15,7 @@ from proxy.server.app import ProxyServer
 from proxy.server.config import ProxyConfig
 from proxy.sim.faults import FaultPlan
 from proxy.sim.server import SimInstance
+from scheduling.slo import SLOTarget
 
 from .client import drive
 from .cluster import ClusterSpec
@@ -36,6 +37,7 @@ async def run_point_inprocess(cluster: ClusterSpec, requests: Sequence[WorkloadR
                                           faults=FaultPlan(seed=k)).start())
         config = ProxyConfig(
             mode=cluster.mode, port=0, policy=policy, policy_options=dict(policy_options or {}),
+            slo=SLOTarget(slo.ttft, slo.tpot),
             prefill=[s.url for s in sims if s.role == "prefill"], decode=[s.url for s in sims if s.role == "decode"],
             instances=[s.url for s in sims if s.role == "collocated"],
             kv_events={s.url: s.kv_endpoint for s in sims if s.kv_endpoint},

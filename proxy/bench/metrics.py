@@ -119,8 +119,19 @@ def distribution(values: Sequence[float]) -> dict[str, float | None]:
     return {"mean": sum(values) / len(values), **{f"p{q}": percentile(values, q) for q in PERCENTILES}}
 
 
+CDF_POINTS = 51  # quantiles kept per point (every 2 %), enough to draw CDFs from the JSON alone
+
+
+def quantiles(values: Sequence[float], points: int = CDF_POINTS) -> list[float]:
+    """``points`` evenly spaced quantiles (0 .. 100 %) of ``values``, rounded to microseconds."""
+    if not values:
+        return []
+    return [round(percentile(values, 100.0 * k / (points - 1)), 6) for k in range(points)]
+
+
 def summarize(records: Sequence[RequestRecord], slo: SLO, offered_rate: float | None = None) -> dict[str, Any]:
-    """Per-run summary: counts, throughput, latency distributions, SLO attainment."""
+    """Per-run summary: counts, throughput, latency distributions, SLO attainment, and TTFT /
+    TPOT quantiles of completed requests (``cdf``) for plots."""
     done = [r for r in records if r.ok]
     ttfts = [r.ttft for r in done if r.ttft is not None]
     tpots = [r.tpot for r in done if r.tpot is not None]
@@ -155,6 +166,7 @@ def summarize(records: Sequence[RequestRecord], slo: SLO, offered_rate: float | 
         "slo_attainment": met / len(records) if records else 0.0,
         "send_lag": distribution([r.send_lag for r in records]),
         "errors": errors,
+        "cdf": {"ttft": quantiles(ttfts), "tpot": quantiles(tpots)},
     }
 
 

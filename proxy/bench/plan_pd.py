@@ -4,8 +4,9 @@
         --slo ttft=1,tpot=0.1 --rates 2,4,6,8,10,12
 
 For N instances (the cluster file's count, or ``--instances``) it simulates every split
-P:D with P + D = N (1 <= P < N), each with every ``--bypass`` threshold of our ``omni``
-policy, and N collocated instances as the baseline; for each candidate it sweeps the offered
+P:D with P + D = N (1 <= P < N), each with every ``--bypass`` setting of our ``omni``
+policy (``auto``: bypass by predicted TTFT, the policy's default; a number N: the fixed rule
+"at most N uncached tokens"; 0: never), and N collocated instances as the baseline; for each candidate it sweeps the offered
 rate upwards (stopping at the first rate below the SLO attainment, then bisecting
 ``--refine`` times between the last passing and the first failing rate) and takes its
 goodput. The recommendation is the candidate with the highest goodput; ties go to the higher
@@ -45,9 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slo", default="ttft=2.0,tpot=0.05", help="SLO: ttft=S,tpot=S[,attainment=F]")
     p.add_argument("--rates", default=DEFAULT_RATES, help="sweep rates (req/s), comma-separated")
     p.add_argument("--refine", type=int, default=2, help="bisection steps between the last passing and first failing rate")
-    p.add_argument("--bypass", default="0,8,32", help="PD-bypass thresholds (omni bypass_tokens) to try, comma-separated")
+    p.add_argument("--bypass", default="auto,0", help="PD-bypass settings to try, comma-separated: auto (by predicted "
+                                                         "TTFT, the default rule) or a token threshold (0: never)")
     p.add_argument("--policy-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="other omni policy options for every candidate (e.g. prefill_max_tokens=2048)")
+                   help="other omni policy options for every candidate (e.g. ttft_share=0.5)")
     p.add_argument("--no-collocated", action="store_true", help="do not simulate the collocated baseline")
     p.add_argument("--duration", type=float, default=30.0, help="synthetic workloads: seconds of arrivals per point")
     p.add_argument("--seed", type=int, default=0, help="seed of synthetic workloads and prompt text")
@@ -56,17 +58,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", metavar="FILE", help="also write the JSON document to FILE")
 
 
+AUTO = "auto"
+
+
 @dataclass
 class Candidate:
     prefill: int
     decode: int
-    bypass_tokens: int | None          # None: collocated
+    bypass_tokens: int | str | None    # None: collocated; "auto": by predicted TTFT; N: fixed rule
     points: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def label(self) -> str:
         if self.bypass_tokens is None:
             return f"collocated x{self.decode}"
+        if self.bypass_tokens == AUTO:
+            return f"{self.prefill}P:{self.decode}D bypass auto"
         return f"{self.prefill}P:{self.decode}D bypass<={self.bypass_tokens}"
 
     def cluster(self, base: ClusterSpec) -> ClusterSpec:
@@ -86,31 +93,54 @@ class Candidate:
         return next((pt["slo_attainment"] for pt in self.points if pt["rate"] == rate), None)
 
 
-def _options(items: list[str]) -> dict[str, int]:
-    out = {}
+def _options(items: list[str]) -> dict[str, float]:
+    from scheduling.policies import make_policy, policy_options
+
+    allowed = [k for k in policy_options("omni") if k != "bypass_tokens"]
+    out: dict[str, float] = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or key not in ("prefill_max_tokens", "prefill_max_running", "decode_max_running"):
-            raise ValueError(f"--policy-option takes KEY=VALUE with KEY one of prefill_max_tokens, "
-                             f"prefill_max_running, decode_max_running; got {item!r}")
+        if not sep or key not in allowed:
+            raise ValueError(f"--policy-option takes KEY=VALUE with KEY one of {', '.join(allowed)}; got {item!r}")
         try:
-            out[key] = int(value)
+            out[key] = int(value) if key.endswith(("_tokens", "_running")) else float(value)
         except ValueError:
-            raise ValueError(f"--policy-option {key} takes an integer, got {value!r}") from None
+            raise ValueError(f"--policy-option {key} takes a number, got {value!r}") from None
+    make_policy("omni", **out)  # rejects bad values with the policy's own message
     return out
 
 
-def candidates_for(n: int, bypass: list[int], collocated: bool) -> list[Candidate]:
+def _bypass(text: str) -> list[int | str]:
+    out: list[int | str] = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        if item == AUTO:
+            out.append(AUTO)
+            continue
+        try:
+            value = int(item)
+        except ValueError:
+            raise ValueError(f"--bypass takes 'auto' or non-negative integers, got {item!r}") from None
+        if value < 0:
+            raise ValueError(f"--bypass takes 'auto' or non-negative integers, got {item!r}")
+        out.append(value)
+    if not out:
+        raise ValueError(f"--bypass takes 'auto' or non-negative integers, got {text!r}")
+    return sorted(set(out), key=lambda b: (b != AUTO, b if b != AUTO else 0))
+
+
+def candidates_for(n: int, bypass: list[int | str], collocated: bool) -> list[Candidate]:
     out = [Candidate(0, n, None)] if collocated else []
     out += [Candidate(p, n - p, b) for p in range(1, n) for b in bypass]
     return out
 
 
 async def _point(cand: Candidate, base: ClusterSpec, workload: WorkloadSource, slo: SLO, rate: float,
-                 options: dict[str, int], real_time: bool) -> dict[str, Any]:
+                 options: dict[str, float], real_time: bool) -> dict[str, Any]:
     requests = workload.requests_at(rate)
     opts = dict(options)
-    if cand.bypass_tokens is not None:
+    if cand.bypass_tokens not in (None, AUTO):
         opts["bypass_tokens"] = cand.bypass_tokens
     cluster = cand.cluster(base)
     if real_time:
@@ -131,7 +161,7 @@ async def _point(cand: Candidate, base: ClusterSpec, workload: WorkloadSource, s
 
 
 async def sweep(cand: Candidate, base: ClusterSpec, workload: WorkloadSource, slo: SLO, rates: list[float],
-                refine: int, options: dict[str, int], real_time: bool) -> None:
+                refine: int, options: dict[str, float], real_time: bool) -> None:
     last_pass, first_fail = None, None
     for rate in rates:
         pt = await _point(cand, base, workload, slo, rate, options, real_time)
@@ -165,7 +195,7 @@ def choose(cands: list[Candidate]) -> Candidate:
 
     def key(c: Candidate):
         mean = sum(c.attainment_at(r) for r in common) / len(common) if common else 0.0
-        return (-mean, c.prefill, c.bypass_tokens or 0)
+        return (-mean, c.prefill, -1 if c.bypass_tokens in (None, AUTO) else c.bypass_tokens)
 
     return min(tied, key=key)
 
@@ -196,9 +226,7 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"--instances must be at least 2 to split, got {n}")
         slo = parse_slo(args.slo)
         rates = _rates(args.rates)
-        bypass = sorted({int(x) for x in args.bypass.split(",") if x.strip()})
-        if any(b < 0 for b in bypass) or not bypass:
-            raise ValueError(f"--bypass takes non-negative integers, got {args.bypass!r}")
+        bypass = _bypass(args.bypass)
         options = _options(args.policy_option)
         if args.refine < 0 or args.duration <= 0:
             raise ValueError("--refine must not be negative and --duration must be positive")

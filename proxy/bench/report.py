@@ -18,6 +18,38 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.0f}%"
 
 
+def points_of(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every measured point of a router entry: its sweep, or the entry itself (one rate)."""
+    if entry.get("sweep"):
+        return list(entry["sweep"])
+    return [entry] if "ttft" in entry else []
+
+
+def common_load(entries: dict[str, dict[str, Any]], attainment: float = 0.9) -> float | None:
+    """The highest offered rate that every router with a passing point ran and passed: the
+    load at which latencies are compared (all within the SLO there). Routers that passed no
+    rate do not constrain it; None if there is no such rate."""
+    passed = []
+    for entry in entries.values():
+        rates = {p["offered_rate"] for p in points_of(entry) if p.get("slo_attainment", 0.0) >= attainment}
+        if rates:
+            passed.append(rates)
+    shared = set.intersection(*passed) if passed else set()
+    return max(shared) if shared else None
+
+
+def latency_at(entries: dict[str, dict[str, Any]], rate: float) -> dict[str, dict[str, float | None]]:
+    """TTFT and TPOT p50/p90 of every router at ``rate`` (routers that did not run it left out)."""
+    out = {}
+    for name, entry in entries.items():
+        point = next((p for p in points_of(entry) if p.get("offered_rate") == rate), None)
+        if point is not None:
+            out[name] = {"ttft_p50": point["ttft"]["p50"], "ttft_p90": point["ttft"]["p90"],
+                         "tpot_p50": point["tpot"]["p50"], "tpot_p90": point["tpot"]["p90"],
+                         "slo_attainment": point["slo_attainment"]}
+    return out
+
+
 def prefix_hit_share(entry: dict[str, Any]) -> float | None:
     """Share of prompt tokens served from the prefix cache where prompts are computed:
     collocated instances, else prefill ones (decode instances receive the KV and count its

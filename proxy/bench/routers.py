@@ -151,8 +151,9 @@ def _peer_flags(spec: RouterSpec) -> list[str]:
     return [a for key, value in spec.options for a in ("--" + key.replace("_", "-"), value)]
 
 
-def command(spec: RouterSpec, inst: Instances, port: int, metrics_port: int) -> list[str]:
-    """The command line that starts ``spec`` in front of ``inst`` on ``port``."""
+def command(spec: RouterSpec, inst: Instances, port: int, metrics_port: int, slo: str | None = None) -> list[str]:
+    """The command line that starts ``spec`` in front of ``inst`` on ``port``; ours gets the
+    run's SLO (``slo``, ``ttft=S,tpot=S``) as an operator states it to ``omni-proxy serve``."""
     if spec.kind == "omni":
         cmd = [sys.executable, "-m", "proxy.cli", "serve", "--mode", inst.mode, "--policy", spec.policy,
                "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
@@ -167,6 +168,8 @@ def command(spec: RouterSpec, inst: Instances, port: int, metrics_port: int) -> 
             cmd += ["--kv-events", f"{url}={endpoint}"]
         for key, value in spec.options:
             cmd += ["--" + key.replace("_", "-"), value]
+        if slo:
+            cmd += ["--slo", slo]
         return cmd
     if spec.kind == "vllm-router":
         cmd = [executable("vllm-router"), "--host", "127.0.0.1", "--port", str(port),
@@ -200,9 +203,10 @@ def command(spec: RouterSpec, inst: Instances, port: int, metrics_port: int) -> 
 class RouterProcess:
     """A router under test, started as a subprocess; ``targets`` are where the client sends."""
 
-    def __init__(self, spec: RouterSpec, inst: Instances, log_dir: str | None = None):
+    def __init__(self, spec: RouterSpec, inst: Instances, log_dir: str | None = None, slo: str | None = None):
         self.spec = spec
         self.inst = inst
+        self.slo = slo
         self.proc: subprocess.Popen | None = None
         self.url: str | None = None
         self.log_path: str | None = None
@@ -227,7 +231,7 @@ class RouterProcess:
         last = ""
         for _ in range(attempts):  # another process may take the free port before the router binds it
             port, metrics_port = free_port(), free_port()
-            cmd = command(self.spec, self.inst, port, metrics_port)
+            cmd = command(self.spec, self.inst, port, metrics_port, self.slo)
             fd, self.log_path = tempfile.mkstemp(prefix=f"bench-{self.spec.kind}-", suffix=".log", dir=self._log_dir)
             env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "warn"))
             self.proc = subprocess.Popen(cmd, stdout=fd, stderr=fd, stdin=subprocess.DEVNULL, env=env,

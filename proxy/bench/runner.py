@@ -174,7 +174,7 @@ async def run_point(cluster: ClusterSpec, spec: RouterSpec, requests: Sequence[W
     builder = PromptBuilder(seed)
     prompts = [builder.text(r, k) for k, r in enumerate(requests)]
     sims = await SimHost(cluster).start()
-    router = RouterProcess(spec, sims.instances)
+    router = RouterProcess(spec, sims.instances, slo=f"ttft={slo.ttft!r},tpot={slo.tpot!r}")
     try:
         await router.start()
         targets = router.targets
@@ -231,14 +231,34 @@ async def run_point_virtual(cluster: ClusterSpec, spec: RouterSpec, requests: Se
                                      policy_options=typed_options(spec), seed=seed, timeout_s=timeout_s)
 
 
+def refine_rate(points: Sequence[tuple[float, bool]], step: float) -> float | None:
+    """The next rate of a sweep's refinement: the geometric midpoint between the highest
+    passing rate and the lowest failing rate above it while they are more than ``step``
+    (relative) apart; None when done. points: (rate, passed)."""
+    passing = [r for r, ok in points if ok]
+    if not passing or step <= 0:
+        return None
+    lo = max(passing)
+    above = [r for r, ok in points if not ok and r > lo]
+    if not above:
+        return None
+    hi = min(above)
+    if hi <= lo * (1 + step):
+        return None
+    mid = round((lo * hi) ** 0.5, 2)
+    return mid if lo < mid < hi and mid not in {r for r, _ in points} else None
+
+
 async def bench_router(cluster: ClusterSpec, spec: RouterSpec, workload: WorkloadSource, slo: SLO, *,
                        rates: Sequence[float], sweep: bool, patience: int = 1, timeout_s: float = 300.0,
                        progress: bool = True, on_point: Callable[[RouterSpec, dict], None] | None = None,
-                       virtual: bool = False) -> RouterOutcome:
+                       virtual: bool = False, refine: float = 0.0) -> RouterOutcome:
     """One rate, or a sweep over ``rates`` (ascending) that stops after ``patience`` failing
-    points in a row (and steps below the lowest rate when that one fails already).
+    points in a row (and steps below the lowest rate when that one fails already), then, with
+    ``refine`` > 0, bisects between the highest passing and the next failing rate until they
+    are at most ``refine`` (relative) apart, so goodput is known to that step near saturation.
     Sweep entry: the summary at the goodput rate (the lowest rate when none passes),
-    ``goodput_qpm``, and every point under ``sweep``."""
+    ``goodput_qpm``, and every point under ``sweep`` (by rate)."""
     base: dict[str, Any] = {"router": spec.kind, "policy": spec.policy, "mode": cluster.mode}
     points: list[PointResult] = []
 
@@ -272,6 +292,12 @@ async def bench_router(cluster: ClusterSpec, spec: RouterSpec, workload: Workloa
             points.insert(0, await one(probe))
             if passed(points[0]):
                 break
+        while sweep:
+            mid = refine_rate([(p.summary["offered_rate"], passed(p)) for p in points], refine)
+            if mid is None:
+                break
+            points.append(await one(mid))
+        points.sort(key=lambda p: p.summary["offered_rate"])
     except Unsupported as exc:
         return RouterOutcome(spec, {**base, "skipped": str(exc)})
     except (RouterStartError, PointError) as exc:

@@ -1,37 +1,54 @@
 """The documented comparison: every run of docs/serving_bench.md in one command.
 
-    python -m proxy.bench.suite --out docs/serving_bench [--only NAME ...] [--duration 30]
+    python -m proxy.bench.suite --out docs/serving_bench [--only NAME ...] [--clock virtual]
 
-Each run is one ``omni-proxy bench`` invocation (its JSON and PNGs go to ``OUT/NAME.json``
-and ``OUT/NAME/``); at the end ``OUT/summary.md`` holds the goodput table (QPM at the SLO per
-router and run, with the ratios the goals name) and the overhead table. Runs already in
-``OUT`` are kept unless ``--force``: a long suite can be resumed.
+Each run is one cluster and workload with several routers; every router is one
+``omni-proxy bench`` invocation whose JSON goes to ``OUT/NAME.parts/`` as soon as it ends, so
+an interrupted suite resumes where it stopped (a router half done is rerun; ``--force``
+reruns everything asked for). When all routers of a run are done they are merged into
+``OUT/NAME.json`` (the ``omni-proxy bench --json`` document), its figures go to ``OUT/NAME/``,
+and ``OUT/summary.md`` is rewritten: goodput per router and run, our ratios to round robin and
+to the best peer, TTFT at a common load, and the overhead tables.
+
+Our proxy runs as ``omni`` with its defaults: the run's SLO is all it is told (``--slo``, as an
+operator states it). Peers run with their defaults and tuned (the cache-aware balance threshold
+that suits these instances, 8, found by a calibration on another seed, docs/serving_bench.md).
+
+``--clock virtual`` runs the same list on the simulated clock (``proxy.bench.vclock``): our
+proxy only, so the peers' rules are stood in for by our implementations of them
+(``omni:round_robin``, ``omni:cache_aware``); deterministic and minutes instead of hours.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from .command import add_arguments as bench_arguments
 from .command import main as bench_main
-from .report import prefix_hit_share
+from .report import common_load, latency_at, prefix_hit_share
 
 SLO = "ttft=1,tpot=0.1"
-# our policies with their token limits given in the scaled workloads' tokens (1 = 16 real), and
-# decode_max_running = the ~24 sequences an instance decodes within the TPOT SLO; the
-# cache_aware balance threshold was chosen the same way for ours and the peers
-# (docs/serving_bench.md, "calibration", run on another seed).
-OMNI = "omni:omni,bypass_tokens=8,prefill_max_tokens=2048,decode_max_running=24"
-OMNI_CA = "omni:cache_aware,balance_abs=8"
-PEERS_COLLOCATED = ["vllm-router:round_robin", "vllm-router:power_of_two", "vllm-router:cache_aware",
+REFINE = 0.05  # sweeps bisect the saturation edge to 5 % steps
+
+OURS = "omni"
+RR = "vllm-router:round_robin"
+PEERS_COLLOCATED = [RR, "vllm-router:power_of_two", "vllm-router:cache_aware",
                     "vllm-router:cache_aware,balance_abs_threshold=8", "sglang-router:cache_aware",
                     "sglang-router:cache_aware,balance_abs_threshold=8"]
-PEERS_PD = ["vllm-router:round_robin", "vllm-router:power_of_two", "vllm-router:cache_aware",
-            "vllm-router:cache_aware,balance_abs_threshold=8", "sglang-router:cache_aware"]
+PEERS_PD = [RR, "vllm-router:power_of_two", "vllm-router:cache_aware",
+            "vllm-router:cache_aware,balance_abs_threshold=8"]
+# the virtual clock runs our proxy only: our implementations of the peers' rules stand in
+# (both peers' cache-aware rules are the same rule: one stand-in, at the default and the tuned threshold)
+VIRTUAL_STAND_INS = {RR: "omni:round_robin", "vllm-router:cache_aware": "omni:cache_aware",
+                     "sglang-router:cache_aware": "omni:cache_aware",
+                     "vllm-router:cache_aware,balance_abs_threshold=8": "omni:cache_aware,balance_abs=8",
+                     "sglang-router:cache_aware,balance_abs_threshold=8": "omni:cache_aware,balance_abs=8"}
 
 
 @dataclass(frozen=True)
@@ -40,47 +57,135 @@ class Run:
     cluster: str
     workload: str
     routers: tuple[str, ...]
-    rates: str | None = None       # sweep rates; None: a single --rate
+    rates: str | None = None       # sweep start grid (refined near the edge); None: one --rate
     rate: float | None = None
+    slo: str = SLO
+    wall_only: bool = False        # overhead runs measure the router's own latency: wall clock only
 
-    def argv(self, out: Path, duration: float) -> list[str]:
-        args = ["--cluster", f"proxy/bench/data/{self.cluster}.json", "--synthetic", self.workload, "--slo", SLO,
-                "--duration", str(duration), "--output", str(out / f"{self.name}.json"),
-                "--plot", str(out / self.name)]
+    def routers_for(self, clock: str) -> list[str]:
+        if clock == "wall":
+            return list(self.routers)
+        out = []
         for r in self.routers:
-            args += ["--router", r]
-        args += ["--sweep", "--rates", self.rates] if self.rates else ["--rate", str(self.rate)]
+            r = VIRTUAL_STAND_INS.get(r, r)
+            if r.startswith("omni") and r not in out:
+                out.append(r)
+        return out
+
+    def argv(self, router: str, output: Path, duration: float, clock: str) -> list[str]:
+        args = ["--cluster", f"proxy/bench/data/{self.cluster}.json", "--synthetic", self.workload,
+                "--slo", self.slo, "--duration", str(duration), "--output", str(output), "--router", router,
+                "--clock", clock]
+        if self.rates:
+            args += ["--sweep", "--rates", self.rates, "--refine", str(REFINE)]
+        else:
+            args += ["--rate", str(self.rate)]
         return args
 
 
-MULTI_RATES = "24,28,30,32,34,36,38,40,44"
-LONG_RATES = "10,11,12,13,14,15,16,18"
+OVERHEAD_ROUTERS = ("direct", "omni", "omni:round_robin", RR, "vllm-router:cache_aware", "sglang-router:cache_aware")
 RUNS = [
-    Run("colloc4_multi_turn", "colloc4", "multi_turn",
-        (OMNI, OMNI_CA, "omni", *PEERS_COLLOCATED, "vllm-router:kv_aware"), rates=MULTI_RATES),
-    Run("colloc4_long_prompt", "colloc4", "long_prompt", (OMNI, OMNI_CA, "omni", *PEERS_COLLOCATED), rates=LONG_RATES),
-    Run("pd_1p3d_long_prompt", "pd_1p3d", "long_prompt", (OMNI, *PEERS_PD), rates=LONG_RATES),
-    # 1P:3D saturates lower on multi_turn (one prefill instance; plan-pd: ~21-24 req/s)
-    Run("pd_1p3d_multi_turn", "pd_1p3d", "multi_turn", (OMNI, *PEERS_PD), rates="16,18,20,21,22,23,24"),
-    Run("colloc4_bursty", "colloc4", "bursty", (OMNI, OMNI_CA, "vllm-router:round_robin", "vllm-router:cache_aware",
-                                                "sglang-router:cache_aware"), rates="40,44,48,52,56,60,64"),
-    Run("overhead_200rps", "overhead2", "tiny", ("direct", "omni", "omni:round_robin", "vllm-router:round_robin",
-                                                 "vllm-router:cache_aware", "sglang-router:cache_aware"), rate=200.0),
-    Run("overhead_50rps", "overhead2", "tiny", ("direct", "omni", "omni:round_robin", "vllm-router:round_robin",
-                                                "vllm-router:cache_aware", "sglang-router:cache_aware"), rate=50.0),
+    Run("colloc4_multi_turn", "colloc4", "multi_turn", (OURS, *PEERS_COLLOCATED, "vllm-router:kv_aware"),
+        rates="20,24,28,32,36,40,44"),
+    Run("colloc4_long_prompt", "colloc4", "long_prompt", (OURS, *PEERS_COLLOCATED), rates="9,10,11,12,13,14,16"),
+    Run("colloc4_bursty", "colloc4", "bursty", (OURS, RR, "vllm-router:cache_aware", "sglang-router:cache_aware",
+                                                "sglang-router:cache_aware,balance_abs_threshold=8"),
+        rates="36,40,44,48,52,56,60,64"),
+    Run("colloc4_bursty_long", "colloc4", "bursty_long", (OURS, RR, "vllm-router:cache_aware",
+                                                          "sglang-router:cache_aware,balance_abs_threshold=8"),
+        rates="6,7,8,9,10,11,12"),
+    Run("pd_1p3d_long_prompt", "pd_1p3d", "long_prompt", (OURS, *PEERS_PD), rates="8,9,10,11,12,13,14"),
+    Run("pd_1p3d_multi_turn", "pd_1p3d", "multi_turn", (OURS, *PEERS_PD), rates="16,18,20,22,24,26,28,30,32"),
+    Run("pd_2p2d_long_prompt", "pd_2p2d", "long_prompt", (OURS, RR, "vllm-router:cache_aware,balance_abs_threshold=8"),
+        rates="5,6,7,8,9,10,11,12"),
+    # not used while the policy was built: another profile, 3 instances, its own SLO
+    Run("colloc3_rag", "colloc3_alt", "rag", (OURS, RR, "vllm-router:cache_aware",
+                                              "vllm-router:cache_aware,balance_abs_threshold=8",
+                                              "sglang-router:cache_aware",
+                                              "sglang-router:cache_aware,balance_abs_threshold=8"),
+        rates="28,36,44,52,60,70,80,90,100,115,130", slo="ttft=1.5,tpot=0.08"),
+    Run("overhead_200rps", "overhead2", "tiny", OVERHEAD_ROUTERS, rate=200.0, wall_only=True),
+    Run("overhead_50rps", "overhead2", "tiny", OVERHEAD_ROUTERS, rate=50.0, wall_only=True),
 ]
 
 
+def _slug(router: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", router)
+
+
+def run_one(run: Run, out: Path, duration: float, clock: str, force: bool) -> Path | None:
+    """Every router of ``run`` not yet done; then the merged document and its figures."""
+    result = out / f"{run.name}.json"
+    if result.exists() and not force:
+        print(f"suite: {run.name} done already ({result})", file=sys.stderr)
+        return result
+    parts = out / f"{run.name}.parts"
+    if force and parts.exists():
+        shutil.rmtree(parts)
+    parts.mkdir(parents=True, exist_ok=True)
+    routers = run.routers_for(clock)
+    for k, router in enumerate(routers):
+        part = parts / f"{k:02d}-{_slug(router)}.json"
+        if part.exists():
+            print(f"suite: {run.name}: {router} done already", file=sys.stderr)
+            continue
+        print(f"suite: {run.name}: {router} ({k + 1}/{len(routers)})", file=sys.stderr, flush=True)
+        tmp = part.with_suffix(".tmp")
+        bench = argparse.ArgumentParser()
+        bench_arguments(bench)
+        code = bench_main(bench.parse_args(run.argv(router, tmp, duration, clock) + ["--no-progress"]))
+        if not tmp.exists():
+            print(f"suite: {run.name}: {router} exited {code} without a result; rerun the suite to retry",
+                  file=sys.stderr)
+            return None
+        tmp.rename(part)
+    docs = [json.loads((parts / f"{k:02d}-{_slug(r)}.json").read_text()) for k, r in enumerate(routers)]
+    merged = dict(docs[0])
+    merged["routers"] = {name: e for d in docs for name, e in d["routers"].items()}
+    if "direct" in merged["routers"]:  # added latency needs direct's numbers from its own part
+        from .metrics import added_latency
+
+        direct = merged["routers"]["direct"]
+        for name, e in merged["routers"].items():
+            if name != "direct" and "ttft" in e and "sweep" not in e and "ttft" in direct:
+                e["added_latency"] = added_latency(e, direct)
+    merged["machine"] = [d["machine"] for d in docs]
+    result.write_text(json.dumps(merged, indent=1) + "\n")
+    from .plots import plot_document
+
+    plot_document(merged, out / run.name)
+    shutil.rmtree(parts)
+    return result
+
+
+def _rr_name(entries: dict) -> str | None:
+    """Round robin's entry: vllm-router's (wall clock) or our stand-in (virtual clock)."""
+    return RR if RR in entries else ("omni:round_robin" if "omni:round_robin" in entries else None)
+
+
+def _pair_load(entries: dict, rr_name: str | None, attainment: float) -> float | None:
+    """The common load of omni and round robin alone (the rate the TTFT goal compares at): a
+    third router that passed none of their rates does not take the comparison away."""
+    if OURS not in entries or rr_name not in entries:
+        return None
+    return common_load({OURS: entries[OURS], rr_name: entries[rr_name]}, attainment)
+
+
+def _ours(good: dict[str, float]) -> tuple[str, float] | None:
+    return (OURS, good[OURS]) if OURS in good else None
+
+
 def summary(out: Path) -> str:
-    """Markdown: goodput per router and run, ratios to vllm-router round_robin and the best peer."""
+    """Markdown: goodput per router and run, ours (defaults) against round robin and the best
+    peer, TTFT at a common load, the detail of each run and the overhead tables."""
     docs = {r.name: json.loads((out / f"{r.name}.json").read_text()) for r in RUNS if (out / f"{r.name}.json").exists()}
-    lines = []
+    lines: list[str] = []
     swept = {n: d for n, d in docs.items() if d.get("sweep")}
     if swept:
         routers: list[str] = []
         for d in swept.values():
             routers += [n for n in d["routers"] if n not in routers]
-        lines += ["| router | " + " | ".join(swept) + " |", "|---|" + "---|" * len(swept)]
+        lines += ["Goodput (QPM at the SLO):", "", "| router | " + " | ".join(swept) + " |", "|---|" + "---|" * len(swept)]
         for name in routers:
             cells = []
             for d in swept.values():
@@ -92,29 +197,47 @@ def summary(out: Path) -> str:
                 else:
                     cells.append("skipped" if "skipped" in e else "error")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        lines += ["", "| run | ours (best) | vllm-router:round_robin | best peer | ours / round_robin | ours / best peer |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", "`omni` (defaults) against round robin and the best other router; TTFT p50 at the common "
+                  "load of omni and round robin (the highest rate both passed):", "",
+                  "| run | omni | round robin | best other | omni / round robin | omni / best other "
+                  "| common load (req/s) | TTFT p50 omni / round robin |",
+                  "|---|---|---|---|---|---|---|---|"]
         for run, d in swept.items():
-            good = {n: e["goodput_qpm"] for n, e in d["routers"].items() if "goodput_qpm" in e}
-            ours = {n: q for n, q in good.items() if n.startswith("omni")}
-            peers = {n: q for n, q in good.items() if not n.startswith("omni")}
-            if not ours or not peers:
+            entries = d["routers"]
+            good = {n: e["goodput_qpm"] for n, e in entries.items() if "goodput_qpm" in e}
+            if OURS not in good:
                 continue
-            o_name, o = max(ours.items(), key=lambda kv: kv[1])
-            p_name, p = max(peers.items(), key=lambda kv: kv[1])
-            rr = good.get("vllm-router:round_robin")
+            rr_name = _rr_name(good)
+            peers = {n: q for n, q in good.items() if n != OURS}
+            p_name, p = max(peers.items(), key=lambda kv: kv[1]) if peers else ("-", 0.0)
+            rr = good.get(rr_name) if rr_name else None
             ratio = lambda a, b: "-" if not b else f"{a / b:.2f}x"  # noqa: E731
-            lines.append(f"| {run} | {o:.0f} ({o_name}) | {'-' if rr is None else f'{rr:.0f}'} | {p:.0f} ({p_name}) | "
-                         f"{ratio(o, rr)} | {ratio(o, p)} |")
+            rate = _pair_load(entries, rr_name, d["slo"]["attainment"])
+            lat = latency_at(entries, rate) if rate is not None else {}
+            t_ours, t_rr = (lat.get(OURS) or {}).get("ttft_p50"), (lat.get(rr_name) or {}).get("ttft_p50")
+            ttft = "-" if t_ours is None or not t_rr else f"{t_ours:.3f} / {t_rr:.3f} s = {t_ours / t_rr:.2f}x"
+            lines.append(f"| {run} | {good[OURS]:.0f} | {'-' if rr is None else f'{rr:.0f} ({rr_name})'} | "
+                         f"{p:.0f} ({p_name}) | {ratio(good[OURS], rr)} | {ratio(good[OURS], p)} | "
+                         f"{'-' if rate is None else f'{rate:g}'} | {ttft} |")
     for n, d in swept.items():
-        lines += ["", f"{n}: each router at its goodput rate (the highest passing rate of its sweep)", "",
-                  "| router | QPM | SLO met | TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) | prefix hit share | router CPU mean / peak | machine CPU peak |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for name, e in d["routers"].items():
+        entries = d["routers"]
+        rate, among = common_load(entries, d["slo"]["attainment"]), "every router"
+        if rate is None:  # some router passed none of the others' rates: compare omni and round robin
+            rate, among = _pair_load(entries, _rr_name(entries), d["slo"]["attainment"]), "omni and round robin"
+        lines += ["", f"{n} ({d['cluster']['label']}, SLO TTFT <= {d['slo']['ttft']:g} s, TPOT <= "
+                  f"{1e3 * d['slo']['tpot']:g} ms): each router at its goodput rate; TTFT p50 / p90 at the common "
+                  f"load of {among} {'-' if rate is None else f'{rate:g} req/s'}", "",
+                  "| router | QPM | SLO met | TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) | prefix hit share "
+                  "| router CPU mean / peak | machine CPU peak | TTFT p50 / p90 at common load (s) |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lat = latency_at(entries, rate) if rate is not None else {}
+        for name, e in entries.items():
             if "goodput_qpm" not in e:
-                lines.append(f"| {name} | {'skipped' if 'skipped' in e else 'error'} |||||||")
+                lines.append(f"| {name} | {'skipped' if 'skipped' in e else 'error'} ||||||||")
                 continue
-            lines.append(f"| {name} | " + " | ".join(_detail_cells(e)) + " |")
+            at = lat.get(name)
+            common = "-" if at is None else f"{at['ttft_p50']:.3f} / {at['ttft_p90']:.3f}"
+            lines.append(f"| {name} | " + " | ".join(_detail_cells(e) + [common]) + " |")
     for n, d in docs.items():
         if d.get("sweep"):
             continue
@@ -147,27 +270,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="docs/serving_bench", help="directory for JSON, PNGs and summary.md")
     p.add_argument("--only", action="append", choices=[r.name for r in RUNS], help="run only these (repeatable)")
     p.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals per point")
+    p.add_argument("--clock", choices=("wall", "virtual"), default="wall",
+                   help="virtual: our proxy only, on the simulated clock (peers' rules by our stand-ins)")
     p.add_argument("--force", action="store_true", help="rerun runs whose JSON already exists")
     p.add_argument("--summary-only", action="store_true", help="only rewrite summary.md from the JSON files")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    failed = []
     if not args.summary_only:
         for run in RUNS:
-            if args.only and run.name not in args.only:
-                continue
-            if (out / f"{run.name}.json").exists() and not args.force:
-                print(f"suite: {run.name} done already ({out / run.name}.json)", file=sys.stderr)
+            if (args.only and run.name not in args.only) or (run.wall_only and args.clock == "virtual"):
                 continue
             print(f"suite: {run.name}", file=sys.stderr, flush=True)
-            bench = argparse.ArgumentParser()
-            bench_arguments(bench)
-            code = bench_main(bench.parse_args(run.argv(out, args.duration)))
-            if code:
-                print(f"suite: {run.name} exited {code}", file=sys.stderr)
+            if run_one(run, out, args.duration, args.clock, args.force) is None:
+                failed.append(run.name)
     (out / "summary.md").write_text(summary(out))
     print((out / "summary.md").read_text())
-    return 0
+    if failed:
+        print(f"suite: unfinished: {', '.join(failed)} (rerun the same command to resume)", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

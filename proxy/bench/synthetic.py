@@ -21,6 +21,12 @@ the client and a Python router stay well under the CPU ceiling.
   (prefix 60 % of a lognormal prompt with mean 1.5k), output mean 300; inter-arrival gaps
   from a gamma distribution with coefficient of variation 3 (bursts and lulls), same mean
   rate.
+* ``bursty_long`` - ``long_prompt``'s requests (same lengths and system prompts) arriving
+  in ``bursty``'s gamma bursts (CV 3): long prefills pile up in bursts.
+* ``rag`` - retrieval-augmented questions (prefix-heavy, added after the policy was built
+  and not used to tune it): 24 documents (2k-6k tokens, Zipf 1.1 popularity) behind one of 2
+  instruction prompts (400-800 tokens); a request is instruction + document + question
+  (lognormal mean 120), answers mean 250. Poisson arrivals.
 * ``tiny`` - short unique prompts (64 tokens, not scaled) and 2 output tokens at a steady
   rate: for measuring what a router adds to latency.
 """
@@ -112,6 +118,37 @@ def bursty(rate: float, duration_s: float, seed: int = 0) -> list[WorkloadReques
         out.append(WorkloadRequest(t, prompt, output, f"tpl-{k}", int(prompt * 0.6)))
 
 
+def bursty_long(rate: float, duration_s: float, seed: int = 0) -> list[WorkloadRequest]:
+    rng = random.Random(seed + 7919)  # its own arrival stream; lengths as long_prompt's
+    shape = 1 / 9.0
+    spaced = long_prompt(rate, 10 * duration_s + 60, seed)
+    out, t = [], 0.0
+    for req in spaced:
+        t += rng.gammavariate(shape, 1 / (rate * shape))
+        if t >= duration_s:
+            break
+        out.append(WorkloadRequest(t, req.prompt_tokens, req.output_tokens, req.prefix_group, req.prefix_tokens))
+    return out
+
+
+def rag(rate: float, duration_s: float, seed: int = 0) -> list[WorkloadRequest]:
+    rng = random.Random(seed)
+    instructions = [_scaled(rng.uniform(400, 800)) for _ in range(2)]
+    documents = [_scaled(rng.uniform(2000, 6000)) for _ in range(24)]
+    out, t = [], 0.0
+    while True:
+        t += rng.expovariate(rate)
+        if t >= duration_s:
+            return out
+        k = rng.randrange(len(instructions))
+        d = _zipf_choice(rng, len(documents), 1.1)
+        question = _scaled(_lognormal(rng, 120, 0.6, 16, 1000))
+        answer = _scaled(_lognormal(rng, 250, 0.7, 32, 2000), minimum=2)
+        shared = documents[d]
+        out.append(WorkloadRequest(t, instructions[k] + shared + question, answer, f"doc-{k}-{d}", shared,
+                                   f"inst-{k}", instructions[k]))
+
+
 def tiny(rate: float, duration_s: float, seed: int = 0) -> list[WorkloadRequest]:
     n = max(1, int(rate * duration_s))
     return [WorkloadRequest(k / rate, 64, 2) for k in range(n)]
@@ -121,6 +158,8 @@ GENERATORS: dict[str, Callable[[float, float, int], list[WorkloadRequest]]] = {
     "long_prompt": long_prompt,
     "multi_turn": multi_turn,
     "bursty": bursty,
+    "bursty_long": bursty_long,
+    "rag": rag,
     "tiny": tiny,
 }
 

@@ -1,6 +1,7 @@
 """Serving workloads: the JSONL request format, its validation, and prompt text.
 
-One request a line (DESIGN.md)::
+One request a line, the project's fixed workload format (docs/interfaces.md, "Serving: cluster
+and workload files")::
 
     {"arrival_s": 0.25, "prompt_tokens": 900, "output_tokens": 120,
      "prefix_group": "sys-1", "prefix_tokens": 512}

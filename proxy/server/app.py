@@ -52,7 +52,7 @@ LINGER_S = 1.0
 class ProxyServer:
     def __init__(self, config: ProxyConfig):
         self.config = c = config.check()
-        self.policy = make_policy(c.policy, **c.policy_options)
+        self.policy = make_policy(c.policy, slo=c.slo, **c.policy_options)
         self.intake = Intake(
             PrepareSpec(c.mode, c.tokenizer, c.chars_per_token, c.block_size, c.hash_algo, c.hash_seed,
                         c.default_max_tokens, self.policy.uses_prefix_index, c.max_prefix_blocks),

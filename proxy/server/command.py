@@ -10,14 +10,21 @@ from proxy.runtime import run_until_signal, setup_logging
 from scheduling.block_hash import DEFAULT_SEED, HASH_ALGOS
 from scheduling.policies import POLICIES
 
+from scheduling.slo import DEFAULT_TPOT_S, DEFAULT_TTFT_S, SLOTarget
+
 from .config import ProxyConfig, parse_kv_events
 
 POLICY_FLAGS = {
     # flag dest -> (policy option name, type, help)
-    "prefill_max_tokens": ("prefill_max_tokens", int, "omni: a prefill instance with this many queued prompt tokens takes no more (policy default 32768)"),
-    "prefill_max_running": ("prefill_max_running", int, "omni: ... or with this many requests in flight (policy default 32)"),
-    "decode_max_running": ("decode_max_running", int, "omni: decode/collocated instances take at most this many requests (policy default 256)"),
-    "bypass_tokens": ("bypass_tokens", int, "omni, pd mode: prompts with at most this many uncached tokens skip prefill (0: never; policy default 128)"),
+    "ttft_share": ("ttft_share", float, "omni: a request is sent to an instance only if its first token is due within this share of the TTFT target; otherwise it waits in the proxy, shortest first (policy default 0.5)"),
+    "margin": ("margin", float, "omni: keep predicted TPOT this many error spreads of the learned model below the target (policy default 1.0)"),
+    "aging": ("aging", float, "omni: held requests gain this many seconds of priority per second waited (policy default 1.0)"),
+    "balance": ("balance", float, "omni: running-request gap, as a share of the learned TPOT capacity, beyond which load balance wins over prefix affinity (policy default 0.25)"),
+    "cache_share": ("cache_share", float, "omni: least share of the prompt a cached prefix must cover to attract the request (policy default 0.3)"),
+    "prefill_max_tokens": ("prefill_max_tokens", int, "omni: optional cap: a prefill instance with this many queued prompt tokens takes no more (default: none, learned)"),
+    "prefill_max_running": ("prefill_max_running", int, "omni: optional cap: ... or with this many requests in flight (default: none)"),
+    "decode_max_running": ("decode_max_running", int, "omni: optional cap: decode/collocated instances take at most this many requests (default: none, learned from TPOT)"),
+    "bypass_tokens": ("bypass_tokens", int, "omni, pd mode: prompts with at most this many uncached tokens skip prefill (0: never; default: skip when the predicted TTFT on a decode instance is lower)"),
     "cache_threshold": ("cache_threshold", float, "cache_aware: least share of the prompt a cached prefix must cover (policy default 0.3)"),
     "balance_abs": ("balance_abs", int, "cache_aware: load gap (requests) beyond which balance wins over cache (policy default 64)"),
     "balance_rel": ("balance_rel", float, "cache_aware: load ratio beyond which balance wins over cache (policy default 1.5)"),
@@ -39,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("routing")
     g.add_argument("--policy", default="omni", choices=sorted(POLICIES), help="routing policy")
+    g.add_argument("--slo", default=None, metavar="ttft=S,tpot=S",
+                   help=f"latency targets the omni policy schedules against (learned per-instance capacity); "
+                        f"default ttft={DEFAULT_TTFT_S:g},tpot={DEFAULT_TPOT_S:g}")
     for dest, (_, typ, text) in POLICY_FLAGS.items():
         g.add_argument("--" + dest.replace("_", "-"), dest=dest, type=typ, default=None, help=text)
     g.add_argument("--queue-timeout", type=float, default=120.0,
@@ -101,7 +111,7 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
     options = {opt: getattr(args, dest) for dest, (opt, _, _) in POLICY_FLAGS.items() if getattr(args, dest) is not None}
     return ProxyConfig(
         mode=args.mode, prefill=args.prefill, decode=args.decode, instances=args.instance, policy=args.policy,
-        policy_options=options, tokenizer=args.tokenizer, chars_per_token=args.chars_per_token,
+        policy_options=options, slo=SLOTarget.parse(args.slo) if args.slo else SLOTarget(), tokenizer=args.tokenizer, chars_per_token=args.chars_per_token,
         block_size=args.block_size, hash_algo=args.hash_algo, hash_seed=args.hash_seed,
         kv_events=parse_kv_events(args.kv_events), kv_topic=args.kv_topic, host=args.host, port=args.port,
         admin_token=args.admin_token or os.environ.get("OMNI_PROXY_ADMIN_TOKEN") or None, max_body_bytes=args.max_body_bytes, connect_timeout=args.connect_timeout,

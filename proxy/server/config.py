@@ -7,6 +7,7 @@ from typing import Any
 
 from scheduling.block_hash import DEFAULT_SEED, HASH_ALGOS
 from scheduling.policies import POLICIES, make_policy
+from scheduling.slo import SLOTarget
 
 from .instances import normalize_url
 
@@ -21,6 +22,7 @@ class ProxyConfig:
     instances: list[str] = field(default_factory=list)
     policy: str = "omni"
     policy_options: dict[str, Any] = field(default_factory=dict)
+    slo: SLOTarget = field(default_factory=SLOTarget)
     tokenizer: str | None = None
     chars_per_token: int = 4
     block_size: int = 16
@@ -75,7 +77,9 @@ class ProxyConfig:
             raise ValueError(f"instance URL(s) given more than once: {', '.join(dupes)}")
         if self.policy not in POLICIES:
             raise ValueError(f"--policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
-        make_policy(self.policy, **self.policy_options)  # rejects options the policy lacks
+        if not isinstance(self.slo, SLOTarget):
+            raise ValueError(f"--slo must be an SLOTarget (ttft=S,tpot=S), got {self.slo!r}")
+        make_policy(self.policy, slo=self.slo, **self.policy_options)  # rejects options the policy lacks
         if self.hash_algo not in HASH_ALGOS:
             raise ValueError(f"--hash-algo must be one of {', '.join(HASH_ALGOS)}, got {self.hash_algo!r}")
         self.kv_events = {normalize_url(u): e for u, e in self.kv_events.items()}

@@ -34,6 +34,15 @@ from scheduling.load import Ticket
 log = logging.getLogger("omni_proxy")
 
 
+class EventStream(web.StreamResponse):
+    """A streamed answer whose headers leave with its first event, in one write (aiohttp
+    sends a StreamResponse's headers on ``prepare`` otherwise): one syscall and one TCP
+    segment fewer on the way to the client's first token. The proxy has the first event in
+    hand when it answers, so nothing waits for it. Older aiohttp ignores the attribute."""
+
+    _send_headers_immediately = False
+
+
 class Forwarder:
     def __init__(self, config: ProxyConfig, router: Router, registry: Registry, upstream: Upstream,
                  inflight: InFlight, metrics: ProxyMetrics, now: Callable[[], float]):
@@ -138,13 +147,14 @@ class Forwarder:
                 clean = True
                 call.head = data
                 self.registry.request_succeeded(instance, now)
-                self.router.observe("on_complete", call.info, instance, stage, attempt.sent_at, usage=doc.get("usage"))
+                self.router.observe("on_complete", call.info, instance, stage, attempt.sent_at, usage=doc.get("usage"),
+                                    ticket=ticket)
                 return web.Response(body=data, status=resp.status, content_type="application/json",
                                     headers={"X-Request-Id": call.rid})
             call.head = first
             call.ttft = now - call.t0
             self.metrics.ttft.observe(call.ttft)
-            self.router.observe("on_first_byte", call.info, instance, stage, attempt.sent_at)
+            self.router.observe("on_first_byte", call.info, instance, stage, attempt.sent_at, ticket=ticket)
             out, clean = await self._stream(call, stage, attempt, resp, first, pending, ticket, dialect)
             return out
         except AttemptFailed as failure:
@@ -164,8 +174,8 @@ class Forwarder:
         attempt.client_started = True
         if attempt.down_reason is not None:  # declared down between the first event and now
             attempt.idle_s = min(attempt.idle_s, self.config.health_timeout)
-        out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                          "X-Request-Id": call.rid})
+        out = EventStream(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                   "X-Request-Id": call.rid})
         try:
             await out.prepare(call.request)
             await out.write(first)
@@ -185,5 +195,5 @@ class Forwarder:
             if attempt.down_reason is None:
                 self.registry.request_failed(attempt.instance, now, f"stream_broken: {result.why}")
         self.router.observe("on_complete", call.info, attempt.instance, stage, attempt.sent_at, ok=result.ok,
-                            usage=result.usage, chunks=max(0, result.events - 1))
+                            usage=result.usage, chunks=max(0, result.events - 1), ticket=ticket)
         return out, result.ok

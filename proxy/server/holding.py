@@ -2,8 +2,9 @@
 
 ``place`` first tries to place a request at once (when nobody is held before it); otherwise it
 waits in the queue. ``kick`` (called whenever load frees, and on a timer) offers placement to
-held requests in the queue's order (``scheduling.queue_order``). Placing and taking load happen
-in one synchronous call, so requests placed in one kick see each other's load.
+held requests in the queue's order (the policy's ``hold_order``, or a named order of
+``scheduling.queue_order``). Placing and taking load happen in one synchronous call, so
+requests placed in one kick see each other's load.
 """
 
 from __future__ import annotations
@@ -32,19 +33,26 @@ class _Waiter:
         self.future = future
 
 
+_NAMED = {"fifo": lambda items, now: fifo_order(items), "prefill": prefill_order,
+          "decode": lambda items, now: decode_order(items)}
+
+
 class HoldQueue:
-    def __init__(self, order: str = "fifo"):
-        if order not in ("fifo", "prefill", "decode"):
+    def __init__(self, order: str | Callable[[list[Held], float], list[int]] = "fifo"):
+        if not callable(order) and order not in _NAMED:
             raise ValueError(f"unknown queue order {order!r}")
-        self.order = order
+        self.order = order if callable(order) else _NAMED[order]
         self.waiters: list[_Waiter] = []
 
     def __len__(self) -> int:
         return len(self.waiters)
 
-    async def place(self, held: Held, try_place: Callable[[], Any], timeout: float, now: float,
+    async def place(self, held: Held | Callable[[], Held], try_place: Callable[[], Any], timeout: float, now: float,
                     on_orphan: Callable[[Any], None] | None = None) -> Any:
         """A placement from ``try_place`` (which may raise NoInstance); NoCapacity after ``timeout``.
+
+        ``held`` (or a function making it, called only if the request has to wait) is the
+        request's queue entry.
 
         ``on_orphan`` gets a placement made for a request that stopped waiting at that moment
         (timed out or cancelled), so the load it took can be given back.
@@ -54,7 +62,7 @@ class HoldQueue:
             if result is not None:
                 return result
         loop = asyncio.get_running_loop()
-        waiter = _Waiter(held, try_place, loop.create_future())
+        waiter = _Waiter(held() if callable(held) else held, try_place, loop.create_future())
         self.waiters.append(waiter)
         self.kick(now)
         future = waiter.future
@@ -82,13 +90,7 @@ class HoldQueue:
         """Place whoever can be placed now, in queue order; returns how many were placed."""
         if not self.waiters:
             return 0
-        helds = [w.held for w in self.waiters]
-        if self.order == "prefill":
-            order = prefill_order(helds, now)
-        elif self.order == "decode":
-            order = decode_order(helds)
-        else:
-            order = fifo_order(helds)
+        order = self.order([w.held for w in self.waiters], now)
         placed = 0
         keep = [True] * len(self.waiters)
         for k in order:

@@ -23,6 +23,7 @@ from proxy.server.forward import Forwarder
 from proxy.server.metrics import ProxyMetrics
 from proxy.server.routing import Router
 from proxy.server.upstream import Upstream
+from scheduling.load import Ticket
 
 log = logging.getLogger("omni_proxy")
 
@@ -40,7 +41,8 @@ class PDFlow:
 
     async def serve(self, call: Call) -> web.StreamResponse:
         prepared = call.prepared
-        if self.router.policy.bypass_prefill(call.info, self.router.usable("decode"), self.router.state()):
+        if self.router.policy.bypass_prefill(call.info, self.router.usable("decode"), self.router.state(),
+                                             self.router.usable("prefill")):
             self.metrics.decisions.labels("bypass", "-", "short_uncached_prompt").inc()
             return await self.forwarder.serve(call, "decode", prepared.decode_payload, None)
         params = await self.prefill(call)
@@ -61,7 +63,7 @@ class PDFlow:
                 self.metrics.fallbacks.labels("prefill_queue_timeout").inc()
                 return None
             try:
-                params = await self._once(call, choice.instance)
+                params = await self._once(call, choice.instance, ticket)
                 ticket.prefill_done(self.router.now())
             except AttemptFailed:
                 tried.add(choice.instance)
@@ -78,7 +80,7 @@ class PDFlow:
         self.metrics.fallbacks.labels("prefill_failed").inc()
         return None
 
-    async def _once(self, call: Call, instance: str) -> dict | None:
+    async def _once(self, call: Call, instance: str, ticket: Ticket | None = None) -> dict | None:
         fw = self.forwarder
         attempt = fw.begin(instance, "prefill")
         resp: aiohttp.ClientResponse | None = None
@@ -93,7 +95,8 @@ class PDFlow:
                 raise fw.timed_out(attempt, "prefill answer", self.prefill_timeout) from None
             clean = True
             fw.registry.request_succeeded(instance, self.router.now())
-            self.router.observe("on_prefill_done", call.info, instance, "prefill", attempt.sent_at, usage=doc.get("usage"))
+            self.router.observe("on_prefill_done", call.info, instance, "prefill", attempt.sent_at, usage=doc.get("usage"),
+                                ticket=ticket)
             params = doc.get("kv_transfer_params")
             return params if isinstance(params, dict) else None
         except AttemptFailed as failure:

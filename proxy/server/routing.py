@@ -20,7 +20,6 @@ from proxy.server.metrics import ProxyMetrics
 from scheduling.load import LoadModel, Ticket
 from scheduling.policies import Choice, ClusterState, Observation, Policy, RequestInfo
 from scheduling.prefix_index import PrefixIndex
-from scheduling.queue_order import Held
 
 GUESS_SLICE = 512  # block keys inserted into the prefix index per loop turn
 
@@ -36,8 +35,7 @@ class Router:
         self.queue_timeout = queue_timeout
         self.metrics = metrics
         self.now = now
-        omni = policy.queue_order == "omni"
-        self.queues = {s: HoldQueue(("decode" if s == "decode" else "prefill") if omni else "fifo") for s in stages}
+        self.queues = {s: HoldQueue(policy.hold_order(s)) for s in stages}
         self._choose = {"prefill": policy.choose_prefill, "decode": policy.choose_decode,
                         "collocated": policy.choose_collocated}
         self._background: set[asyncio.Task] = set()
@@ -84,9 +82,11 @@ class Router:
             if choice is None:
                 return None
             work = choice.uncached_tokens(info, bs) if prefill_work else 0
-            return choice, self.loads.acquire(choice.instance, work, info.prompt_tokens, state.now)
+            return choice, self.loads.acquire(choice.instance, work, info.prompt_tokens, state.now, info.max_tokens)
 
-        held = Held(info.prompt_tokens, info.max_tokens, info.arrived)
+        def held():  # the queue entry, made only if the request has to wait
+            return self.policy.held(stage, info, self.state())
+
         choice, ticket = await self.queues[stage].place(held, try_place, self.queue_timeout, self.now(),
                                                         on_orphan=lambda placed: self.release(placed[1]))
         inst = self.registry.instances.get(choice.instance)
@@ -122,7 +122,7 @@ class Router:
             task.cancel()
 
     def release(self, ticket: Ticket) -> None:
-        ticket.release()
+        ticket.release(self.now())
         self.kick()
 
     def kick(self) -> None:
@@ -133,10 +133,10 @@ class Router:
 
     # -- observations for the policy ------------------------------------------------------------
     def observe(self, hook: str, info: RequestInfo, instance: str, stage: str, sent_at: float, ok: bool = True,
-                usage: dict | None = None, chunks: int | None = None) -> None:
+                usage: dict | None = None, chunks: int | None = None, ticket: Ticket | None = None) -> None:
         if hook not in self._hooks:
             return
         usage = usage if isinstance(usage, dict) else {}
         completion = usage.get("completion_tokens", chunks)
         getattr(self.policy, hook)(Observation(info, instance, stage, sent_at, self.now(), ok,
-                                               usage.get("prompt_tokens"), completion))
+                                               usage.get("prompt_tokens"), completion, ticket))

@@ -43,7 +43,7 @@ def test_load_good_file_sorted_and_roundtrip(tmp_path):
     assert reqs[2].system_group == "s" and reqs[2].system_tokens == 10
     save_jsonl(reqs, tmp_path / "again.jsonl")
     assert load_jsonl(tmp_path / "again.jsonl") == reqs
-    # the plain DESIGN.md format is written without the optional system fields
+    # the base format (five fields, docs/interfaces.md) is written without the optional system fields
     assert "system" not in (tmp_path / "again.jsonl").read_text().splitlines()[0]
 
 
@@ -110,7 +110,7 @@ def test_synthetic_is_seeded_and_near_its_rate(name):
     assert a != synthetic.generate(name, 4.0, 300.0, seed=2) or name == "tiny"
     assert all(0 <= r.arrival_s < 300.0 for r in a)
     assert [r.arrival_s for r in a] == sorted(r.arrival_s for r in a)
-    tolerance = 0.35 if name == "bursty" else 0.12  # bursty has CV 3: wide count spread
+    tolerance = 0.35 if name.startswith("bursty") else 0.12  # bursty has CV 3: wide count spread
     assert len(a) / 300.0 == pytest.approx(4.0, rel=tolerance)
     for r in a:  # every request is valid in the file format
         assert json.loads(r.to_json()) and r.prefix_tokens + r.system_tokens <= r.prompt_tokens
@@ -141,11 +141,33 @@ def test_multi_turn_histories_grow_within_a_conversation():
     assert len({r.system_group for r in reqs}) == 4
 
 
-def test_bursty_gaps_are_bursty():
-    reqs = synthetic.generate("bursty", 5.0, 2000.0, seed=0)
+@pytest.mark.parametrize("name", ["bursty", "bursty_long"])
+def test_bursty_gaps_are_bursty(name):
+    reqs = synthetic.generate(name, 5.0, 2000.0, seed=0)
     gaps = [b.arrival_s - a.arrival_s for a, b in zip(reqs, reqs[1:])]
     cv = statistics.pstdev(gaps) / statistics.mean(gaps)
     assert 2.0 < cv < 4.0  # Poisson would be 1
+
+
+def test_bursty_long_has_long_prompts_lengths():
+    bursty = synthetic.generate("bursty_long", 10.0, 60.0, seed=3)
+    spaced = synthetic.generate("long_prompt", 10.0, 700.0, seed=3)
+    assert [(r.prompt_tokens, r.output_tokens, r.prefix_group) for r in bursty] == \
+        [(r.prompt_tokens, r.output_tokens, r.prefix_group) for r in spaced[:len(bursty)]]
+
+
+def test_rag_shares_documents_behind_instructions():
+    reqs = synthetic.generate("rag", 10.0, 200.0, seed=0)
+    scale = synthetic.TOKEN_SCALE
+    docs = {}
+    for r in reqs:
+        assert r.system_group.startswith("inst-") and r.prefix_group.startswith("doc-")
+        assert r.prompt_tokens > r.system_tokens + r.prefix_tokens  # a question after the document
+        docs.setdefault(r.prefix_group, set()).add(r.prefix_tokens)
+    assert all(len(lengths) == 1 for lengths in docs.values())  # a document has one length
+    assert all(2000 // scale <= next(iter(v)) <= 6000 // scale + 1 for v in docs.values())
+    counts = sorted((sum(1 for r in reqs if r.prefix_group == g) for g in docs), reverse=True)
+    assert counts[0] > 4 * counts[len(counts) // 2]  # Zipf popularity: a few documents dominate
 
 
 def test_cluster_file_validation(tmp_path):

@@ -273,3 +273,54 @@ async def test_policy_hooks_get_what_the_proxy_saw():
         assert all(o.at >= o.sent_at for _, o in seen)
     finally:
         POLICIES.pop("watching")
+
+
+# -- a stream's headers leave with its first event ----------------------------------------------
+@pytest.mark.asyncio
+async def test_event_stream_sends_headers_and_first_event_in_one_segment():
+    """The client's first read of a proxied stream holds the whole header block and the first
+    event (one write; a plain StreamResponse sends the headers on prepare, alone)."""
+    from aiohttp import web
+
+    from proxy.server.forward import EventStream
+
+    first = b'data: {"choices":[{"text":"a"}]}\n\n'
+    prepared, sent = asyncio.Event(), asyncio.Event()
+
+    async def handler(request):
+        out = EventStream(headers={"Content-Type": "text/event-stream"})
+        await out.prepare(request)
+        prepared.set()
+        await asyncio.sleep(0.2)  # the client reads meanwhile: nothing may have gone out yet
+        await out.write(first)
+        sent.set()
+        await asyncio.sleep(0.2)
+        await out.write(b"data: [DONE]\n\n")
+        await out.write_eof()
+        return out
+
+    app = web.Application()
+    app.router.add_get("/s", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /s HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        await prepared.wait()
+        with pytest.raises(TimeoutError):  # headers alone are not sent
+            await asyncio.wait_for(reader.read(65536), 0.1)
+        await sent.wait()
+        data = await asyncio.wait_for(reader.read(65536), 1.0)
+        head, sep, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and sep
+        assert b"transfer-encoding: chunked" in head.lower()
+        assert body == f"{len(first):x}\r\n".encode() + first + b"\r\n"  # exactly the first event, chunked
+        rest = await asyncio.wait_for(reader.read(65536), 1.0)
+        assert rest.startswith(b"e\r\ndata: [DONE]\n\n\r\n")
+        writer.close()
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,120 @@
+"""What sending one request to one instance now would do, from the instance's learned models.
+
+Pure functions over :class:`scheduling.load.InstanceLoad`; the ``omni`` policy decides with
+them. Symbols (per instance): ``Q`` queued prefill tokens, ``n`` running requests, ``K`` KV
+tokens, ``rate`` prefill tokens/s it finishes; for the request: ``u`` uncached prompt tokens
+there, ``p`` prompt tokens.
+
+* TTFT  = prefill model at ``Q + u`` (dispatch -> first token, queueing included);
+* TPOT  = decode model at ``n + 1``, ``K + p`` and the instance's prefill rate (plus ``u``
+  spread over the rate window when the request is prefilled there);
+* the TPOT capacity is the largest ``n`` whose predicted TPOT, plus a margin of ``z`` times
+  the model's own error spread, stays within the target.
+
+Models are shared by the instances of a role, each instance scaling the prediction by its
+own shrunk ratio (``scheduling.load``). A role that has observed too little yet (decode
+instances see prefills only when bypassed) borrows the model of the role that has observed
+the most, so its first requests are not predicted from the prior alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .load import RATE_WINDOW_S, DecodeTimeModel, InstanceLoad, PrefillTimeModel
+from .slo import SLOTarget
+
+MIN_OWN_OBSERVATIONS = 4
+
+
+def prefill_model_of(load: InstanceLoad, loads: Mapping[str, InstanceLoad]) -> PrefillTimeModel:
+    if load.model.observations >= MIN_OWN_OBSERVATIONS:
+        return load.model
+    best = max(loads.values(), key=lambda l: l.model.observations, default=load)
+    return best.model if best.model.observations > load.model.observations else load.model
+
+
+def decode_model_of(load: InstanceLoad, loads: Mapping[str, InstanceLoad]) -> DecodeTimeModel:
+    if load.decode.observations >= MIN_OWN_OBSERVATIONS:
+        return load.decode
+    best = max(loads.values(), key=lambda l: l.decode.observations, default=load)
+    return best.decode if best.decode.observations > load.decode.observations else load.decode
+
+
+def prefill_seconds(load: InstanceLoad, loads: Mapping[str, InstanceLoad], tokens: float) -> float:
+    """Predicted dispatch -> first token with ``tokens`` of prefill queued (own included)."""
+    return prefill_model_of(load, loads).predict(tokens) * load.prefill_ratio.value
+
+
+def step_seconds(load: InstanceLoad, loads: Mapping[str, InstanceLoad], running: float, kv_tokens: float) -> float:
+    """Predicted decode step time (no prefill chunks) at that load."""
+    return decode_model_of(load, loads).step_seconds(running, kv_tokens) * load.decode_ratio.value
+
+
+def tpot_seconds(load: InstanceLoad, loads: Mapping[str, InstanceLoad], running: float, kv_tokens: float,
+                 prefill_tokens_per_s: float) -> float:
+    return decode_model_of(load, loads).predict(running, kv_tokens, prefill_tokens_per_s) * load.decode_ratio.value
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """One instance's predicted outcome for one request."""
+
+    instance: str
+    matched_blocks: int
+    uncached: int          # prompt tokens the instance would compute (0: KV comes from a prefill)
+    ttft_s: float          # dispatch -> first token (prefill part; 0 when nothing is prefilled)
+    tpot_s: float          # TPOT with the request added
+    ttft_ok: bool          # within the TTFT share the policy allows for this stage
+    tpot_ok: bool          # within the TPOT target with margin (an idle instance always is)
+
+
+def forecast(load: InstanceLoad, loads: Mapping[str, InstanceLoad], *, prompt_tokens: int, uncached: int,
+             matched_blocks: int, now: float, slo: SLOTarget, ttft_budget_s: float, margin_z: float,
+             tpot: bool = True) -> Forecast:
+    """Predict TTFT and TPOT of a request (``uncached`` = 0: its KV arrives from a prefill;
+    ``tpot`` False: TTFT only, the TPOT fields are NaN and True)."""
+    pm = prefill_model_of(load, loads)
+    if uncached > 0:
+        ttft = prefill_seconds(load, loads, load.prefill_tokens + uncached)
+        ttft_ok = load.prefill_tokens == 0 or ttft + margin_z * pm.residual_std <= ttft_budget_s
+    else:
+        ttft, ttft_ok = 0.0, True
+    if not tpot:
+        return Forecast(load.instance, matched_blocks, uncached, ttft, math.nan, ttft_ok, True)
+    dm = decode_model_of(load, loads)
+    rate = load.prefill_rate(now) + uncached / RATE_WINDOW_S
+    tpot_s = tpot_seconds(load, loads, load.running + 1, load.kv_tokens + prompt_tokens, rate)
+    tpot_ok = load.running == 0 or tpot_s + margin_z * dm.residual_std <= slo.tpot or unattainable(dm, slo, margin_z)
+    return Forecast(load.instance, matched_blocks, uncached, ttft, tpot_s, ttft_ok, tpot_ok)
+
+
+def unattainable(dm: DecodeTimeModel, slo: SLOTarget, margin_z: float) -> bool:
+    """The TPOT target is missed even by one sequence alone: no load level meets it, so load
+    is not limited by it (the policy then only balances)."""
+    return dm.step_seconds(1, 0) + margin_z * dm.residual_std > slo.tpot
+
+
+def tpot_capacity(load: InstanceLoad, loads: Mapping[str, InstanceLoad], slo: SLOTarget, margin_z: float,
+                  now: float, limit: int = 4096) -> int:
+    """Most running requests the instance serves within the TPOT target, at its current mean
+    context per request and prefill rate: the largest ``n`` with
+
+        ratio * (c0 + n * (c1 + c2 * context)) / (1 - d * rate) + margin_z * error_std <= target
+
+    (at least 1; ``limit`` when the model shows no cost per sequence yet).
+    """
+    dm = decode_model_of(load, loads)
+    busy = dm.prefill_seconds_per_token() * load.prefill_rate(now)
+    if busy >= 0.95:
+        return 1
+    context = load.kv_tokens / load.running if load.running else 0.0
+    base = dm.step_seconds(0, 0)
+    per_sequence = dm.step_seconds(1, context) - base
+    allowed = (slo.tpot - margin_z * dm.residual_std) * (1.0 - busy) / load.decode_ratio.value
+    if per_sequence <= 0:
+        return limit
+    return int(min(limit, max(1.0, (allowed - base) / per_sequence + 1e-9)))
+
