@@ -21,7 +21,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ import urllib.request
 import aiohttp
 import pytest
 
-from proxy.harness import call, sse_documents, streamed_text, wait_until
+from proxy.harness import call, free_ports, sse_documents, streamed_text, wait_until
 from proxy.server.app import ProxyServer
 from proxy.server.config import ProxyConfig
 from scheduling.prefix_index import CONFIRMED
@@ -40,16 +39,6 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(900)]
 BLOCK = 32
 SYSTEM = ("The quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun. "
           "A proxy sends each request to the instance that already holds the longest matching prefix. ") * 3
-
-
-def _free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _healthy(url):
@@ -65,7 +54,7 @@ def vllm_pair(tiny_checkpoint, tmp_path_factory):
     pytest.importorskip("vllm")
     logs = tmp_path_factory.mktemp("vllm_logs")
     kv_store = tmp_path_factory.mktemp("vllm_kv_store")
-    ports = _free_ports(4)
+    ports = free_ports(4)
     servers, procs = [], []
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_MLA_DISABLE": "1", "VLLM_SERVER_DEV_MODE": "1",
            "VLLM_DISABLE_COMPILE_CACHE": "1"}

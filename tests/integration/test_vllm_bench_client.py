@@ -8,13 +8,14 @@ every request completed with the tokens asked for.
 """
 
 import json
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
 import pytest
+
+from proxy.harness import free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -23,16 +24,6 @@ BENCH_SERVE = ("from vllm.benchmarks.serve import add_cli_args, main; "
                "from vllm.utils.argparse_utils import FlexibleArgumentParser as P; "
                "p = P(prog='vllm bench serve'); add_cli_args(p); main(p.parse_args())")
 PROMPTS, OUTPUT_TOKENS = 24, 8
-
-
-def free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def wait_healthy(url, proc, timeout=60.0):
