@@ -367,13 +367,18 @@ def run_prefill(args, device, dtype, timer) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- output
+def method_label(row: dict) -> str:
+    """A result row's method with its launch overrides, e.g. ``latent_sparse[num_splits=1]``."""
+    override = row.get("override")
+    return row["method"] + ("[" + ",".join(f"{k}={v}" for k, v in override.items()) + "]" if override else "")
+
+
 def _table(rows: list[dict]) -> str:
     lines = [f"{'case':<5}{'heads':>6}{'ctx':>8}  {'method':<30}{'cache':<6}{'us':>10}{'TB/s':>8}{'%roof':>7}{'rel_err':>10}"]
     for row in rows:
         if row.get("phase") == "prefill":
             continue
-        name = row["method"] + (("[" + ",".join(f"{k}={v}" for k, v in row["override"].items()) + "]")
-                                if row.get("override") else "")
+        name = method_label(row)
         us = "failed" if row["us"] is None else f"{row['us']:.1f}"
         lines.append(f"{row['case']:<5}{row['q_heads']:>6}{row['context']:>8}  {name:<30}{(row['cache'] or '-'):<6}"
                      f"{us:>10}{row.get('tb_s', 0) or 0:>8.2f}{row.get('roofline_pct', 0) or 0:>7.1f}"

@@ -166,10 +166,11 @@ def run_latent(args, device, dtype, timer, l2_bytes, ceilings, tune: list[dict])
 
 
 def table(rows: list[dict]) -> str:
+    from omni_passes.bench.attn import method_label
+
     lines = [f"{'heads':>5}{'ctx':>8}  {'method':<44}{'us':>10}{'% copy bw':>10}{'% floor':>9}{'rel_err':>10}"]
     for row in rows:
-        name = row["method"] + (("[" + ",".join(f"{k}={v}" for k, v in row["override"].items()) + "]")
-                                if row.get("override") else "")
+        name = method_label(row)
         us = "failed" if row["us"] is None else f"{row['us']:.1f}"
         lines.append(f"{row['q_heads']:>5}{row['context']:>8}  {name:<44}{us:>10}"
                      f"{row.get('pct_of_copy_bw', '-')!s:>10}{row.get('pct_of_floor', '-')!s:>9}"
