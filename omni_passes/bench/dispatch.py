@@ -16,15 +16,13 @@ round. Every variant's logits are checked against ``compiled``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
-from omni_passes.cli.common import emit_json, say, setup_logging
+from omni_passes.cli.common import emit_json, say, setup_logging, write_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -201,7 +199,7 @@ def main(args: argparse.Namespace) -> int:
     setup_logging()
     result = run(args)
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.out, result)
     if args.json:
         emit_json(result)
     else:

@@ -22,7 +22,6 @@ layers can at best remove f * p of the step, so the bound is 1 / (1 - f * p).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Any, Callable
 import torch
 
 from omni_passes import numerics
-from omni_passes.cli.common import UserError, emit_json, say, setup_logging
+from omni_passes.cli.common import UserError, emit_json, say, setup_logging, write_json
 
 # DeepSeek-V2-Lite dimensions (64 routed experts, top-6, 2 shared, MLA without q_lora) in the
 # V3 architecture, and DeepSeek-V3 layer dimensions (256 experts, top-8, n_group 8).
@@ -257,7 +256,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def checkpoint():
         """Long GPU runs: keep what is measured so far on disk (--out) as it comes."""
         if args.out:
-            Path(args.out).write_text(json.dumps({"partial": True, "shape": args.shape, "variants": variants}, indent=2) + "\n")
+            write_json(args.out, {"partial": True, "shape": args.shape, "variants": variants})
 
     def measure(name: str, family: str, module, compiled: bool, contexts_here: list[int], compile_start: float | None):
         entry: dict[str, Any] = {"kv_bytes_by_context": {}}
@@ -701,7 +700,7 @@ def main(args: argparse.Namespace) -> int:
     if args.plot:
         result["plot"] = _plot(result, Path(args.plot))
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.out, result)
     if args.json:
         emit_json(result)
     else:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from omni_passes.cli.common import UserError, emit_json, say, setup_logging
+from omni_passes.cli.common import UserError, emit_json, say, setup_logging, write_json
 
 RANKS, SLOTS_PER_RANK = 4, 5  # the emulated ranks of the redundant placements (20 slots for 16 experts)
 
@@ -318,7 +318,7 @@ def main(args: argparse.Namespace) -> int:
         result = {"model": model, "prompts": args.prompts, "max_tokens": args.max_tokens, "rounds": args.rounds,
                   "engines": throughput(engines, names, prompts, args)}
         if args.out:  # keep the throughput figures if the balance run fails
-            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+            write_json(args.out, result)
         engines.stop()
         if args.balance_rounds > 0:
             result["balance"] = balance(engines, info, args)
@@ -327,7 +327,7 @@ def main(args: argparse.Namespace) -> int:
     if args.plot:
         result["plots"] = plot(result, args.plot)
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.out, result)
     if args.json:
         emit_json(result)
     else:

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omni_passes.cli.common import UserError, emit_json, say, setup_logging
+from omni_passes.cli.common import UserError, emit_json, say, setup_logging, write_json
 
 CAPACITY_LINE = re.compile(r"KV cache size: ([\d,]+) tokens, Maximum concurrency for ([\d,]+) tokens per request: "
                            r"([\d.]+)x")
@@ -263,7 +263,7 @@ def main(args: argparse.Namespace) -> int:
     if args.plot:
         result["plot"] = _plot(result, Path(args.plot))
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.out, result)
     if args.json:
         emit_json(result)
     else:

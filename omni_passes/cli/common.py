@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("omni_passes")
@@ -27,6 +28,11 @@ def emit_json(document: Any) -> None:
     json.dump(document, sys.stdout, indent=2, sort_keys=False, default=_json_default)
     sys.stdout.write("\n")
     sys.stdout.flush()
+
+
+def write_json(path: str | Path, document: Any) -> None:
+    """A result document written to ``--out FILE``: the same JSON a ``--json`` run prints."""
+    Path(path).write_text(json.dumps(document, indent=2, default=_json_default) + "\n")
 
 
 def _json_default(value: Any) -> Any:
