@@ -113,12 +113,6 @@ def register_with_vllm(import_vllm: bool = False) -> None:
 
     if "vllm" not in sys.modules and not (import_vllm and importlib.util.find_spec("vllm") is not None):
         return
-    try:
-        from vllm.compilation.passes.vllm_inductor_pass import VllmInductorPass
-    except ImportError:
-        try:
-            from vllm.compilation.vllm_inductor_pass import VllmInductorPass  # older layout
-        except ImportError:
-            return
-    if not issubclass(_OmniAscendPass, VllmInductorPass):
-        VllmInductorPass.register(_OmniAscendPass)
+    from omni_passes.vllm_pass import register_as_vllm_pass
+
+    register_as_vllm_pass(_OmniAscendPass, "VllmInductorPass", "vllm_inductor_pass")

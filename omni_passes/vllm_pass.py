@@ -224,14 +224,21 @@ def register_with_vllm() -> None:
     ``uuid()``). Only when vLLM is already imported: a torch-only install never imports it."""
     import sys
 
-    if "vllm" not in sys.modules:
-        return
-    try:
-        from vllm.compilation.passes.inductor_pass import InductorPass
-    except ImportError:
+    if "vllm" in sys.modules:
+        register_as_vllm_pass(VllmPostGradPass, "InductorPass", "inductor_pass")
+
+
+def register_as_vllm_pass(cls: type, base: str, module: str) -> None:
+    """Register ``cls`` as a virtual subclass of vLLM's ``base`` class, defined in
+    ``vllm.compilation.passes.<module>`` (or ``vllm.compilation.<module>``, the older layout);
+    nothing when neither exists."""
+    import importlib
+
+    for package in ("vllm.compilation.passes", "vllm.compilation"):
         try:
-            from vllm.compilation.inductor_pass import InductorPass  # older layout
-        except ImportError:
-            return
-    if not issubclass(VllmPostGradPass, InductorPass):
-        InductorPass.register(VllmPostGradPass)
+            parent = getattr(importlib.import_module(f"{package}.{module}"), base)
+        except (ImportError, AttributeError):
+            continue
+        if not issubclass(cls, parent):
+            parent.register(cls)
+        return
