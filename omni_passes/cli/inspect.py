@@ -115,16 +115,15 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _refuse_unsafe(config, model):
-    """Refuse what the passes cannot rewrite safely in this architecture: the dispatch pass as
-    a whole (an error), sparse attention per layer (dropped from the pattern, reported as
-    skipped with the reason)."""
+    """Refuse what the passes cannot rewrite safely in this architecture: sparse attention per
+    layer (dropped from the pattern, reported as skipped with the reason), then whatever
+    ``omni_passes.compile`` itself refuses (the dispatch pass as a whole), before the eager
+    references are computed."""
+    from omni_passes.compiler import refuse_unsafe
     from omni_passes.config import PassConfig
-    from omni_passes.model_info import attention_refusals, dispatch_refusal
+    from omni_passes.model_info import attention_refusals
+    from omni_passes.placement.placement import PlacementError
 
-    if "redundant_experts" in config.passes:
-        reason = dispatch_refusal(model)
-        if reason is not None:
-            raise UserError(f"redundant_experts cannot rewrite this model: {reason}")
     refused: dict[int, str] = {}
     if "sparse_attention" in config.passes:
         pattern = list(config.sparse_attention.pattern)
@@ -133,6 +132,10 @@ def _refuse_unsafe(config, model):
             data = config.to_dict()
             data["sparse_attention"]["pattern"] = [i for i in pattern if i not in refused]
             config = PassConfig.from_dict(data, source=config.source)
+    try:
+        refuse_unsafe(model, config)
+    except PlacementError as exc:
+        raise UserError(str(exc)) from None
     return config, refused
 
 
