@@ -69,11 +69,19 @@ class Forwarder:
     def begin(self, instance: str, stage: str) -> Attempt:
         return self.inflight.begin(instance, stage, self.config.idle_timeout)
 
-    def end(self, attempt: Attempt) -> None:
+    def end(self, attempt: Attempt, resp: aiohttp.ClientResponse | None = None, clean: bool = False) -> None:
+        """The attempt is over. Its upstream response, if any, goes back to the connection pool
+        when it was read to the end (``clean``); otherwise it is closed, so the instance sees
+        the connection go and aborts the request."""
         self.inflight.end(attempt)
         inst = self.registry.instances.get(attempt.instance)
         if inst is not None:
             inst.breaker.end_trial()
+        if resp is not None:
+            if clean:
+                resp.release()
+            else:
+                resp.close()
 
     @staticmethod
     def timed_out(attempt: Attempt, what: str, limit: float) -> AttemptFailed:
@@ -161,12 +169,7 @@ class Forwarder:
             self.failed(call, stage, attempt, failure)
             raise
         finally:
-            self.end(attempt)
-            if resp is not None:
-                if clean:
-                    resp.release()
-                else:
-                    resp.close()  # the instance sees the connection go and aborts the request
+            self.end(attempt, resp, clean)
 
     async def _stream(self, call: Call, stage: str, attempt: Attempt, resp: aiohttp.ClientResponse, first: bytes,
                       pending: bytes, ticket: Ticket, dialect: Dialect) -> tuple[web.StreamResponse, bool]:

@@ -125,9 +125,7 @@ class Passthrough:
                 failures += 1
                 log.warning("request %s: %s %s on %s failed: %s: %s", rid, method, path, url, failure.kind, failure.detail)
             finally:
-                fw.end(attempt)
-                if resp is not None:
-                    resp.close()
+                fw.end(attempt, resp)
         return client_error(f"no instance answered {path} ({failures} attempt(s) failed)", 502, rid, "upstream_error")
 
     # -- responses --------------------------------------------------------------------------------

@@ -103,9 +103,4 @@ class PDFlow:
             fw.failed(call, "prefill", attempt, failure)
             raise
         finally:
-            fw.end(attempt)
-            if resp is not None:
-                if clean:
-                    resp.release()
-                else:
-                    resp.close()
+            fw.end(attempt, resp, clean)
