@@ -284,16 +284,24 @@ class SimInstance:
                          "model")
         return None
 
-    async def tokenize(self, request: web.Request) -> web.Response:
+    async def _openai_body(self, request: web.Request, chat: bool | None) -> tuple[bytes, dict, bool] | web.Response:
+        """Read, parse and validate an OpenAI request body and check its model: ``(raw, body,
+        chat)``, or the error response vLLM would give. ``chat=None``: chat iff it has ``messages``."""
         try:
-            body = parse_json_body(await request.read())
-            chat = "messages" in body
+            raw = await request.read()
+            body = parse_json_body(raw)
+            chat = "messages" in body if chat is None else chat
             validate_request(body, chat)
         except RequestError as exc:
             return error(exc.message, exc.status, param=exc.param)
         wrong = self._model_error(body)
-        if wrong:
-            return wrong
+        return wrong if wrong is not None else (raw, body, chat)
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        parsed = await self._openai_body(request, None)
+        if isinstance(parsed, web.Response):
+            return parsed
+        _, body, chat = parsed
         ids = self.tokenizer.prompt_ids(body, chat)
         if not hasattr(self.tokenizer, "decode"):
             self._learn(body, chat, ids)
@@ -360,15 +368,10 @@ class SimInstance:
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
         if self._refusing():
             return await self._reset(request)
-        try:
-            raw = await request.read()
-            body = parse_json_body(raw)
-            validate_request(body, chat)
-        except RequestError as exc:
-            return error(exc.message, exc.status, param=exc.param)
-        wrong = self._model_error(body)
-        if wrong:
-            return wrong
+        parsed = await self._openai_body(request, chat)
+        if isinstance(parsed, web.Response):
+            return parsed
+        raw, body, _ = parsed
         rid = request.headers.get("X-Request-Id") or uuid.uuid4().hex
         stream = bool(body.get("stream"))
         fault = self.faults.draw()
