@@ -17,7 +17,7 @@ the same arguments plus the placement ``state`` and the MoE ``layer`` and, per c
 
 Everything happens inside one call per layer, so a placement applied by a step hook never
 meets a half-dispatched layer. vLLM's packing is per expert, so rows of packed tensors are
-packed tensors (checked when the rows are built, ``omni_passes.vllm_model``).
+packed tensors (checked when the rows are built, ``omni_passes.hosts.vllm.model``).
 """
 
 from __future__ import annotations

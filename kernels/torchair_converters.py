@@ -1,7 +1,7 @@
 """GE converters (torchair, Ascend) for the omni MoE ops; importing this module registers them
 and the attention and aten ones (``torchair_converters_attn``, ``torchair_converters_aten``).
 
-Imported only after torchair (``omni_passes.torchair_backend.register_converters``). Every GE
+Imported only after torchair (``omni_passes.hosts.torchair.register_converters``). Every GE
 op here is a typed raw op of ``torchair._ge_concrete_graph.ge_apis``, generated from CANN's IR
 prototypes, so argument names and arity are checked as the graph is built; the tests also check
 each emitted op against the prototypes' dtypes and attributes.
@@ -11,7 +11,7 @@ there (``Please convert all Tensors to FakeTensors first``), so the placement ta
 with fake mode switched off, once, and bound into the GE graph as constants. GE graphs cannot
 call back into Python, which has two consequences on an NPU (both enforced, not silent):
 - a placement applied after the graph was built would not reach it: ``check_bound_tables``
-  (called before each run by ``omni_passes.torchair_backend``) refuses to run on stale tables;
+  (called before each run by ``omni_passes.hosts.torchair``) refuses to run on stale tables;
 - ``omni::record_expert_load`` adds to a host tensor, which a GE graph cannot write: its
   converter emits nothing and logs that loads are not recorded in GE graph mode. With
   torchair's ``debug.run_eagerly`` the FX graph runs instead and records them.

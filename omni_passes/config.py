@@ -8,6 +8,10 @@
      "rebalance": {"interval_steps": 100, "window_steps": 500, "min_gain": 0.01,
                    "layer_min_gain": 0.005, "max_moves": 16, "max_replicas": null, "forecast": true}}
 
+The placement file a configuration names is read when the configuration is (``placement_text``):
+the fingerprint and the runtime use that text, so one process reads each file once, and a
+compiled graph's cache key covers the placement it was built with.
+
 Pass names: ``redundant_experts``, ``sparse_attention``, ``latent_attention`` (MLA decode
 attention on the cached latent; no settings of its own, with ``sparse_attention`` its pattern
 layers read only sink + recent latent rows). Unknown keys are errors (a typo must not silently
@@ -20,8 +24,12 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from omni_passes.placement.placement import Placement
 
 KNOWN_PASSES = ("redundant_experts", "sparse_attention", "latent_attention")
 TOP_KEYS = {"passes", "placement", "sparse_attention", "report_path", "expert_load_path", "expert_load_interval_steps",
@@ -78,6 +86,8 @@ class PassConfig:
     slot_load_path: str | None = None
     rebalance: RebalanceConfig | None = None
     source: str = "pass config"
+    # the placement file's text as read with this configuration (None: no file, or not there yet)
+    placement_text: str | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "pass config", base_dir: Path | None = None) -> "PassConfig":
@@ -113,9 +123,11 @@ class PassConfig:
         needs_dispatch = [k for k in ("rebalance", "slot_load_path") if data.get(k) is not None]
         if needs_dispatch and "redundant_experts" not in passes:
             raise ConfigError(f"{source}: {' and '.join(map(repr, needs_dispatch))} require the 'redundant_experts' pass in 'passes'")
+        placement = path_value("placement")
         return cls(
             passes=tuple(passes),
-            placement=path_value("placement"),
+            placement=placement,
+            placement_text=_read_if_present(placement),
             sparse_attention=_sparse_attention(data.get("sparse_attention", {}), source),
             report_path=path_value("report_path"),
             expert_load_path=path_value("expert_load_path"),
@@ -159,9 +171,28 @@ class PassConfig:
     def fingerprint(self) -> str:
         """Hash of everything that changes the compiled graph, placement file contents included."""
         digest = hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode())
-        if self.placement and Path(self.placement).exists():
-            digest.update(Path(self.placement).read_bytes())
+        if self.placement_text is not None:
+            digest.update(self.placement_text.encode())
         return digest.hexdigest()
+
+    @cached_property
+    def placement_object(self) -> "Placement | None":
+        """The placement file parsed (once); None when the configuration names none.
+        PlacementError naming the file when it is missing or malformed."""
+        from omni_passes.placement.placement import Placement
+
+        if self.placement is None:
+            return None
+        if self.placement_text is None:
+            return Placement.load(self.placement)  # not there when the config was read: says so
+        return Placement.parse(self.placement_text, self.placement)
+
+
+def _read_if_present(path: str | None) -> str | None:
+    try:
+        return Path(path).read_text() if path else None
+    except OSError:
+        return None  # reported, naming the file, when the placement is needed
 
 
 def _sparse_attention(data: Any, source: str) -> SparseAttentionConfig:

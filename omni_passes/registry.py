@@ -4,7 +4,12 @@ A host (``omni_passes.compile``, ``omni_passes.vllm_post_grad_pass``, the torcha
 the vllm-ascend adapter, ``omni-passes inspect``) calls ``build_runtime`` once with what it
 knows about the model, and hands ``runtime.manager`` to its compiler hook; the manager then
 rewrites *every* graph the host compiles (a model compiled in several pieces is several
-calls). The name → pass chain lives in ``PASSES`` only.
+calls). The name → pass chain lives in ``PASSES`` only. Hosts that compile a transformers
+model (torch.compile, torchair, inspect) call ``prepare``, which refuses unsafe passes for the
+architecture (``refuse_unsafe``) and builds the runtime with the model's expert rows.
+
+Ops a pass emits for a host's own graph form (vLLM's MLA attention) come from the host, as
+``host_ops`` (name → zero-argument factory of the op): graph passes never import a host.
 
     runtime = build_runtime(config, info, device, rows=...)   # rows: how to extend expert tensors
     runtime.manager(graph)                                    # per compiled graph
@@ -18,12 +23,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+from torch import nn
 
 from omni_passes.config import ConfigError, PassConfig
-from omni_passes.model_info import MoEModelInfo
+from omni_passes.model_info import MoEModelInfo, attention_refusals, dispatch_refusal
 from omni_passes.pass_manager import GraphPass, OmniPassManager
 from omni_passes.placement.controller import PlacementController, RowsFactory
-from omni_passes.placement.placement import Placement
+from omni_passes.placement.placement import Placement, PlacementError
 
 log = logging.getLogger("omni_passes")
 
@@ -36,6 +42,7 @@ class BuildContext:
     info: MoEModelInfo
     device: torch.device
     controller: PlacementController | None
+    host_ops: dict[str, Callable[[], Any]] = field(default_factory=dict)
 
 
 def _redundant_experts(ctx: BuildContext) -> GraphPass:
@@ -45,7 +52,7 @@ def _redundant_experts(ctx: BuildContext) -> GraphPass:
 
 
 def _sparse_attention(ctx: BuildContext) -> GraphPass:
-    return sparse_attention_pass(ctx.config, ctx.info)
+    return sparse_attention_pass(ctx.config, ctx.info, ctx.host_ops.get("vllm_sparse_mla_attention"))
 
 
 def _latent_attention(ctx: BuildContext) -> GraphPass:
@@ -104,8 +111,8 @@ class OmniRuntime:
 def resolve_placement(config: PassConfig, info: MoEModelInfo, placement: Placement | None = None) -> Placement:
     """The placement to use: given, else the config's file, else identity; checked against
     the model's MoE layers and experts (the message names the file)."""
-    if placement is None and config.placement:
-        placement = Placement.load(config.placement)
+    if placement is None:
+        placement = config.placement_object  # read with the configuration, parsed once
     if placement is None:
         return Placement.identity(max(len(info.moe_layer_ids), 1), max(info.num_experts, 1))
     source = f"placement file {config.placement}" if config.placement else "placement"
@@ -116,15 +123,16 @@ def resolve_placement(config: PassConfig, info: MoEModelInfo, placement: Placeme
     return placement
 
 
-def sparse_attention_pass(config: PassConfig, info: MoEModelInfo):
-    """The configured SparseAttentionPass; a pattern naming a missing layer is a ConfigError."""
+def sparse_attention_pass(config: PassConfig, info: MoEModelInfo, vllm_mla_op: Callable[[], Any] | None = None):
+    """The configured SparseAttentionPass; a pattern naming a missing layer is a ConfigError.
+    ``vllm_mla_op``: the vLLM host's sparse MLA attention op (vLLM graphs only)."""
     from omni_passes.fx.sparse_attention import SparseAttentionPass
 
     attn = config.sparse_attention
     bad = [i for i in attn.pattern if i >= info.num_layers]
     if bad:
         raise ConfigError(f"{config.source}: sparse_attention.pattern names layer(s) {bad}; the model has {info.num_layers} layers")
-    return SparseAttentionPass(sink=attn.sink, recent=attn.recent, pattern=list(attn.pattern))
+    return SparseAttentionPass(sink=attn.sink, recent=attn.recent, pattern=list(attn.pattern), vllm_mla_op=vllm_mla_op)
 
 
 def build_runtime(
@@ -135,6 +143,7 @@ def build_runtime(
     placement: Placement | None = None,
     cannot_extend: str | None = None,
     on_graph: Callable | None = None,
+    host_ops: dict[str, Callable[[], Any]] | None = None,
 ) -> OmniRuntime:
     """Build the passes and the run-time state for one model.
 
@@ -146,6 +155,7 @@ def build_runtime(
         rows: extends the expert tensors to a row layout (needed for R > 0).
         placement: overrides the config's placement file.
         cannot_extend: why ``rows`` is absent, for the refusal message of an R > 0 placement.
+        host_ops: ops the host gives the passes for its own graph forms (module docstring).
     """
     device = torch.device(device)
     unbuilt = [name for name in config.passes if name not in PASSES]
@@ -158,8 +168,56 @@ def build_runtime(
         placement = resolve_placement(config, info, placement)
         kwargs = {"cannot_extend": cannot_extend} if cannot_extend else {}
         controller = PlacementController(placement, device=device, rows=rows, **kwargs)
-    ctx = BuildContext(config=config, info=info, device=device, controller=controller)
+    ctx = BuildContext(config=config, info=info, device=device, controller=controller, host_ops=dict(host_ops or {}))
     passes = [factory(ctx) for name, factory in PASSES.items() if name in config.passes]
     fingerprint = config.fingerprint() + (controller.placement.fingerprint() if controller is not None else "")
     manager = OmniPassManager(passes, fingerprint=fingerprint, report_path=config.report_path, on_graph=on_graph)
     return OmniRuntime(config=config, info=info, manager=manager, controller=controller)
+
+
+# ---- hosts that compile a transformers model ---------------------------------------------------
+def model_device(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def prepare(model: nn.Module, config: PassConfig, placement: Placement | None = None) -> OmniRuntime:
+    """Build the passes and run-time state for a transformers ``model`` (extends its expert
+    tensors when R > 0); refuses passes the architecture cannot take (``refuse_unsafe``)."""
+    from omni_passes.model_info import experts_modules
+    from omni_passes.placement.materialize import transformers_expert_rows
+
+    hf_config = getattr(model, "config", None)
+    if hf_config is None:
+        raise ValueError("model has no .config: omni_passes.compile expects a HuggingFace-style DeepSeek model")
+    info = MoEModelInfo.from_hf_config(hf_config)
+    refuse_unsafe(model, config)
+
+    def rows(layout):
+        modules = experts_modules(model)
+        missing = [layer for layer in info.moe_layer_ids if layer not in modules]
+        if missing:
+            raise PlacementError(f"decoder layers {missing} have no experts module with stacked [E, ...] tensors: "
+                                 "the redundant slots cannot be materialised")
+        return transformers_expert_rows([modules[layer] for layer in info.moe_layer_ids], info.num_experts, layout)
+
+    return build_runtime(config, info, device=model_device(model), rows=rows, placement=placement)
+
+
+def refuse_unsafe(model: nn.Module, config: PassConfig) -> None:
+    """Refuse, with the reason, a pass this architecture cannot take safely (model_info's
+    checks), before anything is traced: a rewrite that would run but compute something else
+    must never be produced. ``omni-passes inspect`` drops refused attention layers from the
+    pattern itself and reports them."""
+    if "redundant_experts" in config.passes:
+        reason = dispatch_refusal(model)
+        if reason is not None:
+            raise PlacementError(f"redundant_experts cannot rewrite this model: {reason}")
+    if "sparse_attention" in config.passes:
+        layers = [i for i in config.sparse_attention.pattern if i < model.config.num_hidden_layers]
+        refused = attention_refusals(model, layers)
+        if refused:
+            reasons = "; ".join(f"layer {i}: {why}" for i, why in sorted(refused.items()))
+            raise ConfigError(f"{config.source}: sparse_attention.pattern names layers sink+recent attention cannot "
+                              f"replace ({reasons}); drop them from the pattern")

@@ -3,7 +3,7 @@ sink+recent KV (vLLM CPU), in one run.
 
 Selected by ``omni_passes.bench.vllm`` when the pass config enables ``sparse_attention`` with
 ``free_kv`` and a pattern (or with ``--kv``). Two engines live side by side, each in its own
-process with its engine core in-process (``omni_passes.kvcache.vllm_probe``), both given the
+process with its engine core in-process (``omni_passes.hosts.vllm.kv_probe``), both given the
 same KV memory (``kv_cache_memory_bytes``):
 
 * **dense**: the pass config without ``sparse_attention`` (no omni pass at all if that was the
@@ -71,7 +71,7 @@ def wants_kv_bench(args: argparse.Namespace) -> bool:
     path = getattr(args, "pass_config", None)
     if not path:
         return False
-    from omni_passes.kvcache.vllm_register import wants_sink_recent_kv
+    from omni_passes.hosts.vllm.kv_register import wants_sink_recent_kv
     from omni_passes.config import PassConfig
 
     return wants_sink_recent_kv(PassConfig.load(path))
@@ -112,7 +112,7 @@ def _engine(name: str, model: str, pass_config: str | None, memory: int, max_mod
 
     capacity = sys.stdout = _CapacityLog(sys.stdout)
     try:
-        from omni_passes.kvcache import vllm_probe
+        from omni_passes.hosts.vllm import kv_probe as vllm_probe
 
         begin = time.perf_counter()
         llm = vllm_probe.start(model, pass_config, max_model_len, max_num_seqs, kv_cache_memory_bytes=memory)

@@ -74,7 +74,7 @@ def _run(args: argparse.Namespace) -> int:
     torch._dynamo.reset()
     try:
         if torchair is not None:
-            from omni_passes.torchair_backend import compile_for_ge_dump
+            from omni_passes.hosts.torchair import compile_for_ge_dump
 
             compiled = compile_for_ge_dump(model, config, out_dir / "ge", torchair=torchair[0])
         else:
@@ -119,7 +119,7 @@ def _refuse_unsafe(config, model):
     layer (dropped from the pattern, reported as skipped with the reason), then whatever
     ``omni_passes.compile`` itself refuses (the dispatch pass as a whole), before the eager
     references are computed."""
-    from omni_passes.compiler import refuse_unsafe
+    from omni_passes.registry import refuse_unsafe
     from omni_passes.config import PassConfig
     from omni_passes.model_info import attention_refusals
     from omni_passes.placement.placement import PlacementError

@@ -14,7 +14,7 @@ After (same inputs; the op reads the layer's ``[E + R, ...]`` storage rows from 
 
 ``omni::slot_fused_moe`` counts, dispatches to rows and runs vLLM's kernel in one call
 (``kernels.slot_fused_moe``). The expert weights stay graph inputs of shape ``[E, ...]``:
-with redundant slots they are views of the first E storage rows (``omni_passes.vllm_model``).
+with redundant slots they are views of the first E storage rows (``omni_passes.hosts.vllm.model``).
 """
 
 from __future__ import annotations

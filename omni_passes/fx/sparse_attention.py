@@ -28,7 +28,8 @@ rejected when matching. SDPA called with ``is_causal=True`` and no mask gets q_p
 vLLM (CPU): ``auto_functionalized(vllm.unified_mla_attention_with_output, ...)`` of a pattern
 layer becomes ``auto_functionalized(omni_vllm.sparse_mla_attention, ..., sink, recent)`` with
 the same inputs, whose kernel runs vLLM's own MLA layer with the keys restricted to sink +
-recent (see ``omni_passes.kvcache.vllm_mla``).
+recent. The vLLM host gives the pass that op (``omni_passes.hosts.vllm.mla_op``, through the
+registry's ``host_ops``): this pass knows the graph form, not the host.
 
 The report lists matched pattern layers; pattern layers that were not rewritten appear under
 ``skipped`` with the reason; layers outside the pattern are listed in the notes as untouched.
@@ -37,6 +38,7 @@ The report lists matched pattern layers; pattern layers that were not rewritten 
 from __future__ import annotations
 
 import operator
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -59,13 +61,16 @@ from omni_passes.fx.utils import PassReport, eager_input_vals
 class SparseAttentionPass:
     name = "sparse_attention"
 
-    def __init__(self, sink: int, recent: int, pattern: list[int], check_mask: bool = True):
+    def __init__(self, sink: int, recent: int, pattern: list[int], check_mask: bool = True,
+                 vllm_mla_op: Callable[[], Any] | None = None):
         """
         Args:
             sink, recent: the op's window (sink >= 0, recent >= 1).
             pattern: decoder-layer indices (``model.layers.N``) to compress.
             check_mask: insert the device-side assert that each mask row is causal up to the
                 position derived from it (cheap: one compare over the mask per distinct mask).
+            vllm_mla_op: returns the op that replaces vLLM's MLA attention in a pattern layer,
+                given by the vLLM host (None: vLLM attention sites are skipped, with the reason).
         """
         if not isinstance(sink, int) or sink < 0:
             raise ValueError(f"sparse_attention: sink must be an integer >= 0, got {sink!r}")
@@ -78,6 +83,7 @@ class SparseAttentionPass:
         self.recent = recent
         self.pattern = sorted(set(pattern))
         self.check_mask = check_mask
+        self.vllm_mla_op = vllm_mla_op
 
     # ------------------------------------------------------------------------------------
     def __call__(self, graph: fx.Graph) -> PassReport:
@@ -159,9 +165,9 @@ class SparseAttentionPass:
 
     # ------------------------------------------------------------------------------------
     def _rewrite_vllm(self, graph: fx.Graph, site: VllmMlaAttention) -> str | None:
-        from omni_passes.kvcache import vllm_mla  # registers omni_vllm::sparse_mla_attention
-
         node, kw = site.node, site.kwargs
+        if self.vllm_mla_op is None:
+            return "vLLM MLA attention, but the host gave no sparse MLA op (only the vLLM host can rewrite it)"
         if node.target is not torch.ops.higher_order.auto_functionalized:
             return f"{node.target}: only auto_functionalized (v1) vLLM graphs are handled"
         if site.layer_name is None:
@@ -178,7 +184,7 @@ class SparseAttentionPass:
         }
         with graph.inserting_before(node):
             new = graph.call_function(torch.ops.higher_order.auto_functionalized,
-                                      (vllm_mla.sparse_mla_attention_op(),), new_kwargs)
+                                      (self.vllm_mla_op(),), new_kwargs)
         old_val = node.meta.get("val")
         new.meta.update({k: v for k, v in node.meta.items() if k not in ("val", "eager_input_vals")})
         new.meta["val"] = (None, old_val[1]) if isinstance(old_val, tuple) and len(old_val) > 1 else old_val

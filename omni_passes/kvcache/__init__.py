@@ -4,8 +4,9 @@
   the sink+recent mask on the pattern layers) and the mask adapter a compressed cache needs.
 - ``compressed``: ``CompressedStaticCache``, a static cache whose pattern layers keep only
   sink + recent slots (ring buffer), for graph-mode decode with constant KV memory there.
-- ``vllm_mla``: ``omni_vllm::sparse_mla_attention``, vLLM's MLA attention restricted to the
-  sink + recent keys (what the pass inserts into vLLM graphs).
+- ``window``: the sink+recent window's block arithmetic (which blocks a request keeps).
 
-Submodules import transformers / vLLM lazily; ``import omni_passes.kvcache`` needs torch only.
+Everything vLLM-specific (the KV cache spec, its manager, the MLA layer hooks and the sparse MLA
+op) is in the vLLM host, ``omni_passes.hosts.vllm``. Submodules import transformers lazily;
+``import omni_passes.kvcache`` needs torch only.
 """

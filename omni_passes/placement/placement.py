@@ -139,6 +139,11 @@ class Placement:
             raise PlacementError(f"placement file {path} does not exist") from None
         except OSError as exc:
             raise PlacementError(f"placement file {path} cannot be read: {exc}") from None
+        return cls.parse(text, path)
+
+    @classmethod
+    def parse(cls, text: str, path: str | Path) -> "Placement":
+        """A placement from the text of the file at ``path`` (named in every error)."""
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     # This process imported omni_passes (as ``-m omni_passes...``) before vLLM, so the import-time
     # registration as a VllmInductorPass was skipped; vLLM would then wrap the pass in a
     # CallableInductorPass, which vllm-ascend's manager refuses. (``vllm serve`` imports vLLM first.)
-    from omni_passes.vllm_ascend_pass import register_with_vllm
+    from omni_passes.hosts.vllm.ascend_pass import register_with_vllm
 
     register_with_vllm()
     kwargs = dict(model=args.model, dtype="float32", max_model_len=512, max_num_seqs=args.max_num_seqs, seed=0)

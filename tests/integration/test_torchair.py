@@ -28,7 +28,7 @@ import glob
 import pytest
 import torch
 
-from omni_passes.compiler import prepare
+from omni_passes.registry import prepare
 from omni_passes.config import PassConfig
 from omni_passes.models import build_model, load_hf_config
 from omni_passes.placement.placement import Placement
@@ -46,7 +46,7 @@ INPUTS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(
 @pytest.fixture(scope="module")
 def torchair():
     from omni_passes.testing.ascend import unload
-    from omni_passes.torchair_backend import register_converters
+    from omni_passes.hosts.torchair import register_converters
 
     module, info = import_torchair()
     assert info.native == "stand-in" and info.version == "2.13.0"
@@ -63,7 +63,7 @@ def protos(torchair):
 def compile_with_torchair(torchair, model, pass_config: dict, dump_dir, placement=None):
     """torch.compile(model, backend=torchair.get_npu_backend(config)) with the omni passes on
     config.post_grad_custom_post_pass, run_eagerly and a text dump of the GE graph."""
-    from omni_passes.torchair_backend import torchair_backend
+    from omni_passes.hosts.torchair import torchair_backend
 
     runtime = prepare(model, PassConfig.from_dict(pass_config), placement)
     config = torchair.CompilerConfig()
@@ -265,7 +265,7 @@ def test_stale_tables_refused_in_ge_mode(torchair, tmp_path):
     changes them after the graph was built must make the compiled callable refuse to run, not
     run stale tables. (A pure permutation changes no table: every expert keeps its storage row.)"""
     from kernels.torchair_converters import StaleGEGraph
-    from omni_passes.torchair_backend import torchair_backend
+    from omni_passes.hosts.torchair import torchair_backend
 
     model = build_model(load_hf_config("tiny"))
     start = permuted_hot_replica_placement()

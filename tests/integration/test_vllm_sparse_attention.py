@@ -13,7 +13,7 @@ of the CPU block size 16), the same prompts and 64 greedy tokens each:
   that attend over the cached context's sink and window (``--chunked-prefill-tokens``).
 
 Each engine runs in a child process with its engine core in-process
-(``omni_passes.kvcache.vllm_probe``), which reports the KV cache groups and one scheduler
+(``omni_passes.hosts.vllm.kv_probe``), which reports the KV cache groups and one scheduler
 snapshot per step (blocks each request holds in each group).
 
 References: short prompts (whose queries see every key while the sequence fits in sink +
@@ -55,7 +55,7 @@ def probe(model, pass_config=None, *extra, expect_failure=False):
     with tempfile.TemporaryDirectory(prefix="omni-vllm-") as cache_dir:
         from omni_passes.testing.vllm_run import child_env
 
-        cmd = [sys.executable, "-m", "omni_passes.kvcache.vllm_probe", "--model", str(model),
+        cmd = [sys.executable, "-m", "omni_passes.hosts.vllm.kv_probe", "--model", str(model),
                "--prompts-json", json.dumps(PROMPTS), "--max-tokens", str(MAX_TOKENS), "--trace", *extra]
         if pass_config:
             cmd += ["--pass-config", str(pass_config)]

@@ -1,4 +1,4 @@
-"""The serving loop (omni_passes.placement.online): the count gate per step, load files that
+"""The serving loop (omni_passes.hosts.vllm.serving): the count gate per step, load files that
 survive a SIGKILL of the process, and the online rebalancer applied through the controller."""
 
 import json
@@ -13,7 +13,7 @@ import kernels  # noqa: F401
 from kernels.state import add_step_hook, run_step_hooks
 from omni_passes.config import RebalanceConfig
 from omni_passes.placement.controller import PlacementController
-from omni_passes.placement.online import LoadExport, OnlineRebalancer, ServingSteps
+from omni_passes.hosts.vllm.serving import LoadExport, OnlineRebalancer, ServingSteps
 from omni_passes.placement.placement import Placement
 
 
@@ -71,7 +71,7 @@ def test_load_file_survives_sigkill_without_a_flush(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, torch, kernels
         from omni_passes.placement.layout import compact_layout
-        from omni_passes.placement.online import LoadExport
+        from omni_passes.hosts.vllm.serving import LoadExport
         from omni_passes.placement.placement import Placement
         from omni_passes.placement.runtime import ExpertPlacementState
         placement = Placement.identity(1, 4, slots_per_rank=6)  # counters only: no weights

@@ -119,7 +119,7 @@ def piecewise_backend(manager, split_layer: int):
     each piece through Inductor with the omni passes, compiled on its first call."""
     from torch.fx.passes.split_module import split_module
 
-    from omni_passes.compiler import inductor_backend
+    from omni_passes.hosts.torch_compile import inductor_backend
     from omni_passes.fx.utils import layer_index
 
     inner = inductor_backend(manager)
@@ -151,7 +151,7 @@ def piecewise_backend(manager, split_layer: int):
 def test_two_graph_pieces_are_both_rewritten(inputs):
     """One traced model compiled as two graphs (split before decoder layer 2): one runtime,
     every MoE layer rewritten and counted, exact with redundant slots."""
-    from omni_passes.compiler import prepare
+    from omni_passes.registry import prepare
     from omni_passes.config import PassConfig
 
     reference, model = reference_and_model("v3-ngroup4", inputs)

@@ -124,7 +124,7 @@ def mla_spec():
 
 
 def layer_specs(pattern, sink=16, recent=32, layers=4):
-    from omni_passes.kvcache.vllm_spec import SinkRecentMLASpec
+    from omni_passes.hosts.vllm.kv_spec import SinkRecentMLASpec
 
     base = mla_spec()
     return {f"model.layers.{i}.self_attn.attn": (SinkRecentMLASpec.from_mla_spec(base, sink, recent)
@@ -133,7 +133,7 @@ def layer_specs(pattern, sink=16, recent=32, layers=4):
 
 @pytest.fixture(scope="module")
 def registered():
-    from omni_passes.kvcache.vllm_register import register_sink_recent_kv
+    from omni_passes.hosts.vllm.kv_register import register_sink_recent_kv
 
     config = PassConfig.from_dict({"passes": ["sparse_attention"],
                                    "sparse_attention": {"sink": 16, "recent": 32, "pattern": [1, 3]}})
@@ -144,7 +144,7 @@ def registered():
     # vLLM's own specs are still registered next to ours.
     assert KVCacheSpecRegistry.get_uniform_type_base_spec(mla_spec()) is FullAttentionSpec
     yield
-    from omni_passes.kvcache.vllm_layer import uninstall
+    from omni_passes.hosts.vllm.kv_layer import uninstall
 
     uninstall()  # later tests in this process build vLLM's own MLA layers
 
@@ -166,7 +166,7 @@ def vllm_config(tiny_checkpoint, registered):
 
 
 def test_spec_has_the_mla_page_layout_and_a_bounded_footprint(vllm_config):
-    from omni_passes.kvcache.vllm_spec import SinkRecentMLASpec
+    from omni_passes.hosts.vllm.kv_spec import SinkRecentMLASpec
 
     spec = SinkRecentMLASpec.from_mla_spec(mla_spec(), 16, 32)
     assert spec.page_size_bytes == mla_spec().page_size_bytes == BS * 576 * 4
@@ -246,7 +246,7 @@ def make_request(rid, prompt_len):
 def test_vllm_kv_cache_manager_with_our_manager_over_a_long_generation(registered, chunk):
     """vLLM's real KVCacheManager (hybrid coordinator, one block pool) running our manager next to
     the full-attention one: allocate_slots per step as the scheduler calls it."""
-    from omni_passes.kvcache.vllm_manager import SinkRecentManager
+    from omni_passes.hosts.vllm.kv_manager import SinkRecentManager
 
     kv = make_manager()
     full, ours = kv.coordinator.single_type_managers
@@ -293,7 +293,7 @@ def test_admission_counts_only_the_blocks_that_get_storage(registered):
 
 # ----------------------------------------------------------------------------- start-up checks
 def test_startup_accepts_a_serving_config(vllm_config):
-    from omni_passes.kvcache.vllm_layer import startup_problem
+    from omni_passes.hosts.vllm.kv_layer import startup_problem
 
     assert startup_problem(vllm_config, SparseAttentionConfig(16, 32, (1, 3))) is None
 
@@ -306,7 +306,7 @@ def test_startup_accepts_a_serving_config(vllm_config):
     (("compilation_config", "inductor_passes", {}), None, "post_grad_custom_post_pass is None"),
 ])
 def test_startup_refuses_what_it_cannot_serve(vllm_config, change, window, message):
-    from omni_passes.kvcache.vllm_layer import startup_problem
+    from omni_passes.hosts.vllm.kv_layer import startup_problem
 
     window = window or SparseAttentionConfig(16, 32, (1, 3))
     if change is None:
@@ -325,7 +325,7 @@ def test_startup_refuses_what_it_cannot_serve(vllm_config, change, window, messa
 def test_startup_refuses_eager_mode(vllm_config):
     from vllm.config import CompilationMode
 
-    from omni_passes.kvcache.vllm_layer import startup_problem
+    from omni_passes.hosts.vllm.kv_layer import startup_problem
 
     before = vllm_config.compilation_config.mode
     vllm_config.compilation_config.mode = CompilationMode.NONE

@@ -18,7 +18,7 @@ from omni_passes.pass_manager import OmniPassManager
 from omni_passes.placement.placement import Placement
 from omni_passes.placement.runtime import ExpertPlacementState
 from omni_passes.testing.graphs import routed_graph
-from omni_passes.torchair_backend import TorchairUnavailable, install_hook, post_grad_hook, torchair_backend
+from omni_passes.hosts.torchair import TorchairUnavailable, install_hook, post_grad_hook, torchair_backend
 
 
 def test_hook_calling_convention_rewrites_a_graph_module():
@@ -64,8 +64,9 @@ def test_vllm_ascend_pass_builds_its_state_under_an_active_fake_mode(tmp_path, m
     FakeTensorMode active; the placement state must still be real tensors."""
     from torch._subclasses.fake_tensor import FakeTensor
 
-    from omni_passes.vllm_ascend_pass import OmniAscendPass
-    from omni_passes.vllm_pass import _VllmRuntime
+    from omni_passes.hosts.vllm.ascend_pass import OmniAscendPass
+    from omni_passes.hosts.vllm.runtime import VllmRuntime
+    from omni_passes.hosts.vllm.settings import process_config
 
     config = tmp_path / "passes.json"
     config.write_text(json.dumps({"passes": ["redundant_experts"], "report_path": str(tmp_path / "r.json")}))
@@ -76,11 +77,11 @@ def test_vllm_ascend_pass_builds_its_state_under_an_active_fake_mode(tmp_path, m
     assert isinstance(fake_mode, FakeTensorMode)
     with fake_mode:
         with pytest.raises(Exception, match="DataDependentOutput|data-dependent|_local_scalar_dense"):
-            _VllmRuntime.create(gm.graph)  # what the fix avoids: tables computed on fake tensors
+            VllmRuntime.create(gm.graph, process_config())  # what the fix avoids: tables computed on fake tensors
         ascend_pass = OmniAscendPass()
         returned = ascend_pass(gm)
     assert returned is gm and "omni.expert_dispatch" in gm.code
-    state = ascend_pass.runtime.state
+    state = ascend_pass.runtime.controller
     assert not isinstance(state.replica_slots, FakeTensor) and not isinstance(state.expert_load, FakeTensor)
     assert torch.equal(state.replica_slots[0, :, 0], torch.arange(4))
     assert json.loads((tmp_path / "r.json").read_text())["passes"]["redundant_experts"]["matched_layers"] == [0]

@@ -10,7 +10,7 @@ import torch
 
 import omni_passes
 from omni_passes.config import ConfigError
-from omni_passes.vllm_pass import VllmPostGradPass
+from omni_passes.hosts.vllm.post_grad_pass import VllmPostGradPass
 
 from omni_passes.testing.graphs import routed_graph
 
@@ -56,7 +56,7 @@ def test_pass_is_picklable_without_state():
 def test_vllm_ascend_adapter_on_a_plain_graph_module(tmp_path, monkeypatch):
     from vllm.config import VllmConfig
 
-    from omni_passes.vllm_ascend_pass import OmniAscendPass
+    from omni_passes.hosts.vllm.ascend_pass import OmniAscendPass
     from vllm.compilation.passes.vllm_inductor_pass import VllmInductorPass
 
     loads = tmp_path / "loads.npy"
@@ -75,13 +75,13 @@ def test_vllm_ascend_adapter_on_a_plain_graph_module(tmp_path, monkeypatch):
     x, gate = torch.randn(6, 8), torch.randn(8, 4)
     weights = torch.randn(4, 8, 8, dtype=torch.bfloat16)
     gm(x, gate, weights)
-    assert int(ascend_pass.runtime.state.expert_load.sum()) == 6 * 2
+    assert int(ascend_pass.runtime.controller.expert_load.sum()) == 6 * 2
     ascend_pass.runtime.close()  # no per-step hook in this graph form: the file is written at close
     assert np.load(loads).sum() == 6 * 2
 
 
 def test_refused_setup_names_the_file_and_fails_every_later_graph_at_once(tmp_path, monkeypatch):
-    from omni_passes.vllm_pass import VllmPassSetupError
+    from omni_passes.hosts.vllm.post_grad_pass import VllmPassSetupError
 
     placement = tmp_path / "placement.json"
     placement.write_text(json.dumps({"num_layers": 2, "num_logical_experts": 8, "num_ranks": 1, "num_nodes": 1,
@@ -98,7 +98,7 @@ def test_refused_setup_names_the_file_and_fails_every_later_graph_at_once(tmp_pa
 
 
 def test_redundant_slots_without_vllm_layers_are_refused_with_the_reason(tmp_path, monkeypatch):
-    from omni_passes.vllm_pass import VllmPassSetupError
+    from omni_passes.hosts.vllm.post_grad_pass import VllmPassSetupError
 
     placement = tmp_path / "placement.json"
     placement.write_text(json.dumps({"num_layers": 1, "num_logical_experts": 4, "num_ranks": 1, "num_nodes": 1,

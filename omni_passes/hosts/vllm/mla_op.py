@@ -33,7 +33,7 @@ window, and the op calls ``forward_impl`` unchanged (bit-identical to the dense 
 
 Limits (each raises naming itself rather than computing something else): hisparse caches, KV
 caches that are not [blocks, block_size, row]. Every block table entry this op reads holds a
-visible position, so with sink+recent KV (``omni_passes.kvcache.vllm_layer``: blocks outside
+visible position, so with sink+recent KV (``omni_passes.hosts.vllm.kv_layer``: blocks outside
 the window freed) it never touches a freed block or the null block.
 """
 

@@ -21,9 +21,9 @@ def register_sink_recent_kv(config: PassConfig) -> bool:
         return False
     from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
-    from omni_passes.kvcache.vllm_layer import install
-    from omni_passes.kvcache.vllm_manager import SinkRecentManager
-    from omni_passes.kvcache.vllm_spec import SinkRecentMLASpec
+    from omni_passes.hosts.vllm.kv_layer import install
+    from omni_passes.hosts.vllm.kv_manager import SinkRecentManager
+    from omni_passes.hosts.vllm.kv_spec import SinkRecentMLASpec
 
     # vLLM registers its built-in specs only while the registry is empty: fill it first, or
     # ours would be the only spec it knows.

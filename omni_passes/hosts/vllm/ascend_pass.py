@@ -25,67 +25,44 @@ When vllm-ascend does *not* call graph passes (README, docs/ascend.md): with
 piecewise graphs (PIECEWISE, FULL_AND_PIECEWISE) turn it off; or turn it off in
 ``additional_config.ascend_compilation_config``.
 
-The run-time logic (config, state, report, load files) is ``omni_passes.vllm_pass._VllmRuntime``,
-the same as under vLLM's Inductor hook.
+The protocol (uuid, ``is_applicable_for_range``, pickling, setup failures) and the run-time logic
+(config, state, report, load files) are those of ``omni_passes.vllm_post_grad_pass``
+(``protocol.VllmHostPass``, ``runtime.VllmRuntime``).
 """
 
 from __future__ import annotations
 
-import os
-import threading
-from typing import Any
+import importlib.util
+import sys
 
 import torch.fx as fx
-from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from omni_passes.hosts.vllm.protocol import VllmHostPass, register_as_vllm_pass
+from omni_passes.hosts.vllm.settings import process_config
 
 
-class OmniAscendPass(CustomGraphPass):
+class OmniAscendPass(VllmHostPass):
     """A vLLM inductor pass for vllm-ascend's ``GraphFusionPassManager``: accepts a Graph or a
-    GraphModule, returns what it was given, rewritten in place. Picklable (vLLM deep-copies its
-    compile config); all state is built on the first call."""
+    GraphModule, returns what it was given, rewritten in place."""
 
-    def __init__(self, config: Any = None) -> None:
-        self._runtime: Any = None
-        self._lock = threading.Lock()
-
-    def __getstate__(self) -> dict:
-        return {}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__()
+    uuid_prefix = "omni_passes.ascend"
 
     def __call__(self, graph_or_module):
         graph = graph_or_module.graph if isinstance(graph_or_module, fx.GraphModule) else graph_or_module
-        with self._lock:
-            if self._runtime is None:
-                self._runtime = create_runtime(graph)
-            self._runtime.run(graph)
+        self.run_on(graph)
         if isinstance(graph_or_module, fx.GraphModule):
             graph_or_module.recompile()
         return graph_or_module
 
-    def is_applicable_for_range(self, compile_range: Any) -> bool:
-        return True  # the rewrite is shape-independent
+    def create_runtime(self, graph: fx.Graph):
+        """The runtime outside any active FakeTensorMode: the placement tables and load counters
+        are real, persistent tensors (vllm-ascend calls passes under aot_autograd's fake mode)."""
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    def uuid(self) -> Any:
-        from omni_passes.vllm_pass import _PROCESS_NONCE, load_config_from_env
+        from omni_passes.hosts.vllm.runtime import VllmRuntime
 
-        return f"omni_passes.ascend:{load_config_from_env().fingerprint()}:{os.getpid()}:{_PROCESS_NONCE}"
-
-    @property
-    def runtime(self) -> Any:
-        return self._runtime
-
-
-def create_runtime(graph: fx.Graph):
-    """``_VllmRuntime.create`` outside any active FakeTensorMode: the placement tables and load
-    counters are real, persistent tensors (vllm-ascend calls passes under aot_autograd's fake mode)."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-    from omni_passes.vllm_pass import _VllmRuntime
-
-    with unset_fake_temporarily():
-        return _VllmRuntime.create(graph)
+        with unset_fake_temporarily():
+            return VllmRuntime.create(graph, process_config())
 
 
 _OmniAscendPass = OmniAscendPass
@@ -108,11 +85,6 @@ def register_with_vllm(import_vllm: bool = False) -> None:
     ``CallableInductorPass`` while it parses the compile config. ``vllm serve`` imports vLLM
     before omni_passes, so the import-time registration suffices; a script that imports
     omni_passes first calls this after ``import vllm``."""
-    import importlib.util
-    import sys
-
     if "vllm" not in sys.modules and not (import_vllm and importlib.util.find_spec("vllm") is not None):
         return
-    from omni_passes.vllm_pass import register_as_vllm_pass
-
     register_as_vllm_pass(_OmniAscendPass, "VllmInductorPass", "vllm_inductor_pass")

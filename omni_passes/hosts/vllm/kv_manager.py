@@ -10,7 +10,7 @@ vLLM's scheduler owns one ``SingleTypeKVCacheManager`` per KV cache group, all d
    Only blocks that hold a sink position or a position ≥ N − recent get storage; the others
    (a long prompt's middle, written by the prefill and never read from the cache) are the null
    block from the start. The layer masks its cache writes into the null block
-   (``omni_passes.kvcache.vllm_layer``), so block 0 is never written or read by these layers.
+   (``omni_passes.hosts.vllm.kv_layer``), so block 0 is never written or read by these layers.
 
 The block table keeps one entry per block position (position p is in entry p // block_size),
 so the attention op finds the sink and recent rows where vLLM's other managers would put them.
@@ -28,7 +28,7 @@ from typing import Any
 
 from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager
 
-from omni_passes.kvcache.vllm_spec import SinkRecentMLASpec
+from omni_passes.hosts.vllm.kv_spec import SinkRecentMLASpec
 
 
 class SinkRecentManager(SingleTypeKVCacheManager):

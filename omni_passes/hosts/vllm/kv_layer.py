@@ -120,7 +120,7 @@ def compress_layer(attn: Any, sink: int, recent: int, block_size: int) -> None:
     """Give one ``MLAAttention`` module the sink+recent spec, masked writes and the dense guard."""
     from vllm.v1.kv_cache_interface import MLAAttentionSpec
 
-    from omni_passes.kvcache.vllm_spec import SinkRecentMLASpec
+    from omni_passes.hosts.vllm.kv_spec import SinkRecentMLASpec
 
     mla_spec: Callable = attn.get_kv_cache_spec
     update: Callable = attn.update_kv_cache

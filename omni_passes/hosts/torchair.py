@@ -127,7 +127,7 @@ def compile_for_ge_dump(model, config, dump_dir, torchair: Any = None):
     runs. Returns the compiled module with ``.omni`` attached, as ``omni_passes.compile`` does."""
     import torch
 
-    from omni_passes.compiler import prepare
+    from omni_passes.registry import prepare
 
     torchair = torchair or import_torchair()
     runtime = prepare(model, config)

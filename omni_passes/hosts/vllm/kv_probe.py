@@ -9,7 +9,7 @@ lives in the caller's process, so all of that is read directly; ``run`` drives g
 
 As a command (one JSON document on stdout; vLLM's log on stderr)::
 
-    python -m omni_passes.kvcache.vllm_probe --model DIR [--pass-config FILE] \
+    python -m omni_passes.hosts.vllm.kv_probe --model DIR [--pass-config FILE] \
         --prompts-json '["a", "b"]' --max-tokens 64 [--max-model-len 512] \
         [--num-gpu-blocks-override N] [--max-num-seqs 8] [--trace]
 """
