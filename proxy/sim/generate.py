@@ -5,6 +5,10 @@ choice ``index = prompt * n + k``; ``best_of`` is ignored (vLLM 0.32 dropped it 
 field as ignored); ``stop`` strings end a sequence with ``finish_reason: "stop"`` and its text
 cut before the string (streams hold back what could still become one); ``usage`` counts each
 prompt once and every sequence's tokens. Faults (``proxy.sim.faults``) are applied here.
+
+A generation gets what it works with (the engine, the fault plan, the model name), not the
+server that hosts them; what a fault does to the connection (:func:`reset`, :func:`crash`)
+lives here too.
 """
 
 from __future__ import annotations
@@ -12,15 +16,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
-from proxy.sim.engine import WORD_JSON, SimRequest
+from proxy.sim.engine import WORD_JSON, SimEngine, SimRequest
+from proxy.sim.faults import FaultPlan
+from proxy.sim.profile import SimProfile
 from proxy.wire.openai import error_bytes, max_tokens_of
-
-if TYPE_CHECKING:
-    from proxy.sim.server import SimInstance
 
 HTML_500 = (b"<html><head><title>500 Internal Server Error</title></head><body><h1>Internal Server Error</h1>"
             b"<p>upstream http://10.0.3.7:8100/v1/completions (pod vllm-7f9c-0.svc.cluster.local) failed;"
@@ -30,6 +33,30 @@ GARBAGE = b"upstream connect error or disconnect/reset before headers. reset rea
 
 def error(message: str, status: int, kind: str | None = None, param: str | None = None) -> web.Response:
     return web.Response(body=error_bytes(message, status, kind, param), status=status, content_type="application/json")
+
+
+def model_error(body: dict[str, Any], model: str) -> web.Response | None:
+    """vLLM's 404 for a request naming another model (None: the model is ours or not named)."""
+    named = body.get("model")
+    if named is not None and named != model:
+        return error(f"The model `{named}` does not exist. Valid aliases: {model}.", 404, "NotFoundError", "model")
+    return None
+
+
+async def reset(request: web.Request) -> web.StreamResponse:
+    """Drop the connection without an answer (what a dead or refusing server looks like)."""
+    if request.transport is not None:
+        request.transport.abort()
+    await asyncio.Event().wait()  # cancelled as the connection goes
+    raise AssertionError("unreachable")
+
+
+async def crash(engine: SimEngine, request: web.Request, reqs: list[SimRequest]) -> web.StreamResponse:
+    """The instance dies under these sequences: they are aborted and the connection dropped."""
+    for r in reqs:
+        engine.abort(r)
+        engine.records[r.rid]["status"] = "crashed"
+    return await reset(request)
 
 
 def stops_of(body: dict[str, Any]) -> tuple[str, ...]:
@@ -42,9 +69,11 @@ def stops_of(body: dict[str, Any]) -> tuple[str, ...]:
 class Generation:
     """The sequences of one request on one instance."""
 
-    def __init__(self, inst: "SimInstance", request: web.Request, rid: str, body: dict, chat: bool,
-                 prompts: list[list[int]], fault: str | None):
-        self.inst = inst
+    def __init__(self, engine: SimEngine, faults: FaultPlan, model: str, request: web.Request, rid: str, body: dict,
+                 chat: bool, prompts: list[list[int]], fault: str | None):
+        self.engine = engine
+        self.faults = faults
+        self.model = model
         self.request = request
         self.rid = rid
         self.body = body
@@ -68,22 +97,22 @@ class Generation:
     def record(self) -> None:
         """With several sequences, ``records[rid]`` lists them (each is also under ``rid-INDEX``)."""
         if len(self.reqs) > 1:
-            subs = [self.inst.engine.records.get(r.rid) for r in self.reqs]
-            self.inst.engine.records[self.rid] = {"request_id": self.rid, "choices": subs,
+            subs = [self.engine.records.get(r.rid) for r in self.reqs]
+            self.engine.records[self.rid] = {"request_id": self.rid, "choices": subs,
                                                   "output": subs[0]["output"] if subs[0] else ""}
 
     # -- whole answers ------------------------------------------------------------------------------
     async def whole(self, params_out: dict | None) -> web.StreamResponse:
-        after = self.inst.faults.after_tokens
+        after = self.faults.after_tokens
         while not all(r.done for r in self.reqs):
             waiting = next(r for r in self.reqs if not r.done)
             await waiting.wake.wait()
             waiting.wake.clear()
             if self.fault == "crash" and max(len(r.outputs) for r in self.reqs) >= after:
-                return await self.inst.crash(self.request, self.reqs)
+                return await crash(self.engine, self.request, self.reqs)
         self.record()
         if self.fault == "crash":
-            return await self.inst.crash(self.request, self.reqs)
+            return await crash(self.engine, self.request, self.reqs)
         choices = []
         for k, r in enumerate(self.reqs):
             if self.chat:
@@ -92,7 +121,7 @@ class Generation:
             else:
                 choices.append({"index": k, "text": r.text(), "logprobs": None, "finish_reason": r.finish_reason,
                                 "stop_reason": r.stop_reason})
-        doc = {"id": self.id, "object": self.object, "created": self.created, "model": self.inst.model,
+        doc = {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
                "choices": choices, "usage": self.usage(), "kv_transfer_params": params_out}
         data = json.dumps(doc).encode()
         if self.fault in ("hang", "truncate"):
@@ -113,7 +142,7 @@ class Generation:
     def _chunk(self, index: int, text: str | bytes, finish: str | None, stop_reason: str | None = None,
                role: bool = False) -> bytes:
         head = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
-                "created": self.created, "model": self.inst.model}
+                "created": self.created, "model": self.model}
         if isinstance(text, bytes):
             text = json.loads(text)
         if self.chat:
@@ -138,28 +167,28 @@ class Generation:
         options = self.body.get("stream_options") or {}
         if options.get("include_usage"):
             usage = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
-                     "created": self.created, "model": self.inst.model, "choices": [], "usage": self.usage()}
+                     "created": self.created, "model": self.model, "choices": [], "usage": self.usage()}
             await resp.write(b"data: " + json.dumps(usage).encode() + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
 
     async def _mid_stream_fault(self, resp: web.StreamResponse, sent: int) -> web.StreamResponse | None:
-        if self.fault not in ("crash", "hang", "truncate") or sent < self.inst.faults.after_tokens:
+        if self.fault not in ("crash", "hang", "truncate") or sent < self.faults.after_tokens:
             return None
         if self.fault == "crash":
-            return await self.inst.crash(self.request, self.reqs)
+            return await crash(self.engine, self.request, self.reqs)
         if self.fault == "hang":
             await asyncio.Event().wait()
         await resp.write(b'data: {"id":"' + self.id.encode() + b'","object":"' + self.object.encode() + b'","choi')
         await resp.write_eof()
         for r in self.reqs:
-            self.inst.engine.abort(r)
+            self.engine.abort(r)
         return resp
 
     async def _stream_one(self, resp: web.StreamResponse, req: SimRequest) -> web.StreamResponse | None:
         """The fast path: one sequence, no stop strings; chunks from preformatted bytes."""
-        model = json.dumps(self.inst.model)
+        model = json.dumps(self.model)
         if self.chat:
             head = (f'data: {{"id":"{self.id}","object":"chat.completion.chunk","created":{self.created},'
                     f'"model":{model},"choices":[{{"index":0,"delta":{{').encode()
@@ -229,8 +258,7 @@ class Generation:
         return None
 
 
-def check_lengths(inst: "SimInstance", prompts: list[list[int]], max_tokens: int) -> web.Response | None:
-    p = inst.profile
+def check_lengths(p: SimProfile, prompts: list[list[int]], max_tokens: int) -> web.Response | None:
     for ids in prompts:
         if len(ids) + max_tokens > p.max_model_len:
             return error(f"This model's maximum context length is {p.max_model_len} tokens. However, you requested "
@@ -254,4 +282,5 @@ def fault_answer(fault: str | None, stream: bool) -> web.Response | None:
     return None
 
 
-__all__ = ["Generation", "check_lengths", "error", "fault_answer", "max_tokens_of", "stops_of"]
+__all__ = ["Generation", "check_lengths", "crash", "error", "fault_answer", "max_tokens_of", "model_error", "reset",
+           "stops_of"]

@@ -5,6 +5,7 @@ one message of ``output_text``. Responses are stored on the instance (unless ``s
 false), so ``previous_response_id`` continues a conversation there and is a 404 anywhere else:
 the reason a proxy must send follow-ups back to the same instance. Streams send
 ``response.created``, one ``response.output_text.delta`` per token and ``response.completed``.
+The handler gets the engine, fault plan, tokenizer and store it works with, not the server.
 """
 
 from __future__ import annotations
@@ -12,17 +13,16 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from collections import OrderedDict
+from typing import Any
 
 from aiohttp import web
 
-from proxy.sim.engine import SimRequest
-from proxy.sim.generate import error, fault_answer
+from proxy.sim.engine import SimEngine, SimRequest
+from proxy.sim.faults import FaultPlan
+from proxy.sim.generate import error, fault_answer, model_error
 from proxy.wire.openai import RequestError, parse_json_body
 from proxy.wire.text import content_text
-
-if TYPE_CHECKING:
-    from proxy.sim.server import SimInstance
 
 STORED = 1000
 
@@ -40,50 +40,52 @@ def _event(kind: str, seq: int, **fields: Any) -> bytes:
     return f"event: {kind}\ndata: ".encode() + json.dumps({"type": kind, "sequence_number": seq, **fields}).encode() + b"\n\n"
 
 
-async def answer_response(inst: "SimInstance", request: web.Request) -> web.StreamResponse:
-    if inst._refusing():
-        return await inst._reset(request)
+Stored = OrderedDict[str, tuple[dict[str, Any], str]]  # response id -> (document, conversation so far)
+
+
+async def answer_response(request: web.Request, engine: SimEngine, faults: FaultPlan, tokenizer, model: str,
+                          stored_responses: Stored) -> web.StreamResponse:
     try:
         body = parse_json_body(await request.read())
         text = _input_text(body)
     except RequestError as exc:
         return error(exc.message, exc.status, param=exc.param)
-    wrong = inst._model_error(body)
+    wrong = model_error(body, model)
     if wrong:
         return wrong
     previous = body.get("previous_response_id")
     history = ""
     if previous is not None:
-        stored = inst.responses_store.get(previous)
-        if stored is None:
+        earlier = stored_responses.get(previous)
+        if earlier is None:
             return error(f"Response with id '{previous}' not found.", 404, "NotFoundError", "previous_response_id")
-        history = stored[1]
+        history = earlier[1]
     stream = bool(body.get("stream"))
-    answer = fault_answer(inst.faults.draw(), stream)
+    answer = fault_answer(faults.draw(), stream)
     if answer is not None:
         return answer
     rid = request.headers.get("X-Request-Id") or uuid.uuid4().hex
     conversation = history + (body.get("instructions") or "") + text
-    ids = inst.tokenizer.text_ids(conversation, False)
-    max_tokens = int(body.get("max_output_tokens") or inst.profile.default_max_tokens)
-    req = SimRequest(rid, ids, inst.engine.digests_of(ids), max_tokens)
-    inst.engine.add(req)
+    ids = tokenizer.text_ids(conversation, False)
+    max_tokens = int(body.get("max_output_tokens") or engine.profile.default_max_tokens)
+    req = SimRequest(rid, ids, engine.digests_of(ids), max_tokens)
+    engine.add(req)
     resp_id, msg_id, created = f"resp_{rid}", f"msg_{rid}", int(time.time())
 
     def document(status: str) -> dict[str, Any]:
         output = [] if status == "in_progress" else [
             {"type": "message", "id": msg_id, "role": "assistant", "status": "completed",
              "content": [{"type": "output_text", "text": req.text(), "annotations": []}]}]
-        return {"id": resp_id, "object": "response", "created_at": created, "model": inst.model, "status": status,
+        return {"id": resp_id, "object": "response", "created_at": created, "model": model, "status": status,
                 "output": output, "previous_response_id": previous, "instructions": body.get("instructions"),
                 "usage": {"input_tokens": len(ids), "output_tokens": len(req.outputs),
                           "total_tokens": len(ids) + len(req.outputs)}}
 
     def store() -> None:
         if body.get("store", True):
-            inst.responses_store[resp_id] = (document("completed"), conversation + req.text())
-            while len(inst.responses_store) > STORED:
-                inst.responses_store.popitem(last=False)
+            stored_responses[resp_id] = (document("completed"), conversation + req.text())
+            while len(stored_responses) > STORED:
+                stored_responses.popitem(last=False)
 
     try:
         if not stream:
@@ -114,4 +116,4 @@ async def answer_response(inst: "SimInstance", request: web.Request) -> web.Stre
         return resp
     finally:
         if not req.done:
-            inst.engine.abort(req)
+            engine.abort(req)

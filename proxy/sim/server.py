@@ -30,9 +30,9 @@ from aiohttp import web
 
 from proxy.sim.engine import SimEngine, SimRequest
 from proxy.sim.faults import FaultPlan
-from proxy.sim.generate import Generation, check_lengths, error, fault_answer, stops_of
+from proxy.sim.generate import Generation, check_lengths, error, fault_answer, model_error, reset, stops_of
 from proxy.sim.profile import SimProfile
-from proxy.sim.responses import answer_response
+from proxy.sim.responses import Stored, answer_response
 from proxy.wire import kv_events as kv
 from proxy.wire.openai import RequestError, max_tokens_of, parse_json_body, validate_request
 from proxy.wire.text import render_chat
@@ -112,7 +112,7 @@ class SimInstance:
         self.kv_topic = kv_topic
         self.faults = faults or FaultPlan()
         self.tokenizer = tokenizer or make_tokenizer(None, self.profile.chars_per_token)
-        self.responses_store: OrderedDict[str, tuple[dict[str, Any], str]] = OrderedDict()  # id -> (doc, conversation)
+        self.responses_store: Stored = OrderedDict()
         self._pieces: OrderedDict[int, str] = OrderedDict()  # char-block id -> its text (for /detokenize)
         self.engine: SimEngine | None = None
         self.publisher: KVPublisher | None = None
@@ -218,7 +218,7 @@ class SimInstance:
     # -- plain endpoints --------------------------------------------------------------------
     async def health(self, request: web.Request) -> web.StreamResponse:
         if self._refusing():
-            return await self._reset(request)
+            return await reset(request)
         return web.Response(status=200)
 
     async def models(self, request: web.Request) -> web.Response:
@@ -277,13 +277,6 @@ class SimInstance:
         return _json({"prompt_tokens": held.prompt_len})
 
     # -- tokenizer endpoints --------------------------------------------------------------------
-    def _model_error(self, body: dict[str, Any]) -> web.Response | None:
-        model = body.get("model")
-        if model is not None and model != self.model:
-            return error(f"The model `{model}` does not exist. Valid aliases: {self.model}.", 404, "NotFoundError",
-                         "model")
-        return None
-
     async def _openai_body(self, request: web.Request, chat: bool | None) -> tuple[bytes, dict, bool] | web.Response:
         """Read, parse and validate an OpenAI request body and check its model: ``(raw, body,
         chat)``, or the error response vLLM would give. ``chat=None``: chat iff it has ``messages``."""
@@ -294,7 +287,7 @@ class SimInstance:
             validate_request(body, chat)
         except RequestError as exc:
             return error(exc.message, exc.status, param=exc.param)
-        wrong = self._model_error(body)
+        wrong = model_error(body, self.model)
         return wrong if wrong is not None else (raw, body, chat)
 
     async def tokenize(self, request: web.Request) -> web.Response:
@@ -325,7 +318,7 @@ class SimInstance:
         tokens = body.get("tokens")
         if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
             return error(f"field 'tokens' must be a list of token ids, got {tokens!r:.60}", 400, param="tokens")
-        wrong = self._model_error(body)
+        wrong = model_error(body, self.model)
         if wrong:
             return wrong
         if hasattr(self.tokenizer, "decode"):
@@ -346,19 +339,6 @@ class SimInstance:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, chat=True)
 
-    async def _reset(self, request: web.Request) -> web.StreamResponse:
-        """Drop the connection without an answer (what a dead or refusing server looks like)."""
-        if request.transport is not None:
-            request.transport.abort()
-        await asyncio.Event().wait()  # cancelled as the connection goes
-        raise AssertionError("unreachable")
-
-    async def crash(self, request: web.Request, reqs: list[SimRequest]) -> web.StreamResponse:
-        for r in reqs:
-            self.engine.abort(r)
-            self.engine.records[r.rid]["status"] = "crashed"
-        return await self._reset(request)
-
     async def _prompts(self, body: dict[str, Any], chat: bool, size: int) -> list[list[int]]:
         if size < LARGE_BODY:
             return self.tokenizer.prompts(body, chat)
@@ -367,7 +347,7 @@ class SimInstance:
 
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
         if self._refusing():
-            return await self._reset(request)
+            return await reset(request)
         parsed = await self._openai_body(request, chat)
         if isinstance(parsed, web.Response):
             return parsed
@@ -386,10 +366,11 @@ class SimInstance:
             prompts = [[0] * self.tokenizer.longest(body, chat)]  # over the limit: no need to tokenize it
         else:
             prompts = await self._prompts(body, chat, len(raw))
-        too_long = check_lengths(self, prompts, max_tokens)
+        too_long = check_lengths(p, prompts, max_tokens)
         if too_long:
             return too_long
-        gen = Generation(self, request, rid, body, chat, prompts, fault)
+        gen = Generation(self.engine, self.faults, self.model, request, rid, body, chat, prompts,
+                         fault)
         params = body.get("kv_transfer_params")
         if params is not None and not isinstance(params, dict):
             return error(f"field 'kv_transfer_params' must be an object, got {params!r:.60}", 400)
@@ -448,7 +429,10 @@ class SimInstance:
 
     # -- responses API ----------------------------------------------------------------------------
     async def responses(self, request: web.Request) -> web.StreamResponse:
-        return await answer_response(self, request)
+        if self._refusing():
+            return await reset(request)
+        return await answer_response(request, self.engine, self.faults, self.tokenizer, self.model,
+                                     self.responses_store)
 
     async def response_get(self, request: web.Request) -> web.Response:
         stored = self.responses_store.get(request.match_info["id"])
