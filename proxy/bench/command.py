@@ -19,15 +19,13 @@ import sys
 from pathlib import Path
 
 from .cluster import ClusterSpec
+from .common import DEFAULT_RATES, parse_rates, say
 from .metrics import parse_slo
 from .report import render
 from .routers import parse_spec
-from .runner import WorkloadSource, attach_overhead, bench_router, machine_info, say
+from .runner import WorkloadSource, attach_overhead, bench_router, machine_info
 from .synthetic import GENERATORS
 from .workload import WorkloadError, load_jsonl
-
-DEFAULT_RATES = "0.5,1,1.5,2,2.5,3,4,5,6,8"
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cluster", required=True, metavar="FILE",
@@ -60,16 +58,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clock", choices=("wall", "virtual"), default="wall",
                    help="virtual: run omni routers in-process on a simulated clock (no CPU effects, no router "
                         "latency; peers are skipped); for calibrating our policies quickly")
-
-
-def _rates(text: str) -> list[float]:
-    try:
-        rates = sorted({float(x) for x in text.split(",") if x.strip()})
-    except ValueError:
-        raise ValueError(f"--rates takes comma-separated numbers, got {text!r}") from None
-    if not rates or rates[0] <= 0:
-        raise ValueError(f"--rates must be positive numbers, got {text!r}")
-    return rates
 
 
 async def _run(args, cluster, workload, specs, slo, rates) -> dict:
@@ -105,7 +93,7 @@ def main(args: argparse.Namespace) -> int:
         if len(set(names)) != len(names):
             raise ValueError(f"--router given twice: {', '.join(sorted({n for n in names if names.count(n) > 1}))}")
         slo = parse_slo(args.slo)
-        rates = _rates(args.rates) if args.sweep else [args.rate]
+        rates = parse_rates(args.rates) if args.sweep else [args.rate]
         if not args.sweep and not (args.rate and args.rate > 0):
             raise ValueError(f"--rate must be positive, got {args.rate}")
         if args.duration <= 0 or args.timeout <= 0 or args.sweep_patience < 1:

@@ -19,8 +19,8 @@ from scheduling.slo import SLOTarget
 
 from .client import drive
 from .cluster import ClusterSpec
+from .common import PointResult, warm_up
 from .metrics import SLO, summarize
-from .runner import PointResult, warm_up
 from .workload import PromptBuilder, WorkloadRequest
 
 

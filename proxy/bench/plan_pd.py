@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from .cluster import ClusterSpec, InstanceGroup
-from .command import DEFAULT_RATES, _rates
+from .common import DEFAULT_RATES, parse_rates, say
 from .metrics import SLO, parse_slo
-from .runner import WorkloadSource, say
+from .runner import WorkloadSource
 from .synthetic import GENERATORS
 from .workload import WorkloadError, load_jsonl
 
@@ -225,7 +225,7 @@ def main(args: argparse.Namespace) -> int:
         if n < 2:
             raise ValueError(f"--instances must be at least 2 to split, got {n}")
         slo = parse_slo(args.slo)
-        rates = _rates(args.rates)
+        rates = parse_rates(args.rates)
         bypass = _bypass(args.bypass)
         options = _options(args.policy_option)
         if args.refine < 0 or args.duration <= 0:

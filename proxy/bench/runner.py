@@ -24,16 +24,13 @@ from typing import Any
 import aiohttp
 
 from . import synthetic
-from .client import MODEL, drive, request_body
+from .client import drive
+from .common import PointResult, warm_up
 from .cluster import ClusterSpec
 from .cpu import CpuMonitor
-from .metrics import SLO, RequestRecord, added_latency, goodput_qpm, summarize
+from .metrics import SLO, added_latency, goodput_qpm, summarize
 from .routers import Instances, RouterProcess, RouterSpec, RouterStartError, Unsupported, die_with_parent
 from .workload import PromptBuilder, WorkloadRequest, at_rate, describe
-
-
-def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -148,25 +145,6 @@ def _check_alive(sims: SimHost, router: RouterProcess) -> None:
         raise PointError(f"the router process ({router.spec.name}) exited with code {code} during the point")
 
 
-@dataclass
-class PointResult:
-    summary: dict[str, Any]
-    records: list[RequestRecord] = field(default_factory=list)
-
-
-async def warm_up(targets: Sequence[str], timeout: float = 30.0) -> None:
-    """One short request per target: the router has found its workers and the path works."""
-    body = request_body(" warm up", 2)
-    body["stream"] = False
-    body.pop("stream_options")
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
-        for url in targets:
-            async with session.post(url + "/v1/completions", json=body) as r:
-                if r.status != 200:
-                    raise RouterStartError(f"warm-up request through {url} answered {r.status}: {(await r.text())[:200]}")
-                await r.read()
-
-
 async def run_point(cluster: ClusterSpec, spec: RouterSpec, requests: Sequence[WorkloadRequest], slo: SLO, *,
                     rate: float | None, seed: int = 0, timeout_s: float = 300.0, progress: bool = True) -> PointResult:
     """Start the cluster and ``spec``, replay ``requests``, measure, stop. Raises Unsupported or
@@ -225,7 +203,7 @@ async def run_point_virtual(cluster: ClusterSpec, spec: RouterSpec, requests: Se
     """The in-process point (simulated clock when the loop is a VirtualClockLoop); omni only."""
     if spec.kind != "omni":
         raise Unsupported("the virtual clock runs our proxy in-process; peers run in wall-clock time only")
-    from .inprocess import run_point_inprocess
+    from .inprocess import run_point_inprocess  # the in-process server stack, loaded only when used
 
     return await run_point_inprocess(cluster, requests, slo, rate=rate, policy=spec.policy,
                                      policy_options=typed_options(spec), seed=seed, timeout_s=timeout_s)
