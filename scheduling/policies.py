@@ -25,7 +25,7 @@ answer reaches only ``on_complete``: its whole latency measures neither prefill 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .load import InstanceLoad, LoadModel, Ticket
@@ -131,7 +131,7 @@ class Policy:
 
     def hold_order(self, stage: str) -> Callable[[Sequence[Held], float], list[int]]:
         """Serving order of the requests held at ``stage``: ``order(items, now) -> indices``."""
-        return lambda items, now: fifo_order(items)
+        return fifo_order
 
     def choose_prefill(self, req: RequestInfo, candidates: Sequence[str], state: ClusterState) -> Choice | None:
         raise NotImplementedError

@@ -69,10 +69,11 @@ def prefill_order(items: Sequence[Held], now: float) -> list[int]:
     return sorted(range(len(items)), key=lambda k: (-weights[k], items[k].arrived))
 
 
-def decode_order(items: Sequence[Held]) -> list[int]:
-    """OmniInfer's decode order: longest first (prompt + max_tokens; ties: earlier first)."""
+def decode_order(items: Sequence[Held], now: float = 0.0) -> list[int]:
+    """OmniInfer's decode order: longest first (prompt + max_tokens; ties: earlier first; ``now`` unused)."""
     return sorted(range(len(items)), key=lambda k: (-(items[k].prompt_tokens + items[k].max_tokens), items[k].arrived))
 
 
-def fifo_order(items: Sequence[Held]) -> list[int]:
+def fifo_order(items: Sequence[Held], now: float = 0.0) -> list[int]:
+    """Arrival order (``now`` unused: every order takes the same arguments)."""
     return sorted(range(len(items)), key=lambda k: items[k].arrived)

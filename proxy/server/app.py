@@ -3,7 +3,7 @@
 A completion goes: read the body (``intake``: size and time limits) -> prepare it (``prepare``:
 parse, validate, drop engine-steering fields, tokenize, hash; in a worker process when large)
 -> route (``routing``: the policy, holding the request while every instance is at its limits)
--> forward (``forward``; PD mode: ``pd`` first) -> relay (``relay``). The prober (``prober``)
+-> forward (``forward``, each attempt an ``exchange``; PD mode: ``pd`` first) -> relay (``relay``). The prober (``prober``)
 and the circuit breakers (``instances``) decide which instances are usable; when one is
 declared down, its attempts in flight (``attempts``) fail over. ``admin``, ``passthrough`` and
 ``metrics`` are the other routes. This module wires the pieces together and maps outcomes to
@@ -25,6 +25,7 @@ from proxy.server.admin import AdminRoutes
 from proxy.server.attempts import Call, InFlight
 from proxy.server.config import ProxyConfig
 from proxy.server.errors import AllAttemptsFailed, NoCapacity, NoInstance, UpstreamRejected, client_error
+from proxy.server.exchange import Exchanges
 from proxy.server.forward import Forwarder
 from proxy.server.instances import CircuitBreaker, Instance, Registry
 from proxy.server.intake import Intake
@@ -71,10 +72,12 @@ class ProxyServer:
         self.upstream = Upstream(c.connect_timeout, UPSTREAM_KEEPALIVE_S)
         self.prober = HealthProber(self.registry, lambda: self.upstream.session, c.health_interval, c.health_timeout,
                                    on_probe=self.router.kick)
-        self.forwarder = Forwarder(c, self.router, self.registry, self.upstream, self.inflight, self.metrics, self.now)
-        self.pd = PDFlow(self.forwarder, self.router, self.upstream, self.metrics, c.retries, c.first_byte_timeout)
-        self.passthrough = Passthrough(c.mode, self.router, self.forwarder, self.upstream, self.intake,
-                                       c.first_byte_timeout, c.retries, c.default_max_tokens, self._handle)
+        exchanges = Exchanges(self.inflight, self.registry, self.upstream, self.router, self.metrics, c.idle_timeout,
+                              self.now)
+        self.forwarder = Forwarder(c, self.router, self.registry, exchanges, self.metrics, self.now)
+        self.pd = PDFlow(self.forwarder, self.router, self.metrics, c.first_byte_timeout)
+        self.passthrough = Passthrough(c.mode, self.router, self.forwarder, self.intake, c.first_byte_timeout,
+                                       c.retries, c.default_max_tokens, self._handle)
         self.admin = AdminRoutes(c.admin_token, c.mode, self._listing, self._admin_add, self.remove_instance)
         self.subscribers: dict[str, KVEventSubscriber] = {}
         self._runner: web.AppRunner | None = None

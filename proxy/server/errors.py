@@ -1,4 +1,9 @@
-"""How an upstream attempt can fail, and what the client is told (never the upstream's words).
+"""How serving a request can fail, and what the client is told (never the upstream's words).
+
+Placement fails with :class:`NoInstance` (nothing usable to send to) or :class:`NoCapacity`
+(held in the proxy past ``--queue-timeout``); an upstream attempt with :class:`AttemptFailed`
+(retryable) or :class:`UpstreamRejected` (the request is at fault); a request whose every
+attempt failed with :class:`AllAttemptsFailed`.
 
 Upstream error bodies, instance URLs and exception texts go to the log, tagged with the request
 id; the client gets an OpenAI-shaped error that carries the request id and nothing internal.
@@ -8,13 +13,20 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from proxy.server.holding import NoCapacity, NoInstance
 from proxy.wire.openai import error_bytes
 
 __all__ = ["AttemptFailed", "UpstreamRejected", "AllAttemptsFailed", "NoInstance", "NoCapacity", "client_error"]
 
 # kinds of AttemptFailed; all but "down" count against the instance's circuit breaker
 KINDS = ("connect", "timeout", "http_5xx", "broken", "bad_response", "stream_broken", "down")
+
+
+class NoInstance(Exception):
+    """No usable instance for a stage (none configured, or every breaker open)."""
+
+
+class NoCapacity(Exception):
+    """Held past the queue timeout."""
 
 
 class AttemptFailed(Exception):

@@ -1,6 +1,7 @@
 """Serving a request from one stage: place it, send it, relay the answer, retry before the first byte.
 
-An attempt that fails before any byte reached the client (connect error, 5xx, timeout, a bad
+The retry loop (:meth:`Forwarder.retrying`) is the one for every stage; the PD prefill uses it
+too. An attempt's lifecycle is :mod:`proxy.server.exchange`'s. An attempt that fails before any byte reached the client (connect error, 5xx, timeout, a bad
 answer, a stream cut before its first event, or its instance declared down meanwhile) is
 retried on another instance of the stage, ``--retries`` times (on one that already failed it
 when no other is left). Deadlines, counted from the
@@ -10,28 +11,30 @@ the prober (``proxy.server.prober``). Once the client has bytes, a broken stream
 error event (``proxy.server.relay``).
 
 Verdicts: a failure counts against the instance's circuit breaker (unless the instance was
-already declared down); a complete answer counts as its success.
+already declared down; ``exchange``); a complete answer counts as its success.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import aiohttp
 from aiohttp import web
 
-from proxy.server.attempts import Attempt, Call, InFlight
+from proxy.server.attempts import Attempt, Call
 from proxy.server.config import ProxyConfig
 from proxy.server.errors import AllAttemptsFailed, AttemptFailed, NoInstance
+from proxy.server.exchange import Exchanges
 from proxy.server.instances import Registry
 from proxy.server.metrics import ProxyMetrics
 from proxy.server.relay import COMPLETIONS, Dialect, relay
 from proxy.server.routing import Router
-from proxy.server.upstream import Upstream
 from scheduling.load import Ticket
 
 log = logging.getLogger("omni_proxy")
+T = TypeVar("T")
 
 
 class EventStream(web.StreamResponse):
@@ -44,50 +47,58 @@ class EventStream(web.StreamResponse):
 
 
 class Forwarder:
-    def __init__(self, config: ProxyConfig, router: Router, registry: Registry, upstream: Upstream,
-                 inflight: InFlight, metrics: ProxyMetrics, now: Callable[[], float]):
+    def __init__(self, config: ProxyConfig, router: Router, registry: Registry, exchanges: Exchanges,
+                 metrics: ProxyMetrics, now: Callable[[], float]):
         self.config = config
         self.router = router
         self.registry = registry
-        self.upstream = upstream
-        self.inflight = inflight
+        self.exchanges = exchanges
+        self.upstream = exchanges.upstream
         self.metrics = metrics
         self.now = now
 
-    # -- verdicts ---------------------------------------------------------------------------------
-    def failed(self, call: Call, stage: str, attempt: Attempt, failure: AttemptFailed) -> None:
-        self.inflight.end(attempt)  # before the verdict: an opening circuit fails over the others only
-        self.metrics.upstream_errors.labels(failure.instance, failure.kind).inc()
-        log.warning("request %s: attempt on %s (%s) failed: %s: %s", call.rid, failure.instance, stage,
-                    failure.kind, failure.detail)
-        if failure.counts:
-            self.registry.request_failed(failure.instance, self.now(), f"{failure.kind}: {failure.detail}")
-        else:
-            self.metrics.failovers.labels(failure.instance).inc()
-        self.router.observe("on_complete", call.info, failure.instance, stage, attempt.sent_at, ok=False)
+    # -- the retry loop -------------------------------------------------------------------------------
+    async def retrying(self, stage: str, call: Call, attempt: Callable[[str, Ticket], Awaitable[T]], *,
+                       prefill_work: Callable[[], bool], pinned: str | None = None, reuse_failed: bool = True,
+                       on_failure: Callable[[AttemptFailed], None] | None = None) -> T:
+        """``attempt(instance, ticket)`` on a placement at ``stage``, again on another instance
+        after each AttemptFailed, ``--retries`` times; each placement's load is given back
+        after its attempt.
 
-    def begin(self, instance: str, stage: str) -> Attempt:
-        return self.inflight.begin(instance, stage, self.config.idle_timeout)
-
-    def end(self, attempt: Attempt, resp: aiohttp.ClientResponse | None = None, clean: bool = False) -> None:
-        """The attempt is over. Its upstream response, if any, goes back to the connection pool
-        when it was read to the end (``clean``); otherwise it is closed, so the instance sees
-        the connection go and aborts the request."""
-        self.inflight.end(attempt)
-        inst = self.registry.instances.get(attempt.instance)
-        if inst is not None:
-            inst.breaker.end_trial()
-        if resp is not None:
-            if clean:
-                resp.release()
-            else:
-                resp.close()
-
-    @staticmethod
-    def timed_out(attempt: Attempt, what: str, limit: float) -> AttemptFailed:
-        if attempt.down_reason is not None:
-            return AttemptFailed(attempt.instance, "down", f"instance declared down: {attempt.down_reason}")
-        return AttemptFailed(attempt.instance, "timeout", f"no {what} within {limit:g} s")
+        When every instance has failed this request, ``reuse_failed`` lets one of them serve it
+        again; otherwise the loop ends. Raises NoInstance when nothing could be placed at all,
+        AllAttemptsFailed after failures, NoCapacity from placement as it comes.
+        ``prefill_work()`` says whether the instance computes the prompt (asked per placement).
+        """
+        tried: set[str] = set()
+        failures: list[AttemptFailed] = []
+        for attempt_no in range(self.config.retries + 1):
+            if attempt_no:
+                self.metrics.retries.labels(stage).inc()
+            try:
+                try:
+                    choice, ticket = await self.router.place(stage, call.info, tried, prefill_work=prefill_work(),
+                                                             pinned=pinned)
+                except NoInstance:
+                    if not tried or not reuse_failed:
+                        raise
+                    # no other instance left: one that failed this request may still serve it
+                    choice, ticket = await self.router.place(stage, call.info, set(), prefill_work=prefill_work(),
+                                                             pinned=pinned)
+            except NoInstance:
+                if failures:
+                    break
+                raise
+            try:
+                return await attempt(choice.instance, ticket)
+            except AttemptFailed as failure:
+                failures.append(failure)
+                tried.add(choice.instance)
+                if on_failure is not None:
+                    on_failure(failure)
+            finally:
+                self.router.release(ticket)
+        raise AllAttemptsFailed(failures)
 
     # -- serving ------------------------------------------------------------------------------------
     async def serve(self, call: Call, stage: str, payload: Callable[[dict | None], bytes], kv_params: dict | None = None,
@@ -98,78 +109,44 @@ class Forwarder:
         ``kv_transfer_params`` the retry goes without them (the failed attempt may have
         consumed the KV they point at).
         """
-        tried: set[str] = set()
-        failures: list[AttemptFailed] = []
-        for attempt_no in range(self.config.retries + 1):
-            if attempt_no:
-                self.metrics.retries.labels(stage).inc()
-            try:
-                try:
-                    choice, ticket = await self.router.place(stage, call.info, tried, prefill_work=kv_params is None,
-                                                             pinned=pinned)
-                except NoInstance:
-                    if not tried:
-                        raise
-                    # no other instance left: one that failed this request may still serve it
-                    choice, ticket = await self.router.place(stage, call.info, set(), prefill_work=kv_params is None,
-                                                             pinned=pinned)
-            except NoInstance:
-                if failures:
-                    break
-                raise
-            try:
-                return await self.once(call, stage, choice.instance, payload(kv_params), ticket, dialect)
-            except AttemptFailed as failure:
-                failures.append(failure)
-                tried.add(choice.instance)
-                if kv_params is not None:
-                    kv_params = None
-                    self.metrics.fallbacks.labels("decode_retry").inc()
-            finally:
-                self.router.release(ticket)
-        raise AllAttemptsFailed(failures)
+        def without_kv(failure: AttemptFailed) -> None:
+            nonlocal kv_params
+            if kv_params is not None:
+                kv_params = None
+                self.metrics.fallbacks.labels("decode_retry").inc()
+
+        return await self.retrying(
+            stage, call, lambda instance, ticket: self.once(call, stage, instance, payload(kv_params), ticket, dialect),
+            prefill_work=lambda: kv_params is None, pinned=pinned, on_failure=without_kv)
 
     async def once(self, call: Call, stage: str, instance: str, payload: bytes, ticket: Ticket,
                    dialect: Dialect) -> web.StreamResponse:
         """One attempt; AttemptFailed only while the client has no byte yet."""
         c = self.config
-        attempt = self.begin(instance, stage)
-        resp: aiohttp.ClientResponse | None = None
-        clean = False
-        try:
-            limit = c.first_byte_timeout if call.stream else c.request_timeout
-            try:
-                async with attempt.phase(attempt.sent_at + limit):
-                    resp = await self.upstream.post(call, instance, payload)
-                    await self.upstream.check(call.rid, instance, resp)
-                    if call.stream:
-                        first, pending = await self.upstream.first_events(call.rid, instance, resp)
-                    else:
-                        data, doc = await self.upstream.read_json(call.rid, instance, resp)
-            except TimeoutError:
-                raise self.timed_out(attempt, "stream event" if call.stream else "complete answer", limit) from None
+        async with self.exchanges.open(call.rid, instance, stage, call) as ex:
+            if call.stream:
+                first, pending = await ex.send("POST", call.path, payload, self.upstream.first_events,
+                                               c.first_byte_timeout, "stream event")
+            else:
+                data, doc = await ex.send("POST", call.path, payload, self.upstream.read_json, c.request_timeout,
+                                          "complete answer")
             now = self.now()
             ticket.prefill_done(now)
             call.served_by = instance
             if not call.stream:
-                clean = True
+                ex.clean = True
                 call.head = data
                 self.registry.request_succeeded(instance, now)
-                self.router.observe("on_complete", call.info, instance, stage, attempt.sent_at, usage=doc.get("usage"),
-                                    ticket=ticket)
-                return web.Response(body=data, status=resp.status, content_type="application/json",
+                self.router.observe("on_complete", call.info, instance, stage, ex.attempt.sent_at,
+                                    usage=doc.get("usage"), ticket=ticket)
+                return web.Response(body=data, status=ex.resp.status, content_type="application/json",
                                     headers={"X-Request-Id": call.rid})
             call.head = first
             call.ttft = now - call.t0
             self.metrics.ttft.observe(call.ttft)
-            self.router.observe("on_first_byte", call.info, instance, stage, attempt.sent_at, ticket=ticket)
-            out, clean = await self._stream(call, stage, attempt, resp, first, pending, ticket, dialect)
+            self.router.observe("on_first_byte", call.info, instance, stage, ex.attempt.sent_at, ticket=ticket)
+            out, ex.clean = await self._stream(call, stage, ex.attempt, ex.resp, first, pending, ticket, dialect)
             return out
-        except AttemptFailed as failure:
-            self.failed(call, stage, attempt, failure)
-            raise
-        finally:
-            self.end(attempt, resp, clean)
 
     async def _stream(self, call: Call, stage: str, attempt: Attempt, resp: aiohttp.ClientResponse, first: bytes,
                       pending: bytes, ticket: Ticket, dialect: Dialect) -> tuple[web.StreamResponse, bool]:

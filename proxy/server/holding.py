@@ -2,26 +2,21 @@
 
 ``place`` first tries to place a request at once (when nobody is held before it); otherwise it
 waits in the queue. ``kick`` (called whenever load frees, and on a timer) offers placement to
-held requests in the queue's order (the policy's ``hold_order``, or a named order of
-``scheduling.queue_order``). Placing and taking load happen in one synchronous call, so
+held requests in the queue's order (the policy's ``hold_order``: a function of the held
+entries and the time, as the orders of ``scheduling.queue_order`` are). Placing and taking load happen in one synchronous call, so
 requests placed in one kick see each other's load.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from scheduling.queue_order import Held, decode_order, fifo_order, prefill_order
+from proxy.server.errors import NoCapacity
+from scheduling.queue_order import Held, fifo_order
 
-
-class NoInstance(Exception):
-    """No usable instance for a stage (none configured, or every breaker open)."""
-
-
-class NoCapacity(Exception):
-    """Held past the queue timeout."""
+Order = Callable[[Sequence[Held], float], list[int]]  # (held entries, now) -> indices in serving order
 
 
 class _Waiter:
@@ -33,15 +28,9 @@ class _Waiter:
         self.future = future
 
 
-_NAMED = {"fifo": lambda items, now: fifo_order(items), "prefill": prefill_order,
-          "decode": lambda items, now: decode_order(items)}
-
-
 class HoldQueue:
-    def __init__(self, order: str | Callable[[list[Held], float], list[int]] = "fifo"):
-        if not callable(order) and order not in _NAMED:
-            raise ValueError(f"unknown queue order {order!r}")
-        self.order = order if callable(order) else _NAMED[order]
+    def __init__(self, order: Order = fifo_order):
+        self.order = order
         self.waiters: list[_Waiter] = []
 
     def __len__(self) -> int:

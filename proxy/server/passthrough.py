@@ -20,7 +20,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from proxy.server.attempts import Call
@@ -29,7 +28,6 @@ from proxy.server.forward import Forwarder
 from proxy.server.prepare import Prepared, scrub
 from proxy.server.relay import RESPONSES
 from proxy.server.routing import Router
-from proxy.server.upstream import Upstream
 from proxy.wire.openai import RequestError, parse_json_body
 from proxy.wire.text import content_text
 from scheduling.policies import RequestInfo
@@ -41,12 +39,12 @@ _RESPONSE_ID = re.compile(rb'"id"\s*:\s*"(resp_[^"]{1,200})"')
 
 
 class Passthrough:
-    def __init__(self, mode: str, router: Router, forwarder: Forwarder, upstream: Upstream, intake,
-                 timeout: float, retries: int, default_max_tokens: int, serve: Callable):
+    def __init__(self, mode: str, router: Router, forwarder: Forwarder, intake, timeout: float, retries: int,
+                 default_max_tokens: int, serve: Callable):
         self.mode = mode
         self.router = router
         self.forwarder = forwarder
-        self.upstream = upstream
+        self.upstream = forwarder.upstream
         self.intake = intake
         self.timeout = timeout
         self.retries = retries
@@ -101,31 +99,22 @@ class Passthrough:
                       rid: str | None = None) -> web.StreamResponse:
         """One instance's JSON answer, trying the next on failure."""
         rid = rid or _rid(request)
-        fw = self.forwarder
         if not urls:
             return client_error(f"no usable instance to answer {path}", 503, rid, "service_unavailable")
         failures = 0
         for url in urls[: self.retries + 1]:
-            attempt = fw.begin(url, "passthrough")
-            resp: aiohttp.ClientResponse | None = None
             try:
-                try:
-                    async with attempt.phase(attempt.sent_at + self.timeout):
-                        resp = await self.upstream.send(rid, url, method, path, payload)
-                        await self.upstream.check(rid, url, resp)
-                        data, _ = await self.upstream.read_json(rid, url, resp)
-                except TimeoutError:
-                    raise fw.timed_out(attempt, f"answer to {path}", self.timeout) from None
-                return web.Response(body=data, status=resp.status, content_type="application/json",
-                                    headers={"X-Request-Id": rid})
+                async with self.forwarder.exchanges.open(rid, url, "passthrough") as ex:
+                    data, _ = await ex.send(method, path, payload, self.upstream.read_json, self.timeout,
+                                            f"answer to {path}")
+                    return web.Response(body=data, status=ex.resp.status, content_type="application/json",
+                                        headers={"X-Request-Id": rid})
             except UpstreamRejected as exc:
                 return web.Response(body=exc.body, status=exc.status, content_type="application/json",
                                     headers={"X-Request-Id": rid})
             except AttemptFailed as failure:
                 failures += 1
                 log.warning("request %s: %s %s on %s failed: %s: %s", rid, method, path, url, failure.kind, failure.detail)
-            finally:
-                fw.end(attempt, resp)
         return client_error(f"no instance answered {path} ({failures} attempt(s) failed)", 502, rid, "upstream_error")
 
     # -- responses --------------------------------------------------------------------------------

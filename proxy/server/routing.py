@@ -1,4 +1,5 @@
-"""Placing requests on instances through the policy, the one place routing decisions are made.
+"""Placing requests on instances through the policy, the one place routing decisions are made
+(which instance of a stage, and in PD mode whether a request skips prefill).
 
 ``place`` asks the policy among the usable instances of a stage (minus those that already
 failed this request), takes the load, and holds the request in the proxy while every
@@ -14,7 +15,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from proxy.server.holding import HoldQueue, NoInstance
+from proxy.server.errors import NoInstance
+from proxy.server.holding import HoldQueue
 from proxy.server.instances import Registry
 from proxy.server.metrics import ProxyMetrics
 from scheduling.load import LoadModel, Ticket
@@ -100,6 +102,14 @@ class Router:
             m.prompt_tokens.inc(info.prompt_tokens)
             m.matched_tokens.inc(min(info.prompt_tokens, choice.matched_blocks * bs))
         return choice, ticket
+
+    def bypass_prefill(self, info: RequestInfo) -> bool:
+        """PD mode: whether the policy sends this request straight to decode, skipping prefill
+        (counted as a decision)."""
+        bypass = self.policy.bypass_prefill(info, self.usable("decode"), self.state(), self.usable("prefill"))
+        if bypass:
+            self.metrics.decisions.labels("bypass", "-", "short_uncached_prompt").inc()
+        return bypass
 
     def _guess(self, instance: str, keys) -> None:
         """Record the routing-time guess; a long prompt's in slices, yielding between them, so

@@ -19,7 +19,6 @@ import logging
 
 import aiohttp
 
-from proxy.server.attempts import Call
 from proxy.server.errors import AttemptFailed, UpstreamRejected
 from proxy.wire.openai import error_bytes, events_end, looks_like_sse
 
@@ -46,9 +45,6 @@ class Upstream:
     async def close(self) -> None:
         if self.session is not None:
             await self.session.close()
-
-    async def post(self, call: Call, instance: str, payload: bytes) -> aiohttp.ClientResponse:
-        return await self.send(call.rid, instance, "POST", call.path, payload)
 
     async def send(self, rid: str, instance: str, method: str, path: str, payload: bytes | None) -> aiohttp.ClientResponse:
         headers = {"X-Request-Id": rid}

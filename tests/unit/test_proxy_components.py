@@ -3,7 +3,8 @@ import asyncio
 import pytest
 
 from proxy.server.config import ProxyConfig, parse_kv_events
-from proxy.server.holding import HoldQueue, NoCapacity, NoInstance
+from proxy.server.errors import NoCapacity, NoInstance
+from proxy.server.holding import HoldQueue
 from proxy.server.instances import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, Instance, Registry
 from proxy.server.kv_subscriber import KVEventSubscriber
 from proxy.sim.cache import BlockCache
@@ -12,7 +13,7 @@ from proxy.sim.profile import SimProfile
 from proxy.wire import kv_events as kv
 from scheduling.block_hash import to_key
 from scheduling.prefix_index import PrefixIndex
-from scheduling.queue_order import Held
+from scheduling.queue_order import Held, fifo_order, prefill_order
 
 
 # -- circuit breaker and the down verdict ---------------------------------------------------------
@@ -82,7 +83,7 @@ def test_probes_declare_down_and_up_without_touching_the_request_breaker():
 # -- hold queue ---------------------------------------------------------------------------------
 @pytest.mark.asyncio
 async def test_hold_queue_releases_in_omni_prefill_order_and_times_out():
-    q = HoldQueue("prefill")
+    q = HoldQueue(prefill_order)
     capacity = {"free": 0}
     served = []
 
@@ -113,7 +114,7 @@ async def test_hold_queue_releases_in_omni_prefill_order_and_times_out():
 
 @pytest.mark.asyncio
 async def test_hold_queue_passes_no_instance_and_returns_orphans():
-    q = HoldQueue("fifo")
+    q = HoldQueue(fifo_order)
 
     def none_left():
         raise NoInstance("no usable decode instance")
