@@ -57,6 +57,11 @@ class ClusterSpec:
                     out += [(role, g.profile)] * g.count
         return out
 
+    @property
+    def max_model_len(self) -> int:
+        """The longest request (prompt + output) every instance accepts."""
+        return min(g.profile.max_model_len for g in self.groups)
+
     def label(self) -> str:
         if self.mode == "collocated":
             return f"{self.count('collocated')} collocated"

@@ -19,19 +19,21 @@ import sys
 from pathlib import Path
 
 from .cluster import ClusterSpec
-from .common import DEFAULT_RATES, parse_rates, say
+from .common import DEFAULT_RATES, add_trace_arguments, parse_rates, say, trace_requests
 from .metrics import parse_slo
 from .report import render
 from .routers import parse_spec
 from .runner import WorkloadSource, attach_overhead, bench_router, machine_info
 from .synthetic import GENERATORS
-from .workload import WorkloadError, load_jsonl
+from .workload import WorkloadError
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cluster", required=True, metavar="FILE",
                    help="cluster JSON: {\"instances\": [{\"role\", \"count\", \"profile\"}]} (proxy/bench/data/ has some)")
     w = p.add_mutually_exclusive_group(required=True)
-    w.add_argument("--workload", metavar="FILE.jsonl", help="requests, one JSON object a line (docs/serving_bench.md)")
+    w.add_argument("--workload", metavar="FILE",
+                   help="requests: the project's JSONL (docs/serving_bench.md), a Mooncake trace (JSONL with "
+                        "timestamp, input_length, output_length, hash_ids) or an Azure LLM trace (CSV)")
     w.add_argument("--synthetic", choices=sorted(GENERATORS), help="generated workload (docs/serving_bench.md)")
     p.add_argument("--router", action="append", required=True, metavar="SPEC",
                    help="omni[:POLICY[,OPT=V...]] | vllm-router:POLICY | sglang-router:POLICY | direct; repeatable")
@@ -48,6 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="SLO: ttft=S,tpot=S[,attainment=F] (attainment default 0.9)")
     p.add_argument("--duration", type=float, default=60.0, help="synthetic workloads: seconds of arrivals per run")
     p.add_argument("--seed", type=int, default=0, help="seed of synthetic workloads and prompt text")
+    add_trace_arguments(p)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds one request may take before it counts as failed")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout (table on stderr)")
     p.add_argument("--output", metavar="FILE", help="also write the JSON document to FILE")
@@ -101,7 +104,8 @@ def main(args: argparse.Namespace) -> int:
         if not 0 <= args.refine < 1:
             raise ValueError(f"--refine must be in [0, 1), got {args.refine}")
         if args.workload:
-            workload = WorkloadSource(Path(args.workload).name, seed=args.seed, file_requests=load_jsonl(args.workload))
+            workload = WorkloadSource(Path(args.workload).name, seed=args.seed,
+                                      file_requests=trace_requests(args, cluster))
         else:
             workload = WorkloadSource(args.synthetic, duration_s=args.duration, seed=args.seed)
     except (ValueError, WorkloadError) as exc:

@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from .cluster import ClusterSpec, InstanceGroup
-from .common import DEFAULT_RATES, parse_rates, say
+from .common import DEFAULT_RATES, add_trace_arguments, parse_rates, say, trace_requests
 from .metrics import SLO, parse_slo
 from .runner import WorkloadSource
 from .synthetic import GENERATORS
-from .workload import WorkloadError, load_jsonl
+from .workload import WorkloadError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cluster JSON whose profiles the instances use (prefill/decode groups keep their own)")
     p.add_argument("--instances", type=int, default=None, help="instances to split (default: the cluster file's count)")
     w = p.add_mutually_exclusive_group(required=True)
-    w.add_argument("--workload", metavar="FILE.jsonl", help="requests, one JSON object a line")
+    w.add_argument("--workload", metavar="FILE", help="requests: the project's JSONL, a Mooncake JSONL or an Azure CSV trace")
     w.add_argument("--synthetic", choices=sorted(GENERATORS), help="generated workload")
     p.add_argument("--slo", default="ttft=2.0,tpot=0.05", help="SLO: ttft=S,tpot=S[,attainment=F]")
     p.add_argument("--rates", default=DEFAULT_RATES, help="sweep rates (req/s), comma-separated")
@@ -53,6 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-collocated", action="store_true", help="do not simulate the collocated baseline")
     p.add_argument("--duration", type=float, default=30.0, help="synthetic workloads: seconds of arrivals per point")
     p.add_argument("--seed", type=int, default=0, help="seed of synthetic workloads and prompt text")
+    add_trace_arguments(p)
     p.add_argument("--real-time", action="store_true", help="run points as separate processes in wall-clock time")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout (table on stderr)")
     p.add_argument("--output", metavar="FILE", help="also write the JSON document to FILE")
@@ -231,7 +232,7 @@ def main(args: argparse.Namespace) -> int:
         if args.refine < 0 or args.duration <= 0:
             raise ValueError("--refine must not be negative and --duration must be positive")
         if args.workload:
-            workload = WorkloadSource(Path(args.workload).name, seed=args.seed, file_requests=load_jsonl(args.workload))
+            workload = WorkloadSource(Path(args.workload).name, seed=args.seed, file_requests=trace_requests(args, base))
         else:
             workload = WorkloadSource(args.synthetic, duration_s=args.duration, seed=args.seed)
     except (ValueError, WorkloadError) as exc:

@@ -14,7 +14,11 @@ then laid out as::
 
     [system_tokens of system_group] [prefix_tokens of prefix_group] [unique tokens ...]
 
-with ``system_tokens + prefix_tokens <= prompt_tokens``. Unknown fields are errors.
+with ``system_tokens + prefix_tokens <= prompt_tokens``. Public traces name their prompts'
+blocks instead (Mooncake's ``hash_ids``, ``proxy.bench.traces``): ``"hash_ids": [int, ...]``
+with ``"block_tokens": int`` lays a prompt out as those blocks of ``block_tokens`` tokens each,
+equal ids giving identical blocks, cut at ``prompt_tokens`` (unique tokens after the last
+block if the prompt is longer); it excludes the group fields. Unknown fields are errors.
 
 Prompt text: every token is 4 characters (a space and 3 base-36 characters drawn from a
 stream seeded by the group name), which is exactly one token of the simulator's
@@ -34,7 +38,7 @@ from pathlib import Path
 CHARS_PER_TOKEN = 4
 _ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
 FIELDS = ("arrival_s", "prompt_tokens", "output_tokens", "prefix_group", "prefix_tokens",
-          "system_group", "system_tokens")
+          "system_group", "system_tokens", "hash_ids", "block_tokens")
 REQUIRED = ("arrival_s", "prompt_tokens", "output_tokens")
 
 
@@ -51,12 +55,18 @@ class WorkloadRequest:
     prefix_tokens: int = 0
     system_group: str | None = None
     system_tokens: int = 0
+    hash_ids: tuple[int, ...] = ()   # the prompt's blocks, by id (equal ids: identical blocks)
+    block_tokens: int = 0            # tokens per hash block
 
     def to_json(self) -> str:
         d = asdict(self)
         d["arrival_s"] = round(self.arrival_s, 6)  # microseconds are plenty
         if self.system_group is None and not self.system_tokens:
             del d["system_group"], d["system_tokens"]
+        if self.hash_ids:
+            d["hash_ids"] = list(self.hash_ids)
+        else:
+            del d["hash_ids"], d["block_tokens"]
         return json.dumps(d)
 
 
@@ -94,8 +104,19 @@ def parse_request(doc: object, where: str) -> WorkloadRequest:
     if groups["prefix"][1] + groups["system"][1] > prompt:
         raise WorkloadError(f"{where}: shared tokens (prefix_tokens {groups['prefix'][1]} + system_tokens "
                             f"{groups['system'][1]}) exceed prompt_tokens {prompt}")
+    hash_ids, block_tokens = _hash_blocks(doc, where)
+    if hash_ids and (groups["prefix"][0] is not None or groups["system"][0] is not None):
+        raise WorkloadError(f"{where}: 'hash_ids' lay out the whole prompt; they exclude prefix_group and system_group")
     return WorkloadRequest(float(arrival), prompt, output, groups["prefix"][0], groups["prefix"][1],
-                           groups["system"][0], groups["system"][1])
+                           groups["system"][0], groups["system"][1], hash_ids, block_tokens)
+
+
+def _hash_blocks(doc: dict, where: str) -> tuple[tuple[int, ...], int]:
+    ids = doc.get("hash_ids", [])
+    if not isinstance(ids, list) or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 0 for h in ids):
+        raise WorkloadError(f"{where}: field 'hash_ids' must be a list of integers >= 0, got {ids!r:.80}")
+    block = _int_field(doc, "block_tokens", where, 1 if ids else 0)
+    return tuple(ids), block
 
 
 def load_jsonl(path: str | Path) -> list[WorkloadRequest]:
@@ -171,6 +192,11 @@ class PromptBuilder:
             parts += self._stream("system:" + request.system_group, request.system_tokens)[: request.system_tokens]
         if request.prefix_group is not None and request.prefix_tokens:
             parts += self._stream("group:" + request.prefix_group, request.prefix_tokens)[: request.prefix_tokens]
+        for h in request.hash_ids:
+            if len(parts) >= request.prompt_tokens:
+                break
+            parts += self._stream(f"block:{h}", request.block_tokens)[: request.block_tokens]
+        del parts[request.prompt_tokens:]
         rest = request.prompt_tokens - len(parts)
         if rest > 0:
             rng = random.Random(f"{self.seed}/unique/{index}")
@@ -180,12 +206,21 @@ class PromptBuilder:
 
 def describe(requests: Sequence[WorkloadRequest]) -> dict[str, float | int]:
     """Shape of a workload: counts, mean/max lengths, rate, share of prompt tokens that come
-    from a group stream (shared with other requests of the group where they overlap)."""
+    from a group stream (shared with other requests of the group where they overlap), and
+    for hash-block prompts the share of block references that repeat an earlier one."""
     if not requests:
         return {"requests": 0}
     prompts = [r.prompt_tokens for r in requests]
     outputs = [r.output_tokens for r in requests]
     shared = sum(r.prefix_tokens + r.system_tokens for r in requests)
+    seen: set[int] = set()
+    refs = repeats = 0
+    for r in requests:
+        for h in r.hash_ids:
+            refs += 1
+            repeats += h in seen
+            seen.add(h)
+    extra = {"repeated_block_share": repeats / refs} if refs else {}
     return {
         "requests": len(requests),
         "duration_s": requests[-1].arrival_s - requests[0].arrival_s,
@@ -193,4 +228,5 @@ def describe(requests: Sequence[WorkloadRequest]) -> dict[str, float | int]:
         "prompt_tokens_mean": sum(prompts) / len(prompts), "prompt_tokens_max": max(prompts),
         "output_tokens_mean": sum(outputs) / len(outputs), "output_tokens_max": max(outputs),
         "grouped_prompt_share": shared / sum(prompts),
+        **extra,
     }
