@@ -16,12 +16,11 @@ then be bound to the wrong layers.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
+from omni_passes.layer_names import decoder_layer_index
 
 EXPERT_COUNT_FIELDS = ("n_routed_experts", "num_local_experts", "num_experts", "moe_num_experts")
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 def _get(config: Any, *names: str, default: Any = None) -> Any:
@@ -81,11 +80,11 @@ def experts_modules(model: Any) -> dict[int, Any]:
     ``[E, ...]`` tensors (``gate_up_proj`` or ``up_proj``) and a ``num_experts``."""
     found = {}
     for name, module in model.named_modules():
-        match = _LAYER.search(name + ".")
+        layer = decoder_layer_index(name)
         weight = getattr(module, "gate_up_proj", None)
         weight = getattr(module, "up_proj", None) if weight is None else weight
-        if match and hasattr(module, "num_experts") and getattr(weight, "dim", lambda: 0)() == 3:
-            found.setdefault(int(match.group(1)), module)
+        if layer is not None and hasattr(module, "num_experts") and getattr(weight, "dim", lambda: 0)() == 3:
+            found.setdefault(layer, module)
     return found
 
 

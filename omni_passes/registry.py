@@ -13,7 +13,7 @@ Ops a pass emits for a host's own graph form (vLLM's MLA attention) come from th
 
     runtime = build_runtime(config, info, device, rows=...)   # rows: how to extend expert tensors
     runtime.manager(graph)                                    # per compiled graph
-    runtime.placement_state.take_load(); runtime.apply_placement(p); runtime.close()
+    runtime.controller.take_load(); runtime.apply_placement(p); runtime.close()
 """
 
 from __future__ import annotations
@@ -84,15 +84,6 @@ class OmniRuntime:
 
     def report(self) -> dict[str, Any]:
         return self.manager.report()
-
-    @property
-    def placement_state(self) -> PlacementController | None:
-        """The placement controller (tables, counters, storage rows)."""
-        return self.controller
-
-    @property
-    def experts(self):
-        return self.controller.weights if self.controller is not None else None
 
     def apply_placement(self, placement: Placement) -> int:
         """Switch placement in place: storage rows, then tables; no recompile. Returns rows copied."""

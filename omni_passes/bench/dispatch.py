@@ -110,7 +110,7 @@ def _hot_placement(config, device, extra: int):
     prompt = torch.randint(0, config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(1)).to(device)
     with torch.no_grad():
         probe(prompt)
-    loads = probe.omni.placement_state.take_load()
+    loads = probe.omni.controller.take_load()
     torch._dynamo.reset()
     phy2log = replicate_hottest(loads, extra)
     return Placement(num_layers=phy2log.shape[0], num_logical_experts=config.n_routed_experts, num_ranks=1, num_nodes=1,

@@ -167,7 +167,7 @@ def _hot_placement(model, hf_config, device, inputs, extra: int):
     probe = omni_passes.compile(model, {"passes": ["redundant_experts"]})
     with torch.no_grad():
         probe(inputs)
-    loads = probe.omni.placement_state.take_load()
+    loads = probe.omni.controller.take_load()
     torch._dynamo.reset()
     phy2log = replicate_hottest(loads, extra)
     return Placement(num_layers=phy2log.shape[0], num_logical_experts=hf_config.n_routed_experts,

@@ -85,7 +85,7 @@ def main(args: argparse.Namespace) -> int:
     probe = omni_passes.compile(model, {"passes": ["redundant_experts"]})
     with torch.no_grad():
         probe(inputs)
-    loads = probe.omni.placement_state.take_load()
+    loads = probe.omni.controller.take_load()
     torch._dynamo.reset()
 
     phy2log = replicate_hottest(loads, args.redundant_slots)

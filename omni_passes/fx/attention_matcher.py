@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import math
 import operator
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +41,7 @@ import torch
 import torch.fx as fx
 
 from omni_passes.fx.utils import functionalized_op, is_op, layer_index, target_name
+from omni_passes.layer_names import decoder_layer_index
 
 SDPA_OPS = (
     "aten._scaled_dot_product_cudnn_attention",
@@ -67,7 +67,6 @@ PROBS_OPS = ("aten.div", "aten.where", "aten.mul", "aten._softmax", "aten._safe_
 # How far back from the probabilities a softmax's amax may sit (amax ─► sub ─► exp ─► div ─► where).
 SOFTMAX_DEPTH = 10
 
-_LAYER_RE = re.compile(r"layers\.(\d+)\.")
 
 
 @dataclass
@@ -461,8 +460,7 @@ def _match_vllm(node: fx.Node) -> VllmMlaAttention:
     name = vllm_layer_name(kwargs.get("layer_name"))
     layer = None
     if name:
-        match = _LAYER_RE.search(name + ".")
-        layer = int(match.group(1)) if match else None
+        layer = decoder_layer_index(name)
     if layer is None:
         layer = layer_index(node)
     return VllmMlaAttention(node=node, layer=layer, layer_name=name, kwargs=kwargs)

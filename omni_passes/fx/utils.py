@@ -7,15 +7,14 @@ graph patterns, not models; these helpers are the vocabulary for those patterns.
 from __future__ import annotations
 
 import operator
-import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import networkx as nx
 import torch
 import torch.fx as fx
+from omni_passes.layer_names import decoder_layer_index
 
-_LAYER_RE = re.compile(r"(?:^|[._\[\]'])layers[._\[\]']+(\d+)(?:[._\]']|$)")
 
 
 def target_name(node: fx.Node) -> str:
@@ -59,9 +58,9 @@ def layer_index(node: fx.Node) -> int | None:
     for key, value in reversed(list(stack.items())):
         path = value[0] if isinstance(value, tuple) else str(value)
         for text in (path, key):
-            match = _LAYER_RE.search(str(text))
-            if match:
-                return int(match.group(1))
+            index = decoder_layer_index(str(text))
+            if index is not None:
+                return index
     return None
 
 

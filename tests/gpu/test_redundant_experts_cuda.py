@@ -53,7 +53,7 @@ def test_every_placement_exact_on_cuda(kind, dtype):
             with torch.no_grad():
                 diffs.append((compiled(inputs).logits.float() - expected).abs().max().item())
         assert compiled.omni.report()["passes"]["redundant_experts"]["matched_layers"] == [1, 2, 3]
-        controller = compiled.omni.placement_state
+        controller = compiled.omni.controller
         assert controller.expert_load.device.type == "cuda"
         assert controller.total_expert_load().sum(1).tolist() == [3 * inputs.numel() * TOP_K] * MOE_LAYERS
         assert controller.total_slot_load().sum(1).tolist() == [3 * inputs.numel() * TOP_K] * MOE_LAYERS
@@ -74,7 +74,7 @@ def test_cuda_graph_replays_count_every_token_and_follow_in_place_placements():
     torch._dynamo.reset()
     compiled = omni_passes.compile(build_model(config, dtype=torch.bfloat16, device="cuda"), {"passes": ["redundant_experts"]},
                                    placement=redundant_permuted(MOE_LAYERS, E, 8, g, ranks=4))
-    controller = compiled.omni.placement_state
+    controller = compiled.omni.controller
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.no_grad(), torch.cuda.stream(stream):

@@ -142,8 +142,8 @@ def test_dispatch_pass_through_torchair_hook_and_ge_conversion(torchair, protos,
     assert report["graphs"] == 1                       # the manager ran once: from torchair's hook
     assert report["passes"]["redundant_experts"]["matched_layers"] == [1, 2, 3]
     torch.testing.assert_close(out, reference, atol=ATOL, rtol=0)
-    assert torch.equal(runtime.placement_state.expert_load, expected_loads)
-    assert runtime.placement_state.expert_load.sum(1).tolist() == [INPUTS.numel() * 4] * 3
+    assert torch.equal(runtime.controller.expert_load, expected_loads)
+    assert runtime.controller.expert_load.sum(1).tolist() == [INPUTS.numel() * 4] * 3
 
     graph = dumped_graph(tmp_path)
     counts = op_counts(graph)
@@ -279,7 +279,7 @@ def test_stale_tables_refused_in_ge_mode(torchair, tmp_path):
     assert "needs CANN" in str(first.value)
     moved = start.phy2log.clone()
     moved[:, 16:] = (moved[:, 16:] + 1) % 16                  # other experts get the replicas
-    runtime.placement_state.apply(Placement(num_layers=3, num_logical_experts=16, num_ranks=2, num_nodes=1,
+    runtime.controller.apply(Placement(num_layers=3, num_logical_experts=16, num_ranks=2, num_nodes=1,
                                             slots_per_rank=start.slots_per_rank, phy2log=moved))
     with pytest.raises(StaleGEGraph, match="recompile"):
         with torch.no_grad():

@@ -66,10 +66,10 @@ def test_dispatch_exact_on_every_moe_layer(arch, kind, inputs):
     assert report["matched_layers"] == EXPECTED_MOE[arch]
     assert report["skipped"] == []
     torch.testing.assert_close(out, reference, atol=ATOL, rtol=0)
-    load = compiled.omni.placement_state.expert_load
+    load = compiled.omni.controller.expert_load
     assert load.sum(dim=1).tolist() == [inputs.numel() * info.top_k] * len(info.moe_layer_ids)
     if chosen is not None and chosen.num_slots > chosen.num_logical_experts:
-        _zero_replicas(compiled.omni.experts, chosen)
+        _zero_replicas(compiled.omni.controller.weights, chosen)
         with torch.no_grad():
             sabotaged = compiled(inputs).logits
         assert (sabotaged - reference).abs().max() > 1e-3, "replica slots were never read"

@@ -166,7 +166,7 @@ def test_rebalancer_on_a_compiled_deepseek_model_zero_recompiles():
     compiled = omni_passes.compile(model, {"passes": ["redundant_experts"]}, placement=start)
     runtime = compiled.omni
     # the controller owns rows and tables: the rebalancer applies through it alone
-    rebalancer = Rebalancer(runtime.placement_state,
+    rebalancer = Rebalancer(runtime.controller,
                             config=RebalancerConfig(window=2, interval=2, min_gain=0.0, layer_min_gain=0.0, max_moves=12))
     outs = []
     with torch.no_grad():
@@ -176,7 +176,7 @@ def test_rebalancer_on_a_compiled_deepseek_model_zero_recompiles():
             rebalancer.step()
     applied = [e for e in rebalancer.events if e.applied]
     assert applied and all(e.moves <= 12 for e in applied)
-    assert runtime.placement_state.placement is not start
+    assert runtime.controller.placement is not start
     assert counters["stats"]["unique_graphs"] == graphs == 1
     for out in outs:
         torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)

@@ -59,7 +59,7 @@ def test_permutations_exact_and_applied_in_place(kind, inputs):
     torch._dynamo.reset()
     counters.clear()
     compiled = omni_passes.compile(model, {"passes": ["redundant_experts"]}, placement=reversed_placement(MOE_LAYERS, E))
-    controller = compiled.omni.placement_state
+    controller = compiled.omni.controller
     chain = [reversed_placement(MOE_LAYERS, E), permuted(MOE_LAYERS, E, generator), permuted(MOE_LAYERS, E, generator),
              Placement.identity(MOE_LAYERS, E)]
     for step, p in enumerate(chain):
@@ -85,7 +85,7 @@ def test_redundant_and_permuted_chain_exact_with_replicas_used(kind, inputs):
     torch._dynamo.reset()
     counters.clear()
     compiled = omni_passes.compile(model, {"passes": ["redundant_experts"]}, placement=start)
-    controller = compiled.omni.placement_state
+    controller = compiled.omni.controller
     storage = [t for layer in controller.weights.storage for t in layer.values()]
     assert all(t.shape[0] == E + 6 for t in storage)
     torch.testing.assert_close(run(compiled, inputs), reference, atol=ATOL, rtol=0)
@@ -162,7 +162,7 @@ def test_two_graph_pieces_are_both_rewritten(inputs):
     torch.testing.assert_close(run(compiled, inputs), reference, atol=ATOL, rtol=0)
     assert runtime.manager.graphs_seen == 2
     assert runtime.report()["passes"]["redundant_experts"]["matched_layers"] == [1, 2, 3]
-    loads = runtime.placement_state.total_expert_load()
+    loads = runtime.controller.total_expert_load()
     assert loads.sum(1).tolist() == [inputs.numel() * TOP_K] * MOE_LAYERS
 
 
@@ -179,10 +179,10 @@ def test_load_counts_equal_bincount_of_router_choices(inputs):
     compiled = omni_passes.compile(model, {"passes": ["redundant_experts"]})
     run(compiled, inputs)
     expected = torch.stack([torch.bincount(ids.flatten(), minlength=E) for ids in chosen])
-    assert torch.equal(compiled.omni.placement_state.expert_load, expected)
-    compiled.omni.placement_state.gate.zero_()  # what a host does for warm-up batches
+    assert torch.equal(compiled.omni.controller.expert_load, expected)
+    compiled.omni.controller.gate.zero_()  # what a host does for warm-up batches
     run(compiled, inputs)
-    assert torch.equal(compiled.omni.placement_state.expert_load, expected)
+    assert torch.equal(compiled.omni.controller.expert_load, expected)
 
 
 def test_graph_without_moe_is_untouched_and_report_says_why(inputs):

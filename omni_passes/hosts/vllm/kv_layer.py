@@ -24,7 +24,6 @@ parallelism. Layers outside the pattern are untouched.
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any, Callable
 
 import torch
@@ -32,10 +31,10 @@ from vllm.model_executor.layers.mla import MultiHeadLatentAttentionWrapper
 
 from omni_passes.config import SparseAttentionConfig
 from omni_passes.kvcache.window import block_multiple_problem
+from omni_passes.layer_names import decoder_layer_index
 
 log = logging.getLogger("omni_passes")
 
-_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 POST_GRAD_PASS = "omni_passes.vllm_post_grad_pass"
 
 _window: SparseAttentionConfig | None = None  # set by ``install`` in every vLLM process
@@ -74,8 +73,8 @@ class SinkRecentMLAWrapper(MultiHeadLatentAttentionWrapper):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         config = _window
-        match = _LAYER_INDEX.search(self.prefix + ".")
-        if config is None or match is None or int(match.group(1)) not in config.pattern:
+        index = decoder_layer_index(self.prefix)
+        if config is None or index is None or index not in config.pattern:
             return
         from vllm.config import get_current_vllm_config
 

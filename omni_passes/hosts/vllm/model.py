@@ -24,7 +24,6 @@ before any storage is built, and redundant slots are refused if it does not hold
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any
 
 import torch
@@ -33,11 +32,11 @@ from omni_passes.model_info import MoEModelInfo, info_from_graph
 from omni_passes.placement.layout import RowLayout
 from omni_passes.placement.materialize import ExpertRows, extend_rows
 from omni_passes.placement.placement import PlacementError
+from omni_passes.layer_names import decoder_layer_index
 
 log = logging.getLogger("omni_passes")
 
 EXPERT_TENSORS = ("w13_weight", "w2_weight", "w13_bias", "w2_bias")
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 def forward_context_moe_layers() -> dict[int, Any] | None:
@@ -52,9 +51,9 @@ def forward_context_moe_layers() -> dict[int, Any] | None:
     layers = {}
     for name, layer in get_forward_context().no_compile_layers.items():
         experts = getattr(layer, "routed_experts", None)
-        match = _LAYER.search(name)
-        if experts is not None and isinstance(getattr(experts, "w13_weight", None), torch.Tensor) and match:
-            layers[int(match.group(1))] = experts
+        index = decoder_layer_index(name)
+        if experts is not None and isinstance(getattr(experts, "w13_weight", None), torch.Tensor) and index is not None:
+            layers[index] = experts
     return layers
 
 
