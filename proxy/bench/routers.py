@@ -13,6 +13,9 @@ SPEC is one of
   only: its PD mode (``--pd-disaggregation``) hands prefill and decode SGLang's bootstrap
   fields (``bootstrap_host``/``bootstrap_port``/``bootstrap_room``) instead of vLLM's
   ``kv_transfer_params``, which neither vLLM nor the simulator speak.
+* ``smg:POLICY[,OPTION=VALUE...]`` - the Shepherd Model Gateway (PyPI ``smg``, Rust; SGLang's
+  router since sglang-router 0.3.2), ``smg launch --worker-urls``; collocated clusters only,
+  for the same reason as sglang-router (its PD mode hands out SGLang's bootstrap fields).
 * ``direct`` - no router: the client spreads requests round-robin straight over the
   (collocated) instances; the baseline that router overhead is measured against.
 """
@@ -37,8 +40,9 @@ from scheduling.policies import POLICIES, policy_options
 PEER_POLICIES = {
     "vllm-router": ("round_robin", "power_of_two", "cache_aware", "random", "consistent_hash", "kv_aware"),
     "sglang-router": ("round_robin", "power_of_two", "cache_aware", "random"),
+    "smg": ("round_robin", "power_of_two", "cache_aware", "random", "least_load", "prefix_hash"),
 }
-# peer options passed through as --flag value (both routers name them alike)
+# peer options passed through as --flag value (every peer names them alike)
 PEER_OPTIONS = ("cache_threshold", "balance_abs_threshold", "balance_rel_threshold")
 KINDS = ("omni", "direct", *PEER_POLICIES)
 
@@ -68,7 +72,7 @@ def parse_spec(text: str) -> RouterSpec:
     kind, _, rest = text.strip().partition(":")
     if kind not in KINDS:
         raise ValueError(f"--router {text!r}: unknown router {kind!r}; use omni[:POLICY], vllm-router:POLICY, "
-                         f"sglang-router:POLICY or direct")
+                         f"sglang-router:POLICY, smg:POLICY or direct")
     if kind == "direct":
         if rest:
             raise ValueError(f"--router {text!r}: direct takes no policy")
@@ -195,6 +199,13 @@ def command(spec: RouterSpec, inst: Instances, port: int, metrics_port: int, slo
             raise Unsupported("sglang-router's PD mode uses SGLang's bootstrap protocol (bootstrap_host/port/room), "
                               "not vLLM's kv_transfer_params; it runs on collocated clusters only")
         return [executable("sglang-router"), "launch", "--host", "127.0.0.1", "--port", str(port),
+                "--prometheus-port", str(metrics_port), "--log-level", "warn", "--policy", spec.policy,
+                "--worker-urls", *inst.collocated] + _peer_flags(spec)
+    if spec.kind == "smg":
+        if inst.mode == "pd":
+            raise Unsupported("smg's PD mode hands prefill and decode SGLang's bootstrap fields, not vLLM's "
+                              "kv_transfer_params; it runs on collocated clusters only")
+        return [executable("smg"), "launch", "--host", "127.0.0.1", "--port", str(port),
                 "--prometheus-port", str(metrics_port), "--log-level", "warn", "--policy", spec.policy,
                 "--worker-urls", *inst.collocated] + _peer_flags(spec)
     raise ValueError(f"no command for router kind {spec.kind!r}")

@@ -210,3 +210,19 @@ def test_router_specs():
                         ("direct:x", "takes no policy")):
         with pytest.raises(ValueError, match=needle):
             parse_spec(bad)
+
+
+def test_smg_spec_and_command():
+    from proxy.bench.routers import Instances, Unsupported, command
+
+    s = parse_spec("smg:cache_aware,balance_abs_threshold=8")
+    assert (s.kind, s.policy, s.options) == ("smg", "cache_aware", (("balance_abs_threshold", "8"),))
+    inst = Instances(collocated=["http://127.0.0.1:1", "http://127.0.0.1:2"])
+    cmd = command(s, inst, 9000, 9001)
+    assert cmd[1:4] == ["launch", "--host", "127.0.0.1"] and cmd[-2:] == ["--balance-abs-threshold", "8"]
+    assert cmd[cmd.index("--policy") + 1] == "cache_aware"
+    assert cmd[cmd.index("--worker-urls") + 1:cmd.index("--worker-urls") + 3] == inst.collocated
+    with pytest.raises(Unsupported, match="bootstrap"):
+        command(s, Instances(prefill=["http://p"], decode=["http://d"]), 9000, 9001)
+    with pytest.raises(ValueError, match="policies here are"):
+        parse_spec("smg:kv_aware")
