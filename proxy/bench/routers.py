@@ -14,8 +14,9 @@ SPEC is one of
   fields (``bootstrap_host``/``bootstrap_port``/``bootstrap_room``) instead of vLLM's
   ``kv_transfer_params``, which neither vLLM nor the simulator speak.
 * ``smg:POLICY[,OPTION=VALUE...]`` - the Shepherd Model Gateway (PyPI ``smg``, Rust; SGLang's
-  router since sglang-router 0.3.2), ``smg launch --worker-urls``; collocated clusters only,
-  for the same reason as sglang-router (its PD mode hands out SGLang's bootstrap fields).
+  router since sglang-router 0.3.2), ``smg launch --worker-urls``; collocated clusters only:
+  its PD mode sends prefill and decode the request at once, SGLang-style, without vLLM's
+  ``kv_transfer_params`` (tried against the simulator: the decode instance recomputed the prompt).
 * ``direct`` - no router: the client spreads requests round-robin straight over the
   (collocated) instances; the baseline that router overhead is measured against.
 """
@@ -203,8 +204,9 @@ def command(spec: RouterSpec, inst: Instances, port: int, metrics_port: int, slo
                 "--worker-urls", *inst.collocated] + _peer_flags(spec)
     if spec.kind == "smg":
         if inst.mode == "pd":
-            raise Unsupported("smg's PD mode hands prefill and decode SGLang's bootstrap fields, not vLLM's "
-                              "kv_transfer_params; it runs on collocated clusters only")
+            raise Unsupported("smg's PD mode (--pd-disaggregation) sends a request to a prefill and a decode "
+                              "instance at once with SGLang's bootstrap fields and no vLLM kv_transfer_params, so "
+                              "the decode instance recomputes the prompt (tried: no KV pulled); collocated only")
         return [executable("smg"), "launch", "--host", "127.0.0.1", "--port", str(port),
                 "--prometheus-port", str(metrics_port), "--log-level", "warn", "--policy", spec.policy,
                 "--worker-urls", *inst.collocated] + _peer_flags(spec)
