@@ -172,7 +172,7 @@ def _paged_mla_combine_kernel(
     m = tl.where(m == float("-inf"), 0.0, m)
     den = tl.sum(tl.exp2(lse_all - m[None, :]), 0)
     acc = tl.zeros([BLOCK_H, R], tl.float32)
-    for s in range(0, num_splits):
+    for s in range(num_splits):
         w = tl.exp2(tl.load(PLSE + tok64 * spl_t + s * spl_s + heads64, mask=head_ok, other=float("-inf")) - m)
         part = tl.load(PART + tok64 * sp_t + s * sp_s + heads64[:, None] * sp_h + offs_r[None, :],
                        mask=head_ok[:, None], other=0.0)
@@ -187,6 +187,10 @@ def _paged_mla_combine_kernel(
 
 
 # --------------------------------------------------------------------------- launch parameters
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -239,20 +243,20 @@ def launch_config(num_tokens: int, num_heads: int, latent_dim: int, dtype: torch
     block_h = int(override.get("block_h", min(max(16, _next_pow2(num_heads)), 16 if wide else 64)))
     if not (_pow2(block_h) and block_h >= 16):
         raise ValueError(f"block_h must be a power of two >= 16, got {block_h}")
-    default_n = (16 if block_h > 16 else 32) if wide else (32 if block_h > 16 else 64)
+    default_n = 16 if wide else (32 if block_h > 16 else 64)
     block_n = int(override.get("block_n", default_n))
     if not (_pow2(block_n) and block_n >= 16):
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
-    head_blocks = -(-num_heads // block_h)
+    head_blocks = _cdiv(num_heads, block_h)
     visible_max = max(1, sink + recent)
     items = max(1, num_tokens * head_blocks)
     splits = override.get("num_splits")
     if splits is None:
         per_sm = override.get("programs_per_sm", 1.0 if block_h >= 64 else 2.0)
         splits = round(per_sm * num_sms / items)
-    splits = max(1, min(int(splits), -(-visible_max // block_n)))
-    chunk = -(-(-(-visible_max // splits)) // block_n) * block_n
-    splits = -(-visible_max // chunk)
+    splits = max(1, min(int(splits), _cdiv(visible_max, block_n)))
+    chunk = _cdiv(_cdiv(visible_max, splits), block_n) * block_n  # a whole number of steps per split
+    splits = _cdiv(visible_max, chunk)
     num_warps = int(override.get("num_warps", 8 if block_h >= 64 and latent_dim >= 256 else 4))
     return PagedMLAConfig(block_h=block_h, head_blocks=head_blocks, block_n=block_n, num_splits=splits, chunk=chunk,
                           num_warps=num_warps, num_stages=int(override.get("num_stages", 2)))
@@ -324,7 +328,7 @@ def paged_sink_recent_mla_decode(
     )
     if not direct:
         cbh = min(cfg.combine_block_h, _next_pow2(H))
-        chb = -(-H // cbh)
+        chb = _cdiv(H, cbh)
         _paged_mla_combine_kernel[(T * chb,)](
             part, plse, out, lse_arg,
             *sp, *spl,

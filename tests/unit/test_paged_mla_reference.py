@@ -124,7 +124,8 @@ def test_reference_keeps_the_query_dtype_and_deepseek_dims():
     qn, qp = _query(2, H, R, Dr, dtype=torch.bfloat16)
     out, lse = paged_sink_recent_mla_reference(qn, qp, kv, bt, sl, 128, 384, 1 / math.sqrt(192))
     assert out.shape == (2, H, R) and out.dtype == torch.bfloat16 and lse.dtype == torch.float32
-    ref, ref_lse = _dense_masked(qn.float(), qp.float(), kv.float(), bt, [(0, 700), (1, 9)], 128, 384, 1 / math.sqrt(192))
+    ref, ref_lse = _dense_masked(qn.float(), qp.float(), kv.float(), bt, [(0, 700), (1, 9)], 128, 384,
+                                 1 / math.sqrt(192))
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(lse, ref_lse, rtol=1e-4, atol=1e-4)
 

@@ -108,7 +108,8 @@ def _rounds(sink, recent, bs):
 def test_kernel_in_cuda_graph_matches_reference(heads, block_size, sink, recent):
     g = torch.Generator(device=DEV).manual_seed(heads + block_size + sink)
     rounds = _rounds(sink, recent, block_size)
-    batch = Batch(len(rounds[0]), len(rounds[0]), heads, block_size, -(-9000 // block_size) + 1, torch.bfloat16, g)
+    max_len = max(max(lens) for lens in rounds)
+    batch = Batch(len(rounds[0]), len(rounds[0]), heads, block_size, -(-max_len // block_size) + 1, torch.bfloat16, g)
     batch.fill(rounds[0])
     graph, result = _capture(lambda: batch.call(sink, recent))
     for lens in rounds:
@@ -165,8 +166,9 @@ def test_other_dtypes(dtype):
 
 def test_split_count_is_fixed_by_the_batch_shape():
     """The grid never depends on lengths: same T, H and window, same launch."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     for T, H in ((1, 16), (16, 16), (64, 16), (16, 128), (64, 128), (512, 128)):
-        cfg = launch_config(T, H, R, torch.bfloat16, 128, 384, torch.cuda.get_device_properties(0).multi_processor_count)
+        cfg = launch_config(T, H, R, torch.bfloat16, 128, 384, sms)
         assert cfg.num_splits * cfg.chunk >= 512 and cfg.chunk % cfg.block_n == 0
         assert cfg.head_blocks * cfg.block_h >= H
 
