@@ -26,8 +26,8 @@ Split kernel, one program per (query token, split, head block):
     syncs, and the launch can be captured in a CUDA graph and replayed with new seq_lens,
     block tables and queries. Splits (or whole rows) that see nothing write zeros and -inf.
 With one split the split kernel writes the output itself; otherwise it writes fp32 partial
-outputs and base-2 log-sum-exps, and a combine kernel (one program per token and block of 16
-heads) merges them.
+outputs and base-2 log-sum-exps, and a combine kernel (one program per token and head) merges
+them.
 
 varlen (``query_start_loc`` given): token t finds its request by binary search over
 query_start_loc on the device, so a batch may carry several query tokens per request (vLLM's
@@ -155,35 +155,28 @@ def _paged_mla_combine_kernel(
     sp_t, sp_s, sp_h, spl_t, spl_s,
     so_t, so_h, sl_t, sl_h,
     num_heads, num_splits,
-    R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, NUM_HB: tl.constexpr,
-    WRITE_LSE: tl.constexpr,
+    R: tl.constexpr, BLOCK_S: tl.constexpr, WRITE_LSE: tl.constexpr,
 ):
+    # One (token, head) per program: many small programs, so that a small batch still spreads
+    # the partial reads over every SM.
     pid = tl.program_id(0)
-    hb = pid % NUM_HB
-    tok64 = (pid // NUM_HB).to(tl.int64)
-    heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-    head_ok = heads < num_heads
-    heads64 = heads.to(tl.int64)
+    h = (pid % num_heads).to(tl.int64)
+    tok64 = (pid // num_heads).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
     offs_r = tl.arange(0, R)
-    lse_all = tl.load(PLSE + tok64 * spl_t + offs_s[:, None] * spl_s + heads64[None, :],
-                      mask=(offs_s < num_splits)[:, None] & head_ok[None, :], other=float("-inf"))
+    lse_all = tl.load(PLSE + tok64 * spl_t + offs_s * spl_s + h, mask=offs_s < num_splits, other=float("-inf"))
     m = tl.max(lse_all, 0)
     m = tl.where(m == float("-inf"), 0.0, m)
-    den = tl.sum(tl.exp2(lse_all - m[None, :]), 0)
-    acc = tl.zeros([BLOCK_H, R], tl.float32)
+    den = tl.sum(tl.exp2(lse_all - m), 0)
+    acc = tl.zeros([R], tl.float32)
     for s in range(num_splits):
-        w = tl.exp2(tl.load(PLSE + tok64 * spl_t + s * spl_s + heads64, mask=head_ok, other=float("-inf")) - m)
-        part = tl.load(PART + tok64 * sp_t + s * sp_s + heads64[:, None] * sp_h + offs_r[None, :],
-                       mask=head_ok[:, None], other=0.0)
-        acc += w[:, None] * part
-    has = den > 0
-    out = acc / tl.where(has, den, 1.0)[:, None]
-    tl.store(OUT + tok64 * so_t + heads64[:, None] * so_h + offs_r[None, :], out.to(OUT.dtype.element_ty),
-             mask=head_ok[:, None])
+        w = tl.exp2(tl.load(PLSE + tok64 * spl_t + s * spl_s + h) - m)
+        acc += w * tl.load(PART + tok64 * sp_t + s * sp_s + h * sp_h + offs_r)
+    out = acc / tl.where(den > 0, den, 1.0)
+    tl.store(OUT + tok64 * so_t + h * so_h + offs_r, out.to(OUT.dtype.element_ty))
     if WRITE_LSE:
-        lse = tl.where(has, m + tl.log2(tl.where(has, den, 1.0)), float("-inf")) * 0.6931471805599453
-        tl.store(LSE + tok64 * sl_t + heads64 * sl_h, lse, mask=head_ok)
+        lse = tl.where(den > 0, m + tl.log2(tl.where(den > 0, den, 1.0)), float("-inf")) * 0.6931471805599453
+        tl.store(LSE + tok64 * sl_t + h * sl_h, lse)
 
 
 # --------------------------------------------------------------------------- launch parameters
@@ -223,7 +216,6 @@ class PagedMLAConfig:
     chunk: int
     num_warps: int
     num_stages: int
-    combine_block_h: int = 16
 
 
 def launch_config(num_tokens: int, num_heads: int, latent_dim: int, dtype: torch.dtype, sink: int, recent: int,
@@ -327,15 +319,12 @@ def paged_sink_recent_mla_decode(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if not direct:
-        cbh = min(cfg.combine_block_h, _next_pow2(H))
-        chb = _cdiv(H, cbh)
-        _paged_mla_combine_kernel[(T * chb,)](
+        _paged_mla_combine_kernel[(T * H,)](
             part, plse, out, lse_arg,
             *sp, *spl,
             out.stride(0), out.stride(1), *sl,
             H, cfg.num_splits,
-            R=R, BLOCK_H=cbh, BLOCK_S=max(2, _next_pow2(cfg.num_splits)), NUM_HB=chb, WRITE_LSE=lse is not None,
-            num_warps=4,
+            R=R, BLOCK_S=max(2, _next_pow2(cfg.num_splits)), WRITE_LSE=lse is not None, num_warps=4,
         )
     return out, lse
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from pathlib import Path
 
 import torch
 
@@ -212,6 +213,7 @@ def _line(row: dict) -> str:
 def main(args: argparse.Namespace) -> int:
     result = run(args)
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         write_json(args.out, result)
     if args.json:
         emit_json(result)
