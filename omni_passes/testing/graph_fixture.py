@@ -20,7 +20,7 @@ Targets: ``"aten::mm.default"`` for op overloads, ``"higher_order::auto_function
 Arguments: JSON scalars and lists as themselves; ``{"node": name}``; ``{"tuple": [...]}``;
 ``{"dtype": "bfloat16"}``; ``{"device": "cuda:0"}``; ``{"float": "inf"}``; ``{"torch":
 "contiguous_format"}``; ``{"op": target}``; ``{"sym": "s72"}``; ``{"slice": [a, b, c]}``;
-``{"opaque": {"type", "value", "repr"}}`` for opaque objects such as vLLM's ``LayerName``.
+``{"opaque": {"type", "value", "repr"?}}`` for opaque objects such as vLLM's ``LayerName``.
 Values: ``{"tensor": {"shape", "stride", "dtype", "device"}}``, ``{"symint": expr}``,
 ``{"tuple": [...]}``, ``{"opaque": ...}``, scalars.
 
@@ -76,9 +76,10 @@ except ImportError:  # torch without opaque types: the stand-in is a plain objec
 class FixtureOpaque(_OpaqueBase):
     """A saved opaque graph input (e.g. vLLM's ``LayerName``): its type name and value."""
 
-    def __init__(self, value: Any, type_name: str = "") -> None:
+    def __init__(self, value: Any, type_name: str = "", text: str | None = None) -> None:
         self.value = value
         self.type_name = type_name
+        self.text = text  # the original object's repr, when it had a telling one
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, FixtureOpaque) and (self.value, self.type_name) == (other.value, other.type_name)
@@ -183,6 +184,8 @@ def define_standin(name: str, schema: str) -> torch._ops.OpOverload:
     qualified, _, overload = name.rpartition(".")
     namespace, op = qualified.split("::", 1)
     text = re.sub(rf"^{re.escape(qualified)}(\.\w+)?", op + ("" if overload == "default" else f".{overload}"), schema)
+    # str(schema) prints unnamed alias sets as "Tensor($0! -> ) c"; the parser wants "Tensor(a0!) c"
+    text = re.sub(r"\(\$(\d+)(!?)\s*(?:->[^)]*)?\)", r"(a\1\2)", text)
     opaque = _opaque_type_name()
     if "PyObject" in text:
         if opaque is None:
@@ -235,7 +238,7 @@ def _encode_arg(value: Any, schemas: dict[str, str]) -> Any:
         return {"op": target_name(value)}
     opaque = opaque_value(value)
     if opaque is not None:
-        return {"opaque": {"type": opaque[0], "value": opaque[1], "repr": repr(getattr(value, "real_obj", value))}}
+        return {"opaque": _opaque_entry(value, opaque)}
     raise FixtureError(f"cannot save the argument {value!r} ({type(value).__name__})")
 
 
@@ -253,8 +256,16 @@ def _encode_val(value: Any) -> Any:
         return value
     opaque = opaque_value(value)
     if opaque is not None:
-        return {"opaque": {"type": opaque[0], "value": opaque[1], "repr": repr(getattr(value, "real_obj", value))}}
+        return {"opaque": _opaque_entry(value, opaque)}
     return {"unknown": type(value).__name__}
+
+
+def _opaque_entry(value: Any, opaque: tuple[str, Any]) -> dict[str, Any]:
+    entry = {"type": opaque[0], "value": opaque[1] if isinstance(opaque[1], (str, int, float, bool)) else repr(opaque[1])}
+    text = value.text if isinstance(value, FixtureOpaque) else repr(getattr(value, "real_obj", value))
+    if text and " at 0x" not in text:  # a default object repr would make the file differ run to run
+        entry["repr"] = text
+    return entry
 
 
 def _sym_or_int(d: Any) -> int | str:
@@ -380,7 +391,7 @@ class _Builder:
         if kind == "op":
             return resolve_target(body, self.schemas, self.where)
         if kind == "opaque":
-            return FixtureOpaque(body.get("value"), body.get("type", ""))
+            return FixtureOpaque(body.get("value"), body.get("type", ""), body.get("repr"))
         raise FixtureError(f"{self.where}: unknown argument kind {kind!r}")
 
     def val(self, value: Any) -> Any:
@@ -398,7 +409,7 @@ class _Builder:
         if kind == "tuple":
             return tuple(self.val(v) for v in body)
         if kind == "opaque":
-            return FixtureOpaque(body.get("value"), body.get("type", ""))
+            return FixtureOpaque(body.get("value"), body.get("type", ""), body.get("repr"))
         return None
 
 
