@@ -87,7 +87,7 @@ class RouterSpec:
             raise ValueError(f"RouterSpec.topk_group={self.topk_group} exceeds num_expert_group={self.num_expert_group}")
 
     @classmethod
-    def from_hf_config(cls, config: Any, apply_routed_scale_to_output: bool = True) -> "RouterSpec":
+    def from_hf_config(cls, config: Any, apply_routed_scale_to_output: bool = True) -> RouterSpec:
         """The spec vLLM's ``DeepseekV2MoE`` builds from a HF DeepSeek config (``n_group`` and
         ``topk_group`` default to 1, ``scoring_func`` to softmax, ``norm_topk_prob`` is
         ``renormalize``); the scale goes to the output unless ``apply_routed_scale_to_output``
@@ -104,7 +104,7 @@ class RouterSpec:
         )
 
     @classmethod
-    def from_vllm_runner(cls, runner: Any, batch_invariant: bool = False) -> "RouterSpec":
+    def from_vllm_runner(cls, runner: Any, batch_invariant: bool = False) -> RouterSpec:
         """The spec of a vLLM ``MoERunner`` (its ``router`` must be a ``GroupedTopKRouter``)."""
         router = runner.router
         missing = [k for k in ("top_k", "num_expert_group", "topk_group", "scoring_func", "renormalize",

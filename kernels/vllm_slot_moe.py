@@ -43,8 +43,9 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 
@@ -56,7 +57,7 @@ Routing = Literal["router", "reference"]
 NAMES = {"shared": "vllm_slot_moe_forward_shared", "plain": "vllm_slot_moe_forward"}
 
 _lock = threading.Lock()
-_defined: dict[tuple[str, str], "SlotOps"] = {}
+_defined: dict[tuple[str, str], SlotOps] = {}
 _libraries: dict[str, torch.library.Library] = {}
 
 
@@ -172,7 +173,10 @@ def reference_slot_moe(hidden: torch.Tensor, logits: torch.Tensor, spec: RouterS
 # ---- the vLLM path ------------------------------------------------------------------------------
 def vllm_runner(layer_name: Any) -> Any:
     """The ``MoERunner`` of ``layer_name`` from vLLM's forward context (vLLM's own lookup)."""
-    from vllm.model_executor.layers.fused_moe.runner.moe_runner import _resolve_layer_name, get_layer_from_name
+    from vllm.model_executor.layers.fused_moe.runner.moe_runner import (
+        _resolve_layer_name,
+        get_layer_from_name,
+    )
 
     return get_layer_from_name(_resolve_layer_name(layer_name))
 
@@ -228,7 +232,9 @@ def _kernel_config(kernel: Any, hidden: torch.Tensor, experts: Any, top_k: int) 
     fused = kernel.fused_experts
     if type(fused).__name__ != "TritonExperts":
         return None
-    from vllm.model_executor.layers.fused_moe.fused_moe import try_get_optimal_moe_config
+    from vllm.model_executor.layers.fused_moe.fused_moe import (
+        try_get_optimal_moe_config,
+    )
 
     return try_get_optimal_moe_config(tuple(experts.w13_weight.shape), tuple(experts.w2_weight.shape), top_k,
                                       fused.quant_config.config_name(hidden.dtype), hidden.shape[0],
@@ -240,7 +246,9 @@ def vllm_slot_forward(runner: Any, binding: SlotBinding, row: int, hidden: torch
                       ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """``MoERunner._forward_impl`` for one GPU, with the experts on the layer's storage rows."""
     from vllm.model_executor.layers.fused_moe import override_config
-    from vllm.model_executor.layers.fused_moe.runner.shared_experts import SharedExpertsOrder
+    from vllm.model_executor.layers.fused_moe.runner.shared_experts import (
+        SharedExpertsOrder,
+    )
 
     if id(runner) not in binding.checked:
         reason = unsupported_reason(runner)

@@ -31,11 +31,12 @@ importing vLLM.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from omni_passes.fx.utils import PassReport, eager_input_vals, replace_functionalized
 
@@ -86,7 +87,7 @@ def layer_from_name(value: Any) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def node_layer(node: fx.Node, arg: Any) -> int | None:  # noqa: ARG001  (node: for hosts that override)
+def node_layer(node: fx.Node, arg: Any) -> int | None:
     """The default ``layer_of``: the layer name's example value (graph input) or literal."""
     return layer_from_name(arg.meta.get("val") if isinstance(arg, fx.Node) else arg)
 

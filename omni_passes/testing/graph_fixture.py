@@ -44,11 +44,12 @@ import math
 import operator
 import re
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 FORMAT = "omni-fx-graph/1"
 STANDIN_PREFIX = "omni_fixture_"
@@ -97,7 +98,11 @@ class FixtureOpaque(_OpaqueBase):
 def _opaque_type_name() -> str | None:
     """The schema type name of ``FixtureOpaque`` (registered once), None without opaque types."""
     try:
-        from torch._library.opaque_object import get_opaque_type_name, is_opaque_type, register_opaque_type
+        from torch._library.opaque_object import (
+            get_opaque_type_name,
+            is_opaque_type,
+            register_opaque_type,
+        )
     except ImportError:
         return None
     with _lock:
@@ -506,7 +511,7 @@ def graph_from_readable(source: str, schemas: dict[str, str] | None = None, devi
     ops = _OpsFacade(schemas)
     namespace: dict[str, Any] = {"torch": _TorchFacade(ops), "device": torch.device, "__builtins__": builtins}
     body = "\n".join(line for line in source.splitlines() if not line.startswith(("import ", "from ")))
-    exec(compile(body, "<readable graph>", "exec"), namespace)
+    exec(compile(body, "<readable graph>", "exec"), namespace)  # noqa: S102  (trusted dumps, see docstring)
     module = namespace[module_class.name]()
     traced = fx.Tracer().trace(module)
     calls = [n for n in traced.nodes if n.op == "call_function"]

@@ -57,8 +57,8 @@ def build_checkpoint(path: Path) -> Path:
 
     def sm90_config(**kwargs):
         config = make_config(**kwargs)
-        for key, value in dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_attention_heads=4,
-                               num_key_value_heads=4, qk_nope_head_dim=128, v_head_dim=128).items():
+        for key, value in {"hidden_size": 256, "intermediate_size": 512, "moe_intermediate_size": 128, "num_attention_heads": 4,
+                           "num_key_value_heads": 4, "qk_nope_head_dim": 128, "v_head_dim": 128}.items():
             setattr(config, key, value)
         config.qk_head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim  # derived at construction
         config.head_dim = config.qk_rope_head_dim
@@ -77,11 +77,11 @@ class DumpPass(_Base):
     def uuid(self) -> str:
         return f"omni_cuda_dump:{self.rewrite}:{time.time_ns()}"
 
-    def is_applicable_for_range(self, compile_range: Any) -> bool:  # noqa: ARG002
+    def is_applicable_for_range(self, compile_range: Any) -> bool:
         return True
 
     def __call__(self, graph) -> None:
-        from omni_passes.testing.graph_fixture import dump_graph, target_name
+        from omni_passes.testing.graph_fixture import dump_graph
 
         try:
             from vllm.compilation.passes.inductor_pass import get_pass_context

@@ -13,10 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.fx as fx
+from torch import fx
 
 from kernels.vllm_slot_moe import define_slot_ops, slot_schemas
-from omni_passes.fx.moe_forward_slots import MoeForwardSlots, SlotMoeOps, layer_from_name, vllm_sources
+from omni_passes.fx.moe_forward_slots import (
+    MoeForwardSlots,
+    SlotMoeOps,
+    layer_from_name,
+    vllm_sources,
+)
 from omni_passes.testing.graph_fixture import (
     FixtureOpaque,
     _opaque_type_name,
@@ -62,7 +67,7 @@ def test_fixture_holds_the_opaque_moe_node_as_vllm_emits_it():
     shared, routed = node.meta["val"]
     assert tuple(shared.shape) == tuple(routed.shape) == tuple(hidden.meta["val"].shape)
     scale = next(iter(u for u in node.users if u.args[1] == 1)).users
-    assert [target_name(u.target) for u in scale] == ["aten::mul.Tensor"] and list(scale)[0].args[1] == 2.5
+    assert [target_name(u.target) for u in scale] == ["aten::mul.Tensor"] and next(iter(scale)).args[1] == 2.5
 
 
 def test_rewrite_retargets_the_node_and_leaves_everything_else(ops):
@@ -98,8 +103,8 @@ def test_no_moe_node_leaves_the_graph_untouched(ops):
     report = MoeForwardSlots(SlotMoeOps(ops.shared, ops.plain), sources())(graph)  # nothing left to match
     assert str(graph) == text and report.rewritten_nodes == 0 and not report.skipped
     # (the fixture's stand-ins carry the prefix of their test library)
-    assert report.notes == ["no vLLM MoE op (omni_fixture_vllm::moe_forward_shared, omni_fixture_vllm::moe_forward) "
-                            "in this graph piece"]
+    assert report.notes == [("no vLLM MoE op (omni_fixture_vllm::moe_forward_shared, omni_fixture_vllm::moe_forward) "
+                             "in this graph piece")]
 
 
 def test_vllm_absent_from_the_process_leaves_the_graph_untouched(ops):
