@@ -4,7 +4,8 @@ On vLLM's CUDA build each MoE layer is one opaque op, ``vllm.moe_forward_shared(
 router_logits, shared_experts_input, input_ids, layer_name, hidden_dim_unpadded) -> (shared,
 routed)`` (``vllm.moe_forward`` without shared experts). The graph pass
 ``omni_passes.fx.moe_forward_slots`` swaps it for these ops, which take the same arguments plus
-``binding`` (the name under which the host registered its placement runtime) and, per call:
+``state`` (the host's ``kernels.state`` handle: a stable handle, the same in every process for one
+configuration) and, per call:
 
 1. find the layer's ``MoERunner`` from ``layer_name``, as vLLM's op does (vLLM compiles one
    artifact for all isomorphic graph pieces and runs it for every layer, so the layer is an
@@ -30,10 +31,13 @@ Routing: ``"router"`` calls the layer's own vLLM router (bit-identical ids and w
 passes-off, including the fused CUDA grouped-top-k kernel); ``"reference"`` runs
 ``kernels.vllm_moe_routing`` (vLLM's Python path; see there for where the two differ).
 
-Nothing here bakes process state into a graph: the ops' arguments are vLLM's plus a string,
-so a compiled artifact loaded by another process (vLLM's compile cache) finds that process's
-binding by name. The schemas must be defined before such an artifact loads
-(``define_slot_ops``; the layer-name type is vLLM's ``LayerName`` opaque type on torch >= 2.11).
+Nothing here bakes process state into a graph: the ops' arguments are vLLM's plus an int that
+names the configuration, so a compiled artifact loaded by another process (vLLM's compile cache)
+finds that process's state: the first lookup of an unknown handle calls the resolver the host
+installed (``kernels.state.set_resolver``), which builds the runtime and registers both the state
+tensors and this module's ``SlotBinding`` for the handle. The schemas must be defined before such
+an artifact loads (``define_slot_ops``; the layer-name type is vLLM's ``LayerName`` opaque type on
+torch >= 2.11).
 
 ``reference_slot_moe`` is the same dispatch on plain tensors with a pure-torch expert MLP, for
 CPU tests of routing, dispatch and counting.
@@ -61,15 +65,16 @@ _defined: dict[tuple[str, str], SlotOps] = {}
 _libraries: dict[str, torch.library.Library] = {}
 
 
-# ---- bindings: the host side, reached by name ---------------------------------------------------
+# ---- bindings: the host side, reached through the state handle ---------------------------------
 @dataclass
 class SlotBinding:
-    """What the ops need from a host's placement runtime.
+    """What the ops need from a host's placement runtime besides its tensors.
 
     Attributes:
-        state: ``kernels.state`` handle with ``replica_slots``, ``replica_count``, ``expert_load``,
-            ``row_load``, ``gate`` and, for layers with redundant rows, ``rows{row}.w13_weight``
-            and ``rows{row}.w2_weight`` (``[E + R, ...]``; vLLM's parameters view their first E).
+        state: the ``kernels.state`` handle of ``replica_slots``, ``replica_count``,
+            ``expert_load``, ``row_load``, ``gate`` and, for layers with redundant rows,
+            ``rows{row}.w13_weight`` / ``rows{row}.w2_weight`` (``[E + R, ...]``; vLLM's
+            parameters view their first E).
         moe_row: vLLM layer name (``model.layers.N.mlp.experts``) -> MoE row of the tables; None
             runs vLLM's own path for that layer (not placed).
         routing: ``"router"`` or ``"reference"`` (module docstring).
@@ -84,37 +89,33 @@ class SlotBinding:
     checked: set = field(default_factory=set)
 
 
-_providers: dict[str, Callable[[], SlotBinding]] = {}
-_bindings: dict[str, SlotBinding] = {}
+_bindings: dict[int, SlotBinding] = {}
 
 
-def register_binding(name: str, provider: Callable[[], SlotBinding]) -> None:
-    """Make ``binding=name`` resolve to ``provider()`` (called once, on the first op call of the
-    process: a host whose compiled graphs came from a cache builds its runtime there)."""
+def register_binding(binding: SlotBinding) -> None:
+    """Bind the ops called with ``state=binding.state`` to ``binding`` (the host registers the
+    state tensors under the same handle)."""
     with _lock:
-        _providers[name] = provider
-        _bindings.pop(name, None)
+        _bindings[binding.state] = binding
 
 
-def unregister_binding(name: str) -> None:
+def unregister_binding(state: int) -> None:
     with _lock:
-        _providers.pop(name, None)
-        _bindings.pop(name, None)
+        _bindings.pop(state, None)
 
 
-def resolve_binding(name: str) -> SlotBinding:
-    with _lock:
-        bound = _bindings.get(name)
-        if bound is not None:
-            return bound
-        provider = _providers.get(name)
-    if provider is None:
-        raise LookupError(f"omni::vllm_slot_moe: no binding {name!r} in this process (registered: "
-                          f"{sorted(_providers)}); the host must register it before the first forward")
-    bound = provider()
-    with _lock:
-        _bindings.setdefault(name, bound)
-        return _bindings[name]
+def binding_for(state: int) -> SlotBinding:
+    """The binding of ``state``. An unknown handle is first looked up in ``kernels.state``, which
+    calls the host's resolver (a graph from a compile cache: the host builds its runtime there,
+    inside the first forward, and registers the binding too)."""
+    bound = _bindings.get(state)
+    if bound is None:
+        lookup(state, "gate")  # resolves the state, or raises naming the handle
+        bound = _bindings.get(state)
+    if bound is None:
+        raise LookupError(f"omni::vllm_slot_moe: state {state} is registered but has no SlotBinding "
+                          "(the host must call kernels.vllm_slot_moe.register_binding)")
+    return bound
 
 
 # ---- the pure-torch reference -------------------------------------------------------------------
@@ -280,9 +281,9 @@ def vllm_slot_forward(runner: Any, binding: SlotBinding, row: int, hidden: torch
     return shared, routed
 
 
-def _forward(hidden_states, router_logits, shared_experts_input, input_ids, layer_name, binding):
+def _forward(hidden_states, router_logits, shared_experts_input, input_ids, layer_name, state):
     runner = vllm_runner(layer_name)
-    bound = resolve_binding(binding)
+    bound = binding_for(state)
     row = bound.moe_row(runner.layer_name)
     if row is None:  # not placed: vLLM's own path, unchanged
         result = runner._forward_impl(hidden_states, router_logits, shared_experts_input, input_ids)
@@ -291,18 +292,17 @@ def _forward(hidden_states, router_logits, shared_experts_input, input_ids, laye
 
 
 def _forward_shared_impl(hidden_states, router_logits, shared_experts_input, input_ids, layer_name,
-                         hidden_dim_unpadded, binding):
-    shared, routed = _forward(hidden_states, router_logits, shared_experts_input, input_ids, layer_name, binding)
-    return shared, routed
+                         hidden_dim_unpadded, state):
+    return _forward(hidden_states, router_logits, shared_experts_input, input_ids, layer_name, state)
 
 
 def _forward_plain_impl(hidden_states, router_logits, shared_experts_input, input_ids, layer_name,
-                        hidden_dim_unpadded, binding):
-    return _forward(hidden_states, router_logits, shared_experts_input, input_ids, layer_name, binding)[1]
+                        hidden_dim_unpadded, state):
+    return _forward(hidden_states, router_logits, shared_experts_input, input_ids, layer_name, state)[1]
 
 
 def _forward_shared_fake(hidden_states, router_logits, shared_experts_input, input_ids, layer_name,
-                         hidden_dim_unpadded, binding):
+                         hidden_dim_unpadded, state):
     routed = (hidden_states.new_empty((*hidden_states.shape[:-1], hidden_dim_unpadded)) if hidden_dim_unpadded > 0
               else torch.empty_like(hidden_states))
     shared = torch.empty_like(shared_experts_input if shared_experts_input is not None else hidden_states)
@@ -310,9 +310,9 @@ def _forward_shared_fake(hidden_states, router_logits, shared_experts_input, inp
 
 
 def _forward_plain_fake(hidden_states, router_logits, shared_experts_input, input_ids, layer_name,
-                        hidden_dim_unpadded, binding):
+                        hidden_dim_unpadded, state):
     return _forward_shared_fake(hidden_states, router_logits, shared_experts_input, input_ids, layer_name,
-                                hidden_dim_unpadded, binding)[1]
+                                hidden_dim_unpadded, state)[1]
 
 
 # ---- definitions --------------------------------------------------------------------------------
@@ -325,9 +325,9 @@ class SlotOps:
 
 
 def slot_schemas(layer_name_type: str) -> dict[str, str]:
-    """vLLM 0.26's ``moe_forward_shared`` / ``moe_forward`` schemas plus ``str binding``."""
+    """vLLM 0.26's ``moe_forward_shared`` / ``moe_forward`` schemas plus ``int state``."""
     rest = (f"Tensor router_logits, Tensor? shared_experts_input, Tensor? input_ids, {layer_name_type} layer_name, "
-            "SymInt hidden_dim_unpadded, str binding")
+            "SymInt hidden_dim_unpadded, int state")
     return {"shared": f"{NAMES['shared']}(Tensor hidden_states, {rest}) -> (Tensor, Tensor)",
             "plain": f"{NAMES['plain']}(Tensor(a0!) hidden_states, {rest}) -> Tensor"}
 

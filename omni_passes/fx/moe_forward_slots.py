@@ -10,18 +10,20 @@ the hidden state itself; ``layer_name`` is a graph input holding vLLM's ``LayerN
     h ─► vllm.moe_forward_shared(h, h, h, None, layer_name, 0) ─┬─► getitem 0 ─► shared ──────────┐
                                                                  └─► getitem 1 ─► mul(routed, 2.5) ─► add ─►
 
-After (same arguments plus ``binding=NAME``; the users are untouched)::
+After (same arguments plus ``state=HANDLE``; the users are untouched)::
 
-    h ─► omni.vllm_slot_moe_forward_shared(h, h, h, None, layer_name, 0, binding=NAME) ─┬─► getitem 0 ...
-                                                                                          └─► getitem 1 ...
+    h ─► omni.vllm_slot_moe_forward_shared(h, h, h, None, layer_name, 0, state=HANDLE) ─┬─► getitem 0 ...
+                                                                                         └─► getitem 1 ...
 
 ``vllm.moe_forward`` (no shared experts) mutates its input, so it arrives wrapped as
 ``auto_functionalized[_v2](vllm.moe_forward, ...)``; the wrapper keeps its kwargs and gets the
 omni op instead. The omni ops (``kernels.vllm_slot_moe``) find their layer from ``layer_name``
 at run time, as vLLM's op does: vLLM compiles one artifact for all isomorphic pieces and runs
 it for every MoE layer, so nothing layer-specific may be baked into the graph, and the pass
-sees only the first piece of each kind. Decoder-layer numbers in the report come from the
-``layer_name`` placeholder's example value where the graph carries it.
+sees only the first piece of each kind. ``HANDLE`` is the host's stable ``kernels.state``
+handle (the same in every process for one configuration), so the rewritten graph is safe to load
+from vLLM's compile cache. Decoder-layer numbers in the report come from the ``layer_name``
+placeholder's example value where the graph carries it.
 
 The pass knows graphs, not hosts: the host gives it the ops to insert (``SlotMoeOps``), and
 the ops it replaces are looked up by name in the op registry (``vllm_sources``), never by
@@ -30,7 +32,6 @@ importing vLLM.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -39,11 +40,10 @@ import torch
 from torch import fx
 
 from omni_passes.fx.utils import PassReport, eager_input_vals, replace_functionalized
+from omni_passes.layer_names import decoder_layer_index
 
 SHARED = "vllm::moe_forward_shared"
 PLAIN = "vllm::moe_forward"
-LAYER_NAME_ARG = 4  # position of layer_name in both vLLM ops
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 FUNCTIONALIZE = ("auto_functionalized", "auto_functionalized_v2")
 
 
@@ -52,14 +52,14 @@ class SlotMoeOps:
     """What a host binds the rewrite to.
 
     Attributes:
-        shared: the op that replaces ``vllm::moe_forward_shared`` (its arguments plus ``binding``).
+        shared: the op that replaces ``vllm::moe_forward_shared`` (its arguments plus ``state``).
         plain: the op that replaces ``vllm::moe_forward``; None leaves those nodes alone.
-        binding: the value of the ``binding`` argument (names the host's placement runtime).
+        state: the value of the ``state`` argument (the host's stable ``kernels.state`` handle).
     """
 
     shared: Any
     plain: Any = None
-    binding: str = "vllm"
+    state: int = 0
 
 
 def registered_op(qualified: str, overload: str = "default") -> Any:
@@ -83,8 +83,7 @@ def layer_from_name(value: Any) -> int | None:
     the fake object tracing holds for it (``.real_obj``); None when unknown."""
     real = getattr(value, "real_obj", value)
     text = real if isinstance(real, str) else getattr(real, "value", None)
-    match = _LAYER.search(text) if isinstance(text, str) else None
-    return int(match.group(1)) if match else None
+    return decoder_layer_index(text) if isinstance(text, str) else None
 
 
 def node_layer(node: fx.Node, arg: Any) -> int | None:
@@ -155,7 +154,7 @@ class MoeForwardSlots:
         if reason:
             report.skip(layer, f"{target_name_of(source)}: {reason}")
             return
-        kwargs = {**node.kwargs, "binding": self.ops.binding}
+        kwargs = {**node.kwargs, "state": self.ops.state}
         if wrapped:
             replace_functionalized(graph, node, replacement, kwargs)
         else:
@@ -176,10 +175,10 @@ class MoeForwardSlots:
     def _unsupported(source: Any, replacement: Any, arguments: dict[str, Any] | None) -> str | None:
         if replacement is None:
             return "the host gave no omni op for it"
-        expected = _argument_names(source) + ["binding"]
+        expected = [*_argument_names(source), "state"]
         if _argument_names(replacement) != expected:
             return (f"the omni op {target_name_of(replacement)} takes ({', '.join(_argument_names(replacement))}), "
-                    f"not vLLM's arguments plus binding ({', '.join(expected)})")
+                    f"not vLLM's arguments plus state ({', '.join(expected)})")
         if arguments is None:
             return "its arguments do not match its schema"
         if arguments.get("input_ids") is not None:

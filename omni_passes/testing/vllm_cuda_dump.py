@@ -47,7 +47,7 @@ except ImportError:  # importable (for --help) without vLLM
 MOE_OPS = ("vllm::moe_forward_shared.default", "vllm::moe_forward.default")
 PROMPTS = ["The quick brown fox jumps over the lazy dog.", "A mixture of experts model sends every token",
            "Numbers: 0 1 2 3 4 5 6 7 8 9 10 16 32 64"]
-BINDING = "omni_cuda_dump"
+STATE_KEY = "omni_passes.testing.vllm_cuda_dump"  # stable_handle(STATE_KEY): the graph's state argument
 
 
 def build_checkpoint(path: Path) -> Path:
@@ -103,8 +103,8 @@ class DumpPass(_Base):
             from omni_passes.fx.moe_forward_slots import MoeForwardSlots, SlotMoeOps
 
             ops = define_slot_ops()
-            _register_binding(self.rewrite)
-            report = MoeForwardSlots(SlotMoeOps(ops.shared, ops.plain, BINDING))(graph)
+            handle = _install_resolver(self.rewrite)
+            report = MoeForwardSlots(SlotMoeOps(ops.shared, ops.plain, handle))(graph)
             self._append(out / "reports.jsonl", {"piece": index, "range": compile_range, **report.as_dict()})
 
     def _facts(self, index: int, compile_range: str, graph, moe: list) -> None:
@@ -162,17 +162,18 @@ def _is_moe(node) -> bool:
 def moe_runners(layers: dict[str, Any]) -> dict[int, Any]:
     """Decoder layer -> MoERunner, from vLLM's layer registry (``static_forward_context``, which
     the forward context holds as ``no_compile_layers``)."""
-    import re
+    from omni_passes.layer_names import decoder_layer_index
 
     runners = {}
     for name, layer in layers.items():
-        match = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
-        if match and hasattr(layer, "routed_experts") and hasattr(layer, "router"):
-            runners[int(match.group(1))] = layer
+        index = decoder_layer_index(name)
+        if index is not None and hasattr(layer, "routed_experts") and hasattr(layer, "router"):
+            runners[index] = layer
     return dict(sorted(runners.items()))
 
 
-def build_state(runners: dict[int, Any], redundant: int, gate: int = 1) -> tuple[int, dict[str, int]]:
+def build_state(runners: dict[int, Any], redundant: int, gate: int = 1,
+                handle: int | None = None) -> tuple[int, dict[str, int]]:
     """A placement state for ``runners`` (row i = i-th MoE layer): identity tables, or experts
     0..redundant-1 with a second storage row (E + j); vLLM's parameters become views of the rows."""
     import torch
@@ -188,7 +189,7 @@ def build_state(runners: dict[int, Any], redundant: int, gate: int = 1) -> tuple
     handle = register_state({"replica_slots": slots, "replica_count": count,
                              "expert_load": torch.zeros(layers, experts, dtype=torch.int64, device=device),
                              "row_load": torch.zeros(layers, experts + redundant, dtype=torch.int64, device=device),
-                             "gate": torch.full((1,), gate, dtype=torch.int64, device=device)})
+                             "gate": torch.full((1,), gate, dtype=torch.int64, device=device)}, handle=handle)
     rows = {}
     for row, runner in enumerate(runners.values()):
         if redundant:
@@ -201,17 +202,25 @@ def build_state(runners: dict[int, Any], redundant: int, gate: int = 1) -> tuple
     return handle, rows
 
 
-def _register_binding(mode: str) -> None:
+def _install_resolver(mode: str) -> int:
+    """The stable handle the rewritten graphs carry; its state is built by a resolver on the first
+    op call (inside vLLM's profile run, before CUDA-graph capture), gate closed."""
+    from kernels.state import set_resolver, stable_handle
     from kernels.vllm_slot_moe import SlotBinding, register_binding
 
-    def provider():  # runs inside the first forward that reaches an omni op (vLLM's profile run)
+    handle = stable_handle(f"{STATE_KEY}:{mode}")
+
+    def resolve(asked: int) -> None:
+        if asked != handle:
+            return
         from vllm.forward_context import get_forward_context
 
         layers = get_forward_context().no_compile_layers
-        handle, rows = build_state(moe_runners(layers), 2 if mode == "redundant" else 0, gate=0)
-        return SlotBinding(state=handle, moe_row=rows.get)
+        _, rows = build_state(moe_runners(layers), 2 if mode == "redundant" else 0, gate=0, handle=handle)
+        register_binding(SlotBinding(state=handle, moe_row=rows.get))
 
-    register_binding(BINDING, provider)
+    set_resolver(resolve)
+    return handle
 
 
 def op_check(worker) -> dict:
@@ -231,7 +240,7 @@ def op_check(worker) -> dict:
         for redundant in (0, 2):
             handle, rows = build_state({layer: runner}, redundant)
             for routing in ("router", "reference"):
-                binding = SlotBinding(state=handle, moe_row=rows.get, routing=routing)
+                binding = SlotBinding(state=handle, moe_row=rows.get, routing=routing)  # no registration: called directly
                 for tokens in (1, 4, 33, 300):  # 300 > 256: shared experts off the side stream
                     gen = torch.Generator(device="cuda").manual_seed(tokens)
                     h = torch.randn(tokens, hidden_size, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -254,20 +263,18 @@ def op_check(worker) -> dict:
     return results
 
 
-def read_loads(worker) -> dict:
-    from kernels.state import lookup
-    from kernels.vllm_slot_moe import resolve_binding
+def read_loads(worker, mode: str) -> dict:
+    from kernels.state import lookup, stable_handle
 
-    bound = resolve_binding(BINDING)
-    return {"expert_load": lookup(bound.state, "expert_load").cpu().tolist(),
-            "row_load": lookup(bound.state, "row_load").cpu().tolist()}
+    handle = stable_handle(f"{STATE_KEY}:{mode}")
+    return {"expert_load": lookup(handle, "expert_load").cpu().tolist(),
+            "row_load": lookup(handle, "row_load").cpu().tolist()}
 
 
-def open_gate(worker) -> bool:
-    from kernels.state import lookup
-    from kernels.vllm_slot_moe import resolve_binding
+def open_gate(worker, mode: str) -> bool:
+    from kernels.state import lookup, stable_handle
 
-    lookup(resolve_binding(BINDING).state, "gate").fill_(1)
+    lookup(stable_handle(f"{STATE_KEY}:{mode}"), "gate").fill_(1)
     return True
 
 
@@ -298,13 +305,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_check:
         (out / "op_check.json").write_text(json.dumps(llm.collective_rpc(op_check)[0], indent=1))
     if args.rewrite != "none":
-        llm.collective_rpc(open_gate)
+        llm.collective_rpc(open_gate, args=(args.rewrite,))
     outputs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True))
     tokens = [list(o.outputs[0].token_ids) for o in outputs]
     summary["prompt_tokens"] = [len(o.prompt_token_ids) for o in outputs]
     (out / f"tokens_{args.rewrite}.json").write_text(json.dumps(tokens))
     if args.rewrite != "none":
-        (out / f"loads_{args.rewrite}.json").write_text(json.dumps(llm.collective_rpc(read_loads)[0]))
+        (out / f"loads_{args.rewrite}.json").write_text(json.dumps(llm.collective_rpc(read_loads, args=(args.rewrite,))[0]))
     baseline = out / "tokens_none.json"
     if args.rewrite != "none" and baseline.exists():
         summary["tokens_equal_passes_off"] = json.loads(baseline.read_text()) == tokens

@@ -75,11 +75,11 @@ def test_rewrite_retargets_the_node_and_leaves_everything_else(ops):
     before = count_targets(graph)
     old = moe_node(graph, SHARED)
     args, users = old.args, {u.name for u in old.users}
-    report = MoeForwardSlots(SlotMoeOps(ops.shared, ops.plain, binding="omni"), sources(graph))(graph)
+    report = MoeForwardSlots(SlotMoeOps(ops.shared, ops.plain, state=1 << 41), sources(graph))(graph)
 
     assert report.as_dict()["matched_layers"] == [1] and report.rewritten_nodes == 1 and not report.skipped
     new = moe_node(graph, OMNI)
-    assert new.args == args and new.kwargs == {"binding": "omni"}
+    assert new.args == args and new.kwargs == {"state": 1 << 41}
     assert {u.name for u in new.users} == users and all(u.target is operator.getitem for u in new.users)
     assert [tuple(v.shape) for v in new.meta["val"]] == [tuple(v.shape) for v in old.meta["val"]]
     after = count_targets(graph)
@@ -89,10 +89,10 @@ def test_rewrite_retargets_the_node_and_leaves_everything_else(ops):
     assert graph_to_json(graph)["schemas"][OMNI].startswith("omni_test_slots::vllm_slot_moe_forward_shared(")
 
 
-def test_omni_schemas_extend_vllms_by_binding(ops):
+def test_omni_schemas_extend_vllms_by_the_state_handle(ops):
     standin = sources()["shared"]
-    assert [a.name for a in ops.shared._schema.arguments] == [a.name for a in standin._schema.arguments] + ["binding"]
-    assert [a.name for a in ops.plain._schema.arguments] == [a.name for a in sources()["plain"]._schema.arguments] + ["binding"]
+    assert [a.name for a in ops.shared._schema.arguments] == [a.name for a in standin._schema.arguments] + ["state"]
+    assert [a.name for a in ops.plain._schema.arguments] == [a.name for a in sources()["plain"]._schema.arguments] + ["state"]
     assert "Tensor(a0!) hidden_states" in slot_schemas("str")["plain"]
 
 
@@ -144,10 +144,10 @@ def test_functionalized_moe_forward_gets_the_plain_omni_op(ops):
     plain = sources()["plain"]
     graph, node = _graph_with(plain, {}, wrapped=True)
     kwargs = dict(node.kwargs)
-    report = MoeForwardSlots(SlotMoeOps(ops.shared, ops.plain, binding="b"), sources())(graph)
+    report = MoeForwardSlots(SlotMoeOps(ops.shared, ops.plain, state=5), sources())(graph)
     assert report.matched_layers == [7] and report.rewritten_nodes == 1
     new = next(n for n in graph.nodes if n.target is torch.ops.higher_order.auto_functionalized_v2)
-    assert new.args == (ops.plain,) and new.kwargs == {**kwargs, "binding": "b"}
+    assert new.args == (ops.plain,) and new.kwargs == {**kwargs, "state": 5}
 
 
 @pytest.mark.parametrize("change,reason", [
@@ -175,7 +175,7 @@ def test_missing_or_mismatched_replacements_are_skipped(ops):
     assert report.as_dict()["skipped"] == [{"layer": 7, "reason": "omni_fixture_vllm::moe_forward: the host gave no omni op for it"}]
     graph, _ = _graph_with(sources()["shared"], {})
     report = MoeForwardSlots(SlotMoeOps(torch.ops.aten.mm.default), sources())(graph)
-    assert "takes (self, mat2), not vLLM's arguments plus binding" in report.skipped[0].reason
+    assert "takes (self, mat2), not vLLM's arguments plus state" in report.skipped[0].reason
 
 
 def test_unknown_layer_is_rewritten_and_noted(ops):

@@ -13,13 +13,13 @@ from kernels.state import register_state, unregister_state
 from kernels.vllm_moe_routing import RouterSpec, grouped_topk
 from kernels.vllm_slot_moe import (
     SlotBinding,
+    binding_for,
     count_into,
     define_slot_ops,
     dispatch_and_count,
     reference_experts,
     reference_slot_moe,
     register_binding,
-    resolve_binding,
     unregister_binding,
 )
 from omni_passes.testing.graph_fixture import FixtureOpaque, _opaque_type_name
@@ -135,22 +135,32 @@ def test_reference_experts_equal_a_direct_moe_computation():
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_bindings_resolve_lazily_once_and_name_what_is_missing():
+def test_bindings_come_from_the_hosts_resolver_on_the_first_call():
+    from kernels import state as states
+
+    handle = states.stable_handle("test_vllm_slot_moe:binding")
     calls = []
 
-    def provider():
-        calls.append(1)
-        return SlotBinding(state=0, moe_row=lambda name: None)
+    def resolve(asked: int) -> None:  # what a host does for a graph loaded from a compile cache
+        calls.append(asked)
+        if asked == handle:
+            states.register_state({"gate": torch.ones(1, dtype=torch.int64)}, handle=handle)
+            register_binding(SlotBinding(state=handle, moe_row=lambda name: None))
 
-    register_binding("omni_test_lazy", provider)
+    states.set_resolver(resolve)
     try:
-        assert calls == []
-        first = resolve_binding("omni_test_lazy")
-        assert resolve_binding("omni_test_lazy") is first and calls == [1]
+        first = binding_for(handle)
+        assert binding_for(handle) is first and first.state == handle and calls == [handle]
+        with pytest.raises(LookupError, match="no host here can build that state"):
+            binding_for(handle + 1)
+        states.register_state({"gate": torch.ones(1)}, handle=handle + 2)
+        with pytest.raises(LookupError, match="has no SlotBinding"):
+            binding_for(handle + 2)
     finally:
-        unregister_binding("omni_test_lazy")
-    with pytest.raises(LookupError, match="no binding 'omni_test_lazy' in this process"):
-        resolve_binding("omni_test_lazy")
+        states.set_resolver(None)
+        for h in (handle, handle + 2):
+            unregister_binding(h)
+            states.unregister_state(h)
 
 
 def test_fake_kernels_give_vllms_output_shapes():
@@ -161,8 +171,8 @@ def test_fake_kernels_give_vllms_output_shapes():
     name = FixtureOpaque("model.layers.1.mlp.experts", "vllm.utils.torch_utils.LayerName")
     with FakeTensorMode():
         hidden = torch.empty(5, 16, dtype=torch.bfloat16)
-        shared, routed = ops.shared(hidden, hidden, hidden, None, name, 0, "omni")
-        padded = ops.shared(hidden, hidden, None, None, name, 24, "omni")[1]
+        shared, routed = ops.shared(hidden, hidden, hidden, None, name, 0, 7)
+        padded = ops.shared(hidden, hidden, None, None, name, 24, 7)[1]
     assert shared.shape == routed.shape == (5, 16) and routed.dtype == torch.bfloat16
     assert padded.shape == (5, 24)
     assert "needs_fixed_stride_order" in {str(t).split(".")[-1] for t in ops.shared.tags}
