@@ -223,33 +223,41 @@ def launch_config(num_tokens: int, num_heads: int, latent_dim: int, dtype: torch
     """Launch parameters from shapes and the (static) window only; ``override`` (bench, tuning,
     tests) wins: keys ``block_h block_n num_splits num_warps num_stages programs_per_sm``.
 
-    Defaults (reasoning; the H100/H200 sweep in ``omni_passes.bench.attn_paged`` checks them):
-    block_h holds all heads up to 64 (one program reads a row once for every head; at 128 heads
-    an fp32 [128, 512] accumulator cannot live in one program's registers). block_n keeps two
-    pipeline stages of [block_n, 576] rows plus q within shared memory. num_splits fills about
-    ``programs_per_sm`` programs per SM (1 at 64-head blocks, compute-heavy; 2 otherwise):
-    splits cost a partial output ([block_h, R] fp32 per split, L2-resident until the combine)
-    and a second kernel, too few leave SMs idle.
+    Defaults, from sm_90 compiles (Triton 3.6, bf16, R 512 + Dr 64; ptxas -v) and reasoning; the
+    sweep of ``omni_passes.bench.attn_paged`` times them on the GPU:
+      * block_h holds all heads up to 64: one program reads a row once for every head. At 128
+        heads a [128, 512] fp32 accumulator does not fit one program (block_h 128: 262 KB of
+        shared memory, over the 227 KB limit, and 2.8 KB of spills).
+      * block_h 16 (mma.sync): block_n 32, 4 warps: 206 registers, 56 KB shared, no spills
+        (block_n 64 with 4 warps spills). The [block_n, 576] tile is copied asynchronously into
+        one buffer and read into registers, so the next tile's copy overlaps this one's math.
+      * block_h 64 (wgmma, q in shared memory): block_n 32, 8 warps: 242 registers, 147 KB
+        shared (two tile buffers), no spills; 4 warps would spill the [64, 512] accumulator.
+        Triton lays a chained q·k dot on all 8 warps along M, so with M = 64 both warpgroups
+        compute the scores (p·v is split between them): about 1.5x the ideal tensor work.
+      * num_splits fills about ``programs_per_sm`` programs per SM (1 at 64-head blocks,
+        compute-heavy; 2 otherwise), with at least two block_n steps per program (the copy of
+        one overlaps the math of the other): splits cost a partial output ([block_h, R] fp32
+        per split, L2-resident until the combine) and a second kernel, too few leave SMs idle.
     """
     wide = dtype == torch.float32
     block_h = int(override.get("block_h", min(max(16, _next_pow2(num_heads)), 16 if wide else 64)))
     if not (_pow2(block_h) and block_h >= 16):
         raise ValueError(f"block_h must be a power of two >= 16, got {block_h}")
-    default_n = 16 if wide else (32 if block_h > 16 else 64)
-    block_n = int(override.get("block_n", default_n))
+    block_n = int(override.get("block_n", 16 if wide else 32))
     if not (_pow2(block_n) and block_n >= 16):
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
     head_blocks = _cdiv(num_heads, block_h)
     visible_max = max(1, sink + recent)
     items = max(1, num_tokens * head_blocks)
     splits = override.get("num_splits")
-    if splits is None:
+    if splits is None:  # about programs_per_sm programs per SM, at least two steps per program
         per_sm = override.get("programs_per_sm", 1.0 if block_h >= 64 else 2.0)
-        splits = round(per_sm * num_sms / items)
+        splits = min(round(per_sm * num_sms / items), _cdiv(visible_max, 2 * block_n))
     splits = max(1, min(int(splits), _cdiv(visible_max, block_n)))
     chunk = _cdiv(_cdiv(visible_max, splits), block_n) * block_n  # a whole number of steps per split
     splits = _cdiv(visible_max, chunk)
-    num_warps = int(override.get("num_warps", 8 if block_h >= 64 and latent_dim >= 256 else 4))
+    num_warps = int(override.get("num_warps", 8 if block_h >= 32 and latent_dim >= 256 else 4))
     return PagedMLAConfig(block_h=block_h, head_blocks=head_blocks, block_n=block_n, num_splits=splits, chunk=chunk,
                           num_warps=num_warps, num_stages=int(override.get("num_stages", 2)))
 
