@@ -10,16 +10,23 @@ Every answer is checked before anything reaches the client:
 
 Error bodies are logged with the request id (up to ``LOGGED_BODY`` bytes), never relayed.
 Timeouts are the caller's (``Attempt.phase``); this module only maps exceptions.
+
+Requests to ``http://`` instances go through the lean client of ``proxy.server.http1`` (an
+asyncio protocol over llhttp, keep-alive pool per instance); aiohttp's client serves the
+health prober and any other scheme.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 
 from proxy.server.errors import AttemptFailed, UpstreamRejected
+from proxy.server.http1 import ConnectTimeout, Pool
 from proxy.wire.openai import error_bytes, events_end, looks_like_sse
 
 log = logging.getLogger("omni_proxy")
@@ -34,6 +41,8 @@ class Upstream:
         self.connect_timeout = connect_timeout
         self.keepalive_s = keepalive_s
         self.session: aiohttp.ClientSession | None = None
+        self.pool = Pool(connect_timeout, keepalive_s)
+        self._targets: dict[str, tuple[str, int, bytes] | None] = {}
 
     async def start(self) -> None:
         # keep-alive shorter than uvicorn's 5 s (vLLM's server), so a pooled connection is not
@@ -43,10 +52,31 @@ class Upstream:
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout), auto_decompress=False)
 
     async def close(self) -> None:
+        self.pool.close()
         if self.session is not None:
             await self.session.close()
 
-    async def send(self, rid: str, instance: str, method: str, path: str, payload: bytes | None) -> aiohttp.ClientResponse:
+    def _target(self, instance: str) -> tuple[str, int, bytes] | None:
+        """(host, port, path prefix) of an ``http://`` instance URL; None for anything else."""
+        if instance not in self._targets:
+            u = urlsplit(instance)
+            self._targets[instance] = ((u.hostname or "", u.port or 80, u.path.rstrip("/").encode())
+                                       if u.scheme == "http" and u.hostname else None)
+        return self._targets[instance]
+
+    async def send(self, rid: str, instance: str, method: str, path: str, payload: bytes | None) -> Any:
+        """The answer's head (an ``http1.Response`` or an aiohttp ``ClientResponse``)."""
+        target = self._target(instance)
+        if target is not None:
+            host, port, prefix = target
+            headers = [(b"X-Request-Id", rid.encode())]
+            if payload is not None:
+                headers.append((b"Content-Type", b"application/json"))
+            try:
+                return await self.pool.request(host, port, method.encode(), prefix + path.encode(), headers, payload)
+            except OSError as exc:
+                kind = "timeout" if isinstance(exc, ConnectTimeout) else "connect"
+                raise AttemptFailed(instance, kind, f"{type(exc).__name__}: {exc}") from None
         headers = {"X-Request-Id": rid}
         if payload is not None:
             headers["Content-Type"] = "application/json"
@@ -56,7 +86,7 @@ class Upstream:
             kind = "timeout" if isinstance(exc, aiohttp.ServerTimeoutError) else "connect"
             raise AttemptFailed(instance, kind, f"{type(exc).__name__}: {exc}") from None
 
-    async def check(self, rid: str, instance: str, resp: aiohttp.ClientResponse) -> None:
+    async def check(self, rid: str, instance: str, resp) -> None:
         """Raise unless the answer is a success (its body is logged, not returned)."""
         if resp.status < 400:
             return
@@ -72,7 +102,7 @@ class Upstream:
         raise UpstreamRejected(resp.status, error_bytes(
             f"the instance rejected the request with status {resp.status} (request id {rid})", resp.status))
 
-    async def read_json(self, rid: str, instance: str, resp: aiohttp.ClientResponse) -> tuple[bytes, dict]:
+    async def read_json(self, rid: str, instance: str, resp) -> tuple[bytes, dict]:
         """The whole body of a success, which must be a JSON object."""
         try:
             data = await resp.read()
@@ -88,7 +118,7 @@ class Upstream:
             raise AttemptFailed(instance, "bad_response", f"answered {resp.status} with a body that is not a JSON object")
         return data, doc
 
-    async def first_events(self, rid: str, instance: str, resp: aiohttp.ClientResponse) -> tuple[bytes, bytes]:
+    async def first_events(self, rid: str, instance: str, resp) -> tuple[bytes, bytes]:
         """(complete first SSE events, the bytes after them) of a streaming success."""
         if resp.content_type != "text/event-stream":
             log.warning("request %s: %s answered a stream with Content-Type %r", rid, instance, resp.content_type)
@@ -114,7 +144,7 @@ class Upstream:
         return buf[:end], buf[end:]
 
 
-async def read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+async def read_limited(resp, limit: int) -> bytes:
     parts, size = [], 0
     while size < limit:
         chunk = await resp.content.readany()
