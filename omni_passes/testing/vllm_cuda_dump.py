@@ -91,13 +91,21 @@ class DumpPass(_Base):
             compile_range = "unknown"
         out = Path(self.out)
         index, self.count = self.count, self.count + 1
-        tag = "".join(c if c.isalnum() else "_" for c in compile_range)
-        path = dump_graph(graph, out / "pieces" / f"{index:03d}_{tag}.json", source=f"vLLM piece {index}, range {compile_range}",
-                          compile_range=compile_range)
+        stem = out / "pieces" / f"{index:03d}_{''.join(c if c.isalnum() else '_' for c in compile_range)}"
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        stem.with_suffix(".py").write_text(graph.python_code("self").src)  # readable, whatever happens below
         moe = [n for n in graph.nodes if _is_moe(n)]
-        self._facts(index, compile_range, graph, moe)
-        if moe and not (out / "vllm026_cuda_moe_piece.json").exists():
-            (out / "vllm026_cuda_moe_piece.json").write_text(path.read_text())
+        try:  # a graph the fixture format cannot hold must not stop the engine (and the GPU run)
+            path = dump_graph(graph, stem.with_suffix(".json"), source=f"vLLM piece {index}, range {compile_range}",
+                              compile_range=compile_range)
+            if moe and not (out / "vllm026_cuda_moe_piece.json").exists():
+                (out / "vllm026_cuda_moe_piece.json").write_text(path.read_text())
+        except Exception as exc:  # noqa: BLE001
+            stem.with_suffix(".error.txt").write_text(f"{type(exc).__name__}: {exc}\n")
+        try:
+            self._facts(index, compile_range, graph, moe)
+        except Exception as exc:  # noqa: BLE001
+            stem.with_suffix(".facts_error.txt").write_text(f"{type(exc).__name__}: {exc}\n")
         if moe and self.rewrite != "none":
             from kernels.vllm_slot_moe import define_slot_ops
             from omni_passes.fx.moe_forward_slots import MoeForwardSlots, SlotMoeOps
