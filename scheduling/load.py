@@ -55,6 +55,8 @@ class PrefillTimeModel:
         self._sums = [0.0] * 5  # weighted sums of 1, x, y, xx, xy over observations
         self._res = [0.0, 0.0]  # weighted sum of squared prediction errors, and of weights
         self.observations = 0
+        self._loaded_fit = OnlineLinearFit(prior=(intercept, slope * TOKENS_SCALE, 0.0), ridge=(1e-6, 0.5, 0.5),
+                                           decay=decay, nonnegative=(True, True, True), refit_every=4)
 
     def observe(self, tokens: float, seconds: float) -> None:
         if seconds < 0 or tokens < 0 or not math.isfinite(seconds):
@@ -83,12 +85,40 @@ class PrefillTimeModel:
     def predict(self, tokens: float) -> float:
         return self.intercept + self.slope * max(0.0, tokens)
 
+    # -- with the decode load counted -----------------------------------------------------------
+    # In a collocated engine (and a prefill engine batching several prompts) the prompt's chunks
+    # share steps with the running requests, so the same queued work takes longer on a busier
+    # instance. Beside the plain fit, ``seconds = a + b * tokens + c * tokens * running`` is
+    # fitted on the same samples (running: requests on the instance when the request was
+    # sent, its own included); it predicts once it has seen ``LOADED_MIN`` samples.
+    @staticmethod
+    def loaded_features(tokens: float, running: float) -> tuple[float, float, float]:
+        x = max(0.0, tokens) / TOKENS_SCALE
+        return (1.0, x, x * max(0.0, running) / RUNNING_SCALE)
+
+    def observe_loaded(self, tokens: float, running: float, seconds: float) -> None:
+        """A sample with the instance's running requests at dispatch (also feeds ``observe``)."""
+        if seconds >= 0 and tokens >= 0 and math.isfinite(seconds):
+            self._loaded_fit.observe(self.loaded_features(tokens, running), seconds)
+        self.observe(tokens, seconds)
+
+    def predict_loaded(self, tokens: float, running: float) -> float:
+        """Seconds to the first token with ``tokens`` queued on an instance running ``running``
+        requests (the plain prediction until the loaded fit has its samples)."""
+        fit = self._loaded_fit
+        if fit.samples < LOADED_MIN:
+            return self.predict(tokens)
+        return max(self.intercept, fit.predict(self.loaded_features(tokens, running)))
+
     @property
     def residual_std(self) -> float:
         return math.sqrt(self._res[0] / self._res[1]) if self._res[1] > 0 else 0.0
 
 
-# scales that bring the decode model's features to O(1), so one ridge strength fits all
+# scales that bring the models' features to O(1), so one ridge strength fits all
+TOKENS_SCALE = 1e3
+RUNNING_SCALE = 10.0
+LOADED_MIN = 16
 KV_SCALE = 1e3
 PREFILL_SCALE = 1e2
 
@@ -207,8 +237,9 @@ class InstanceLoad:
         if ticket.first_token_at is not None and ticket.prefill_tokens > 0:
             seconds = ticket.first_token_at - ticket.sent_at
             if self.model.observations:
-                self.prefill_ratio.observe(seconds, self.model.predict(ticket.queued_at_dispatch))
-            self.model.observe(ticket.queued_at_dispatch, seconds)
+                self.prefill_ratio.observe(seconds, self.model.predict_loaded(ticket.queued_at_dispatch,
+                                                                              ticket.running_at_dispatch))
+            self.model.observe_loaded(ticket.queued_at_dispatch, ticket.running_at_dispatch, seconds)
 
     def learn_decode(self, ticket: "Ticket", output_tokens: int, now: float) -> None:
         """A stream ended cleanly: its TPOT against the load of its decode window."""
@@ -226,7 +257,7 @@ class InstanceLoad:
 class Ticket:
     """What one request took from one instance; ``release`` gives it all back exactly once."""
 
-    __slots__ = ("load", "prefill_tokens", "kv_tokens", "max_tokens", "queued_at_dispatch", "sent_at",
+    __slots__ = ("load", "prefill_tokens", "kv_tokens", "max_tokens", "queued_at_dispatch", "running_at_dispatch", "sent_at",
                  "first_token_at", "_mark", "_prefill_open", "_open")
 
     def __init__(self, load: InstanceLoad, prefill_tokens: int, kv_tokens: int, now: float, max_tokens: int = 0):
@@ -243,6 +274,7 @@ class Ticket:
         load.prefill_tokens += prefill_tokens
         load.kv_tokens += kv_tokens
         self.queued_at_dispatch = load.prefill_tokens
+        self.running_at_dispatch = load.running
         self._prefill_open = prefill_tokens > 0
         self._open = True
 

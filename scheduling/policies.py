@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .load import InstanceLoad, LoadModel, Ticket
-from .predict import Forecast, forecast, prefill_model_of, step_seconds, tpot_capacity
+from .predict import Forecast, forecast, placement_cost, prefill_model_of, step_seconds, tpot_capacity
 from .prefix_index import PrefixIndex
 from .queue_order import Held, aged_shortest_first, fifo_order
 from .slo import SLOTarget
@@ -260,14 +260,15 @@ class Omni(Policy):
     Every choice forecasts, per candidate, the request's TTFT and TPOT there
     (``scheduling.predict``: learned prefill-time and decode-time models, prefix matches):
 
-    * **collocated**: prefix affinity with a load guard that is learned, not configured. From
-      the decode model each instance's TPOT capacity follows (the running requests it serves
-      within the TPOT target); when running requests differ by more than ``balance`` times the
-      median capacity (and the busiest runs 1.5x the least busy), the least busy instance takes
-      the request; otherwise the deepest prefix match if it covers ``cache_share`` of the
-      prompt, else the least busy. (The rule SGLang's and vLLM's routers use, whose threshold
-      must suit the instances: 64 there, about 24 within the SLO on this project's bench
-      profile, and the capacity says which.)
+    * **collocated**: the instance where the request adds the least predicted latency, in
+      seconds, to itself and to the requests already there (``placement_cost``): its first
+      token (queued prefill work plus its own *uncached* part, at the learned speed for that
+      instance's decode load), its own decode time, the stall its uncached prefill puts on
+      every request decoding there, and the per-step slowdown its decode puts on them. So a
+      cached prefix wins exactly when the work it saves is worth more than the queue and the
+      load in front of it, with every term learned from what the proxy observed; no band or
+      share is configured. Among instances whose TPOT stays within the target with the request
+      added, if any (else all, least cost still).
     * **prefill** (PD): the earliest predicted prefill completion (queued work plus the
       uncached part of the prompt there, so a deep prefix match wins unless its instance is
       much busier), then the deepest match.
@@ -299,15 +300,13 @@ class Omni(Policy):
     name = "omni"
     uses_prefix_index = True
 
-    def __init__(self, ttft_share: float = 0.5, margin: float = 1.0, aging: float = 1.0, balance: float = 0.25,
-                 cache_share: float = 0.3, bypass_tokens: int | None = None, prefill_max_tokens: int | None = None,
+    def __init__(self, ttft_share: float = 0.5, margin: float = 1.0, aging: float = 1.0,
+                 bypass_tokens: int | None = None, prefill_max_tokens: int | None = None,
                  prefill_max_running: int | None = None, decode_max_running: int | None = None):
         super().__init__()
         if not 0 < float(ttft_share) <= 1:
             raise ValueError(f"ttft_share must be in (0, 1], got {ttft_share}")
-        if not 0 <= float(cache_share) <= 1:
-            raise ValueError(f"cache_share must be in [0, 1], got {cache_share}")
-        for key, value in (("margin", margin), ("aging", aging), ("balance", balance)):
+        for key, value in (("margin", margin), ("aging", aging)):
             if float(value) < 0:
                 raise ValueError(f"{key} must not be negative, got {value}")
         for key, value in (("bypass_tokens", bypass_tokens), ("prefill_max_tokens", prefill_max_tokens),
@@ -317,8 +316,6 @@ class Omni(Policy):
         self.ttft_share = float(ttft_share)
         self.margin = float(margin)
         self.aging = float(aging)
-        self.balance = float(balance)
-        self.cache_share = float(cache_share)
         self.bypass_tokens = None if bypass_tokens is None else int(bypass_tokens)
         self.prefill_max_tokens = None if prefill_max_tokens is None else int(prefill_max_tokens)
         self.prefill_max_running = None if prefill_max_running is None else int(prefill_max_running)
@@ -327,7 +324,7 @@ class Omni(Policy):
 
     def describe(self):
         return {"name": self.name, "slo": self.slo.to_dict(), "ttft_share": self.ttft_share, "margin": self.margin,
-                "aging": self.aging, "balance": self.balance, "cache_share": self.cache_share,
+                "aging": self.aging,
                 "bypass_tokens": self.bypass_tokens, "prefill_max_tokens": self.prefill_max_tokens,
                 "prefill_max_running": self.prefill_max_running, "decode_max_running": self.decode_max_running}
 
@@ -368,27 +365,16 @@ class Omni(Policy):
         best = by_name[self._rotor.pick(stage, list(by_name), lambda i: key(by_name[i], loads[i]))]
         return Choice(best.instance, "prefix" if best.matched_blocks else "load", best.matched_blocks)
 
-    def balance_band(self, candidates: Sequence[str], state: ClusterState) -> float:
-        """Running-request gap beyond which load balance wins over prefix affinity:
-        ``balance`` times the median learned TPOT capacity (at least 2)."""
-        loads = state.loads.instances
-        caps = sorted(tpot_capacity(loads[i], loads, self.slo, self.margin, state.now) for i in candidates)
-        return max(2.0, self.balance * caps[len(caps) // 2]) if caps else 2.0
-
     # -- choices -----------------------------------------------------------------------------
     def choose_collocated(self, req, candidates, state):
-        fcs = [f for f in self._forecasts(req, candidates, state, True, tpot=False) if f.ttft_ok]
+        fcs = [f for f in self._forecasts(req, candidates, state, True) if f.ttft_ok]
         if not fcs:
             return None  # every instance's prefill queue is full: wait for the first to free
+        within = [f for f in fcs if f.tpot_ok]
         loads = state.loads.instances
-        running = [loads[f.instance].running for f in fcs]
-        least_busy = lambda f, l: (l.running, f.ttft_s)  # noqa: E731
-        if max(running) - min(running) > self.balance_band(candidates, state) and max(running) > 1.5 * min(running):
-            return self._pick("collocated", fcs, state, least_busy)
-        deepest = max(f.matched_blocks for f in fcs)
-        if deepest and deepest * state.block_size >= self.cache_share * req.prompt_tokens:
-            return self._pick("collocated", fcs, state, lambda f, l: (-f.matched_blocks, l.running, f.ttft_s))
-        return self._pick("collocated", fcs, state, least_busy)
+        return self._pick("collocated", within or fcs, state,
+                          lambda f, l: (placement_cost(f, l, loads, req.prompt_tokens, req.max_tokens), l.running,
+                                        -f.matched_blocks))
 
     def choose_prefill(self, req, candidates, state):
         fcs = [f for f in self._forecasts(req, candidates, state, True, tpot=False) if f.ttft_ok]

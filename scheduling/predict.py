@@ -9,7 +9,13 @@ there, ``p`` prompt tokens.
 * TPOT  = decode model at ``n + 1``, ``K + p`` and the instance's prefill rate (plus ``u``
   spread over the rate window when the request is prefilled there);
 * the TPOT capacity is the largest ``n`` whose predicted TPOT, plus a margin of ``z`` times
-  the model's own error spread, stays within the target.
+  the model's own error spread, stays within the target;
+* the placement cost is the latency a placement adds, the request's own and its co-runners'
+  (:func:`placement_cost`).
+
+The prefill time counts the instance's decode load when the learned model has seen enough of
+it (``PrefillTimeModel.predict_loaded``): the same queued work takes longer where more
+requests are decoding in the same steps.
 
 Models are shared by the instances of a role, each instance scaling the prediction by its
 own shrunk ratio (``scheduling.load``). A role that has observed too little yet (decode
@@ -43,9 +49,12 @@ def decode_model_of(load: InstanceLoad, loads: Mapping[str, InstanceLoad]) -> De
     return best.decode if best.decode.observations > load.decode.observations else load.decode
 
 
-def prefill_seconds(load: InstanceLoad, loads: Mapping[str, InstanceLoad], tokens: float) -> float:
-    """Predicted dispatch -> first token with ``tokens`` of prefill queued (own included)."""
-    return prefill_model_of(load, loads).predict(tokens) * load.prefill_ratio.value
+def prefill_seconds(load: InstanceLoad, loads: Mapping[str, InstanceLoad], tokens: float,
+                    running: float | None = None) -> float:
+    """Predicted dispatch -> first token with ``tokens`` of prefill queued (own included), on
+    the instance running ``running`` requests then (its own included; default: as now + 1)."""
+    running = load.running + 1 if running is None else running
+    return prefill_model_of(load, loads).predict_loaded(tokens, running) * load.prefill_ratio.value
 
 
 def step_seconds(load: InstanceLoad, loads: Mapping[str, InstanceLoad], running: float, kv_tokens: float) -> float:
@@ -118,3 +127,20 @@ def tpot_capacity(load: InstanceLoad, loads: Mapping[str, InstanceLoad], slo: SL
         return limit
     return int(min(limit, max(1.0, (allowed - base) / per_sequence + 1e-9)))
 
+
+
+def placement_cost(f: Forecast, load: InstanceLoad, loads: Mapping[str, InstanceLoad], prompt_tokens: int,
+                   output_tokens: int) -> float:
+    """Seconds of latency that placing the request on ``f.instance`` adds, summed over the request
+    and the ``n`` requests running there (``f`` with TTFT and TPOT forecast):
+
+        ttft + out * (tpot + n * (step(n + 1, K + p) - step(n, K))) + n * b * u
+
+    its own first token and decode (``out`` = its output tokens), the per-step slowdown its decode
+    puts on each co-runner for as many steps, and the stall of its uncached prefill (``u``
+    tokens at ``b`` seconds each, the learned prefill slope) on each of them.
+    """
+    n, kv = load.running, load.kv_tokens
+    slower = max(0.0, step_seconds(load, loads, n + 1, kv + prompt_tokens) - step_seconds(load, loads, n, kv))
+    stall = prefill_model_of(load, loads).slope * f.uncached
+    return f.ttft_s + output_tokens * (f.tpot_s + n * slower) + n * stall

@@ -19,8 +19,6 @@ POLICY_FLAGS = {
     "ttft_share": ("ttft_share", float, "omni: a request is sent to an instance only if its first token is due within this share of the TTFT target; otherwise it waits in the proxy, shortest first (policy default 0.5)"),
     "margin": ("margin", float, "omni: keep predicted TPOT this many error spreads of the learned model below the target (policy default 1.0)"),
     "aging": ("aging", float, "omni: held requests gain this many seconds of priority per second waited (policy default 1.0)"),
-    "balance": ("balance", float, "omni: running-request gap, as a share of the learned TPOT capacity, beyond which load balance wins over prefix affinity (policy default 0.25)"),
-    "cache_share": ("cache_share", float, "omni: least share of the prompt a cached prefix must cover to attract the request (policy default 0.3)"),
     "prefill_max_tokens": ("prefill_max_tokens", int, "omni: optional cap: a prefill instance with this many queued prompt tokens takes no more (default: none, learned)"),
     "prefill_max_running": ("prefill_max_running", int, "omni: optional cap: ... or with this many requests in flight (default: none)"),
     "decode_max_running": ("decode_max_running", int, "omni: optional cap: decode/collocated instances take at most this many requests (default: none, learned from TPOT)"),

@@ -96,3 +96,23 @@ def test_models_are_shared_per_role_and_ratios_are_per_instance():
     assert a.decode_ratio.value / b.decode_ratio.value > 1.5
     loads.add("a", "prefill")  # re-registered in another role: takes that role's models
     assert a.model is p.model
+
+
+def test_prefill_time_counts_the_decode_load_once_learned():
+    import random
+
+    from scheduling.load import LOADED_MIN, PrefillTimeModel
+
+    m = PrefillTimeModel(intercept=0.02, slope=5e-5, decay=1.0)
+    truth = lambda x, n: 0.01 + 1e-4 * x + 2e-6 * x * n  # noqa: E731  each running request slows prefill
+    rng = random.Random(0)
+    for k in range(LOADED_MIN - 1):
+        x, n = rng.uniform(100, 2000), rng.randint(0, 30)
+        m.observe_loaded(x, n, truth(x, n))
+    assert m.predict_loaded(1000, 20) == m.predict(1000)  # too few samples yet: the plain fit
+    for _ in range(300):
+        x, n = rng.uniform(100, 2000), rng.randint(0, 30)
+        m.observe_loaded(x, n, truth(x, n))
+    assert m.predict_loaded(1000, 20) == pytest.approx(truth(1000, 20), rel=0.01)  # 0.15 s
+    assert m.predict_loaded(1000, 0) == pytest.approx(truth(1000, 0), rel=0.02)    # 0.11 s
+    assert m.observations == LOADED_MIN - 1 + 300  # the plain fit saw every sample too

@@ -1,6 +1,6 @@
 """Policy decisions against hand-computed cases: the simple policies, and ``omni`` given learned
-models (learned capacity and its balance band, PD prefill/decode choice, bypass by predicted
-TTFT, delayed release, hooks)."""
+models (learned capacity, the collocated choice by predicted TTFT within the TPOT target, PD
+prefill/decode choice, bypass by predicted TTFT, delayed release, hooks)."""
 
 import pytest
 
@@ -48,7 +48,8 @@ def test_names_and_unknown_policy_or_option():
         make_policy("omni", ttft_share=0)
     with pytest.raises(ValueError, match="decode_max_running must be positive"):
         make_policy("omni", decode_max_running=0)
-    assert {"bypass_tokens", "balance", "ttft_share"} <= set(policy_options("omni"))
+    assert {"bypass_tokens", "ttft_share", "margin", "aging"} <= set(policy_options("omni"))
+    assert not {"balance", "cache_share"} & set(policy_options("omni"))  # no band or share to calibrate
     assert make_policy("omni", slo=SLO).slo == SLO and make_policy("omni").slo == SLOTarget()
 
 
@@ -131,35 +132,76 @@ def test_capacity_counts_context_prefill_rate_and_margin():
         (0.09 * 0.98 - 0.02) / (0.002 + 4e-6 * context))
 
 
-def test_omni_collocated_balance_band_is_a_share_of_learned_capacity():
+def test_omni_collocated_prefers_the_cache_holder_when_the_hit_saves_more_than_its_queue_costs():
     loads = LoadModel()
     s = cluster(["a", "b"], role="collocated", loads=loads)
-    teach(loads, "collocated", step=0.02, per_seq=0.002)  # capacity (0.1 - 0.02) / 0.002 = 40
-    p = make_policy("omni", slo=SLO, margin=0.0)
-    assert p.balance_band(["a", "b"], s) == pytest.approx(10.0)  # 0.25 * 40
-    keys = list(range(20))
-    s.index.insert_approx("a", keys, now=0.0)
-    occupy(loads, "a", 13)
+    # first token 0.02 s + 0.5 ms a queued token; every decode step 20 ms whatever the load, so
+    # the decode terms are equal everywhere and the trade is prefill work against queue
+    teach(loads, "collocated", intercept=0.02, slope=5e-4, step=0.02, per_seq=0.0)
+    keys = list(range(20))                          # 320 tokens in 20 blocks of 16
+    s.index.insert_approx("a", keys[:16], now=0.0)  # a holds 256 of them: 64 left to compute there
+    occupy(loads, "a", 1, prefill=150)              # a: 150 tokens queued, one request there; b idle
+    p = make_policy("omni", slo=SLO)
+    # a: 0.02 + 5e-4 * (150 + 64) = 0.127 s to the first token, + 5e-4 * 64 = 0.032 s of stall on
+    # the request running there = 0.159; b: 0.02 + 5e-4 * 320 = 0.18. The hit saves 256 tokens
+    # (0.128 s); the queue and the stall cost 0.107 s: the holder
+    c = p.choose_collocated(req(320, keys), ["a", "b"], s)
+    assert (c.instance, c.reason, c.matched_blocks) == ("a", "prefix", 16)
+    # 100 more tokens queued there: 0.177 + 0.032 = 0.209 > 0.18, the queue costs more than the hit saves
+    occupy(loads, "a", 1, prefill=100)
+    loads["a"].running -= 1  # (keep one request running there, as before)
+    c = p.choose_collocated(req(320, keys), ["a", "b"], s)
+    assert (c.instance, c.reason, c.matched_blocks) == ("b", "load", 0)
+
+
+def test_omni_collocated_counts_what_a_placement_costs_the_requests_already_there():
+    loads = LoadModel()
+    s = cluster(["a", "b"], role="collocated", loads=loads)
+    teach(loads, "collocated", intercept=0.02, slope=5e-4, step=0.02, per_seq=0.002)
+    occupy(loads, "a", 10)
     occupy(loads, "b", 4)
-    c = p.choose_collocated(req(320, keys), ["a", "b"], s)  # gap 9 <= 10: affinity
-    assert (c.instance, c.reason, c.matched_blocks) == ("a", "prefix", 20)
-    occupy(loads, "a", 2)
-    c = p.choose_collocated(req(320, keys), ["a", "b"], s)  # gap 11 > 10, 15 > 1.5 * 4: balance
-    assert (c.instance, c.reason) == ("b", "load")
-    # the same loads under a tighter TPOT target: capacity 15, band 3.75 -> balance already at 13 vs 4
-    strict = make_policy("omni", slo=SLOTarget(1.0, 0.05), margin=0.0)
-    assert strict.balance_band(["a", "b"], s) == pytest.approx(0.25 * 15)
+    p = make_policy("omni", slo=SLO)
+    # no prefix anywhere, nothing queued: equal first tokens (0.18 s); the decode costs differ.
+    # a: 10 * (0.02 + 0.002 * 11) + 10 requests * 10 steps * 0.002 = 0.42 + 0.2, plus the
+    # prefill's stall 10 * 0.16; b: 10 * 0.03 + 4 * 10 * 0.002 + 4 * 0.16: b
+    assert p.choose_collocated(req(320), ["a", "b"], s).instance == "b"
+    # a prefix held by the busier instance: 304 of 320 tokens cached on a saves its first token
+    # 0.152 s and the stall 10 * 5e-4 * 304 = 1.52 s against b's 4 * 0.16 = 0.64: a
+    keys = list(range(20))
+    s.index.insert_approx("a", keys[:19], now=0.0)
+    c = p.choose_collocated(req(320, keys), ["a", "b"], s)
+    assert (c.instance, c.matched_blocks) == ("a", 19)
 
 
-def test_omni_collocated_small_match_goes_to_least_busy():
+def test_omni_collocated_keeps_tpot_within_the_target():
+    loads = LoadModel()
+    s = cluster(["a", "b"], role="collocated", loads=loads)
+    # a decode step costs 90 ms + 0.2 ms a sequence: within the 100 ms target up to 50 sequences
+    teach(loads, "collocated", intercept=0.02, slope=5e-4, step=0.09, per_seq=0.0002)
+    keys = list(range(200))                     # a long prompt (3200 tokens), all but one block cached on a
+    s.index.insert_approx("a", keys[:199], now=0.0)
+    occupy(loads, "a", 48)                      # TPOT there with this request: 0.09 + 0.0002 * 49 = 0.0998
+    p = make_policy("omni", slo=SLO, margin=0.0)
+    # a costs far less (first token 0.028 s against 1.62 s on b): a
+    assert p.choose_collocated(req(3200, keys), ["a", "b"], s).instance == "a"
+    occupy(loads, "a", 2)                       # 0.09 + 0.0002 * 51 = 0.1002 > 0.1: over the target
+    c = p.choose_collocated(req(3200, keys), ["a", "b"], s)
+    assert (c.instance, c.matched_blocks) == ("b", 0)
+    # when every instance is over the target, the least cost still wins (never held for TPOT)
+    occupy(loads, "b", 60)
+    assert p.choose_collocated(req(3200, keys), ["a", "b"], s).instance == "a"
+
+
+def test_omni_collocated_equal_forecasts_go_to_the_less_busy_then_rotate():
     loads = LoadModel()
     s = cluster(["a", "b"], role="collocated", loads=loads)
     teach(loads, "collocated")
-    keys = list(range(20))
-    s.index.insert_approx("a", keys[:5], now=0.0)  # 80 of 320 tokens: under cache_share 0.3
-    occupy(loads, "a", 1)
-    assert make_policy("omni", slo=SLO).choose_collocated(req(320, keys), ["a", "b"], s).instance == "b"
-    assert make_policy("omni", slo=SLO, cache_share=0.2).choose_collocated(req(320, keys), ["a", "b"], s).instance == "a"
+    occupy(loads, "a", 2)
+    p = make_policy("omni", slo=SLO)
+    assert p.choose_collocated(req(320), ["a", "b"], s).instance == "b"
+    occupy(loads, "b", 2)
+    assert [p.choose_collocated(req(320), ["a", "b"], s).instance for _ in range(4)] in (
+        ["a", "b", "a", "b"], ["b", "a", "b", "a"])
 
 
 def test_omni_delayed_release_holds_when_every_first_token_is_late():
@@ -172,7 +214,8 @@ def test_omni_delayed_release_holds_when_every_first_token_is_late():
     assert p.choose_collocated(req(320), ["a", "b"], s).instance == "b"
     occupy(loads, "b", 1, prefill=100)  # b: 0.57 s too
     assert p.choose_collocated(req(320), ["a", "b"], s) is None
-    # a short prompt still fits on both (a: 0.05 + 0.4 = 0.45 s); a runs fewer
+    # a short prompt still fits on both (a: 0.05 + 0.4 = 0.45 s, b: 0.35 s); a runs fewer requests
+    # for its prefill to stall (1 x 0.1 s against 2 x 0.1 s) and its decode to slow
     assert p.choose_collocated(req(100), ["a", "b"], s).instance == "a"
     assert make_policy("omni", slo=SLOTarget(2.0, 0.1)).choose_collocated(req(320), ["a", "b"], s) is not None
 
