@@ -58,7 +58,7 @@ def sweep_variants(heads: int) -> list[dict]:
     splits = [dict(num_splits=s) for s in (1, 2, 4, 8, 16)]
     if heads <= 16:
         return splits + [dict(block_n=16), dict(block_n=64, num_warps=8), dict(num_warps=8, num_stages=3)]
-    return splits[:4] + [dict(block_n=16, num_stages=3), dict(block_n=64),
+    return splits[:4] + [dict(block_n=64),
                          dict(block_h=32),                       # 4 programs per split, mma.sync
                          dict(block_h=16, num_warps=4)]          # the older kernel's per-head-block layout
 
