@@ -36,6 +36,7 @@ FLASH_ATTN_MLA sends short extends down the decode path).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -286,6 +287,9 @@ def paged_sink_recent_mla_decode(
     the window only. R and Dr must be powers of two >= 16 (DeepSeek: 512, 64).
     """
     validate_paged_mla_args(q_nope, q_pe, kv_cache, block_table, seq_lens, sink, recent, query_start_loc)
+    if q_nope.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"paged_sink_recent_mla_decode: needs CUDA tensors (got {q_nope.device}); on CPU use "
+                         f"kernels.paged_mla_reference, or Triton's interpreter (TRITON_INTERPRET=1)")
     T, H, R = q_nope.shape
     DR = q_pe.shape[-1]
     if not (_pow2(R) and R >= 16 and _pow2(DR) and DR >= 16):

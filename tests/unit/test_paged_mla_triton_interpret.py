@@ -99,3 +99,15 @@ def test_paged_mla_kernels_in_interpreter_mode():
                             timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "ok 8"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
+    import torch
+
+    from kernels.triton_paged_mla import paged_sink_recent_mla_decode
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        paged_sink_recent_mla_decode(torch.zeros(1, 16, 512), torch.zeros(1, 16, 64), torch.zeros(3, 16, 576),
+                                     torch.zeros(1, 2, dtype=torch.int32), torch.ones(1, dtype=torch.int32), 4, 8, 0.1)
