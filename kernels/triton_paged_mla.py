@@ -302,6 +302,11 @@ def paged_sink_recent_mla_decode(
     lse = torch.empty(T, H, device=q_nope.device, dtype=torch.float32) if return_lse else None
     if T == 0 or H == 0:
         return out, lse
+    if block_table.shape[0] == 0:  # varlen batch of padding tokens only (a shape, not data: capturable)
+        out.zero_()
+        if lse is not None:
+            lse.fill_(float("-inf"))
+        return out, lse
     if num_splits is not None:
         override["num_splits"] = num_splits
     cfg = launch_config(T, H, R, q_nope.dtype, sink, recent, _sm_count(q_nope.device), **override)
