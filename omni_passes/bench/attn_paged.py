@@ -133,7 +133,8 @@ def _row(case: PagedCase, override: dict, us: float, err: float, ceilings: dict)
                 tflop_s=round(flops / us / 1e6, 1), floor_bytes_us=round(bytes_us, 2),
                 floor_flops_us=round(flops_us, 2), pct_of_copy_bw=round(pct_bw, 1), pct_of_floor=round(pct_floor, 1),
                 goal=">= 80 % of copy bandwidth" if memory_goal else "within 2x of max(bytes, FLOPs) floor",
-                goal_met=bool(pct_bw >= 80 if memory_goal else pct_floor >= 50), rel_err=float(f"{err:.3g}"))
+                goal_met=bool(pct_bw >= 80 if memory_goal else pct_floor >= 50), rel_err=float(f"{err:.3g}"),
+                check_ok=bool(err < 2e-2))  # bf16 output against the fp32 reference
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -209,7 +210,8 @@ def _line(row: dict) -> str:
         return f"{head} failed: {row['error']}"
     return (f"{head} {row['us']:8.2f} us  {row['gb_s']:7.0f} GB/s  {row['tflop_s']:6.1f} TFLOP/s  "
             f"copy bw {row['pct_of_copy_bw']:5.1f} %  floor {row['pct_of_floor']:5.1f} %  "
-            f"{'goal met' if row['goal_met'] else 'goal missed'}  rel_err {row['rel_err']:.1e}")
+            f"{'goal met' if row['goal_met'] else 'goal missed'}  rel_err {row['rel_err']:.1e}"
+            f"{'' if row['check_ok'] else '  WRONG'}")
 
 
 def main(args: argparse.Namespace) -> int:
