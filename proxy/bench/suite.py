@@ -38,17 +38,23 @@ REFINE = 0.05  # sweeps bisect the saturation edge to 5 % steps
 
 OURS = "omni"
 RR = "vllm-router:round_robin"
+SMG = "smg:cache_aware"
+SMG_TUNED = "smg:cache_aware,balance_abs_threshold=8"
 PEERS_COLLOCATED = [RR, "vllm-router:power_of_two", "vllm-router:cache_aware",
                     "vllm-router:cache_aware,balance_abs_threshold=8", "sglang-router:cache_aware",
-                    "sglang-router:cache_aware,balance_abs_threshold=8"]
+                    "sglang-router:cache_aware,balance_abs_threshold=8", SMG, SMG_TUNED]
 PEERS_PD = [RR, "vllm-router:power_of_two", "vllm-router:cache_aware",
             "vllm-router:cache_aware,balance_abs_threshold=8"]
 # the virtual clock runs our proxy only: our implementations of the peers' rules stand in
-# (both peers' cache-aware rules are the same rule: one stand-in, at the default and the tuned threshold)
+# (the peers' cache-aware rules are the same rule: one stand-in, at the default and the tuned threshold)
 VIRTUAL_STAND_INS = {RR: "omni:round_robin", "vllm-router:cache_aware": "omni:cache_aware",
-                     "sglang-router:cache_aware": "omni:cache_aware",
+                     "sglang-router:cache_aware": "omni:cache_aware", SMG: "omni:cache_aware",
                      "vllm-router:cache_aware,balance_abs_threshold=8": "omni:cache_aware,balance_abs=8",
-                     "sglang-router:cache_aware,balance_abs_threshold=8": "omni:cache_aware,balance_abs=8"}
+                     "sglang-router:cache_aware,balance_abs_threshold=8": "omni:cache_aware,balance_abs=8",
+                     SMG_TUNED: "omni:cache_aware,balance_abs=8"}
+# public traces: prompts up to 4k simulated tokens need 1.5 s of prefill alone, and with prompts this
+# long against short answers most decode steps carry a full 512-token prefill chunk (0.215 s here)
+TRACE_SLO = "ttft=2,tpot=0.25"
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,7 @@ class Run:
     rate: float | None = None
     slo: str = SLO
     wall_only: bool = False        # overhead runs measure the router's own latency: wall clock only
+    trace: bool = False            # workload is a file of proxy/bench/data/ (a public trace), not a generator
 
     def routers_for(self, clock: str) -> list[str]:
         if clock == "wall":
@@ -73,8 +80,9 @@ class Run:
         return out
 
     def argv(self, router: str, output: Path, duration: float, clock: str) -> list[str]:
-        args = ["--cluster", f"proxy/bench/data/{self.cluster}.json", "--synthetic", self.workload,
-                "--slo", self.slo, "--duration", str(duration), "--output", str(output), "--router", router,
+        source = ["--workload", f"proxy/bench/data/{self.workload}"] if self.trace else ["--synthetic", self.workload]
+        args = ["--cluster", f"proxy/bench/data/{self.cluster}.json", *source, "--slo", self.slo,
+                "--duration", str(duration), "--output", str(output), "--router", router,
                 "--clock", clock]
         if self.rates:
             args += ["--sweep", "--rates", self.rates, "--refine", str(REFINE)]
@@ -83,7 +91,7 @@ class Run:
         return args
 
 
-OVERHEAD_ROUTERS = ("direct", "omni", "omni:round_robin", RR, "vllm-router:cache_aware", "sglang-router:cache_aware")
+OVERHEAD_ROUTERS = ("direct", "omni", "omni:round_robin", RR, "vllm-router:cache_aware", "sglang-router:cache_aware", SMG)
 RUNS = [
     Run("colloc4_multi_turn", "colloc4", "multi_turn", (OURS, *PEERS_COLLOCATED, "vllm-router:kv_aware"),
         rates="20,24,28,32,36,40,44"),
@@ -104,6 +112,11 @@ RUNS = [
                                               "sglang-router:cache_aware",
                                               "sglang-router:cache_aware,balance_abs_threshold=8"),
         rates="28,36,44,52,60,70,80,90,100,115,130", slo="ttft=1.5,tpot=0.08"),
+    # public traces, as published (proxy/bench/data/TRACES.md): the development windows
+    Run("colloc4_mooncake_conversation", "colloc4", "mooncake_conversation_1200.jsonl",
+        (OURS, *PEERS_COLLOCATED, "vllm-router:kv_aware"), rates="2,3,4,5,6,7,8", slo=TRACE_SLO, trace=True),
+    Run("colloc4_azure_code", "colloc4", "azure_code_3000.csv", (OURS, *PEERS_COLLOCATED, "vllm-router:kv_aware"),
+        rates="10,15,20,25,30,35,40,45", slo=TRACE_SLO, trace=True),
     Run("overhead_200rps", "overhead2", "tiny", OVERHEAD_ROUTERS, rate=200.0, wall_only=True),
     Run("overhead_50rps", "overhead2", "tiny", OVERHEAD_ROUTERS, rate=50.0, wall_only=True),
 ]
