@@ -10,6 +10,7 @@ never reuses a stale compiled graph.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -75,6 +76,23 @@ class OmniPassManager(CustomGraphPass):
         tmp = Path(path).with_suffix(".tmp")
         tmp.write_text(json.dumps(self.report(), indent=2) + "\n")
         tmp.replace(path)
+
+
+@functools.cache
+def code_fingerprint() -> str:
+    """sha256 over every source file of ``omni_passes`` and ``kernels``: what a host that must key
+    a compile cache before any pass exists (vLLM computes its cache key in the engine process,
+    before the worker builds the passes) uses for "the code". Read once per process."""
+    import kernels
+    import omni_passes
+
+    digest = hashlib.sha256()
+    for package in (omni_passes, kernels):
+        root = Path(inspect.getsourcefile(package)).parent
+        for path in sorted(root.rglob("*.py")):
+            digest.update(str(path.relative_to(root.parent)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def source_hash(passes: list) -> str:
