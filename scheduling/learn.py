@@ -69,7 +69,10 @@ class OnlineLinearFit:
         self._res_w = 0.0
 
     def predict(self, x: Sequence[float]) -> float:
-        return sum(t * v for t, v in zip(self.theta, x))
+        total = 0.0
+        for t, v in zip(self.theta, x):  # a plain loop: this runs per candidate per request
+            total += t * v
+        return total
 
     @property
     def residual_std(self) -> float:
