@@ -21,6 +21,7 @@ SUBCOMMANDS = {
 BENCHES = {
     "graph": ("omni_passes.bench.graph", "graph-mode decode/prefill: eager vs compiled vs each pass"),
     "attn": ("omni_passes.bench.attn", "decode attention kernels: ours vs SDPA vs FlexAttention"),
+    "attn-paged": ("omni_passes.bench.attn_paged", "paged sink+recent MLA decode (vLLM's cache layout) vs its floors"),
     "placement": ("omni_passes.bench.placement", "expert placement: ours vs vLLM's EPLB"),
     "ep": ("omni_passes.bench.ep", "expert parallelism across GPUs with each placement"),
     "vllm": ("omni_passes.bench.vllm", "vLLM (CPU) offline throughput with the passes on vs off"),
