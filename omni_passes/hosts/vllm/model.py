@@ -94,15 +94,25 @@ def packing_is_per_expert(isa: str, dtype: torch.dtype, shape: tuple[int, ...]) 
     return True
 
 
-def rows_factory(moe_layers: dict[int, Any], isa: str | None):
-    """A ``RowsFactory`` for the controller: vLLM's expert tensors extended to a layout."""
+def rows_factory(moe_layers: dict[int, Any], isa: str | None, device_type: str = "cpu"):
+    """A ``RowsFactory`` for the controller: vLLM's expert tensors extended to a layout.
+
+    CPU: the rows are copies of packed weights, valid only when vLLM's packing for ``isa`` is per
+    expert (checked). CUDA: vLLM's Triton MoE reads plain ``[E, 2I, H]`` / ``[E, H, I]`` rows, so
+    rows copy as they are; expert biases are refused there (the omni op hands the kernel the
+    weight rows only)."""
 
     def build(layout: RowLayout) -> ExpertRows:
         order = sorted(moe_layers)
         first = moe_layers[order[0]].w13_weight
-        if isa is None:
+        if device_type == "cuda":
+            biased = [i for i in order if isinstance(getattr(moe_layers[i], "w13_bias", None), torch.Tensor)]
+            if biased:
+                raise PlacementError(f"MoE layers {biased} have expert biases: redundant rows are not supported for "
+                                     "them on vLLM CUDA")
+        elif isa is None:
             raise PlacementError("no _C.cpu_fused_moe node in the compiled graph: the expert rows would not be read")
-        if not packing_is_per_expert(isa, first.dtype, tuple(first.shape[1:])):
+        elif not packing_is_per_expert(isa, first.dtype, tuple(first.shape[1:])):
             raise PlacementError(f"vLLM's CPU weight packing for isa {isa!r} is not per expert: rows of packed "
                                  "weights would not be packed weights")
         storage = []
