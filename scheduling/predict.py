@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .load import RATE_WINDOW_S, DecodeTimeModel, InstanceLoad, PrefillTimeModel
 from .slo import SLOTarget
@@ -67,9 +67,8 @@ def tpot_seconds(load: InstanceLoad, loads: Mapping[str, InstanceLoad], running:
     return decode_model_of(load, loads).predict(running, kv_tokens, prefill_tokens_per_s) * load.decode_ratio.value
 
 
-@dataclass(frozen=True)
-class Forecast:
-    """One instance's predicted outcome for one request."""
+class Forecast(NamedTuple):
+    """One instance's predicted outcome for one request (a tuple: made per candidate per request)."""
 
     instance: str
     matched_blocks: int
