@@ -52,7 +52,8 @@ class SparseAttentionConfig:
 
 @dataclass(frozen=True)
 class RebalanceConfig:
-    """Online rebalancing inside a serving engine (the ``"rebalance"`` block).
+    """Online rebalancing (the ``"rebalance"`` block): the one settings type of the rebalancer
+    (``omni_passes.placement.rebalance``) in every host, validated here when it is built.
 
     Attributes:
         interval_steps: re-plan every this many serving forward steps.
@@ -64,6 +65,9 @@ class RebalanceConfig:
             no limit).
         max_replicas: most slots one expert may hold (null: up to the number of ranks).
         forecast: plan on an exponentially weighted forecast of the window (else its sum).
+
+    Raises:
+        ConfigError naming the key (``'rebalance.KEY'``) and the value.
     """
 
     interval_steps: int = 100
@@ -73,6 +77,23 @@ class RebalanceConfig:
     max_moves: int | None = None
     max_replicas: int | None = None
     forecast: bool = True
+
+    def __post_init__(self) -> None:
+        for key, least, nullable in (("interval_steps", 1, False), ("window_steps", 1, False),
+                                     ("max_moves", 0, True), ("max_replicas", 1, True)):
+            value = getattr(self, key)
+            if value is None and nullable:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                kind = f"an integer >= {least}" + (" or null" if nullable else "")
+                raise ConfigError(f"'rebalance.{key}' must be {kind}, got {value!r}")
+        for key in ("min_gain", "layer_min_gain"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
+                raise ConfigError(f"'rebalance.{key}' must be a number in [0, 1], got {value!r}")
+            object.__setattr__(self, key, float(value))
+        if not isinstance(self.forecast, bool):
+            raise ConfigError(f"'rebalance.forecast' must be true or false, got {self.forecast!r}")
 
 
 @dataclass(frozen=True)
@@ -231,33 +252,7 @@ def _rebalance(data: Any, source: str) -> RebalanceConfig:
     unknown = sorted(set(data) - set(REBALANCE_KEYS))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(REBALANCE_KEYS)}")
-    defaults = RebalanceConfig()
-    values: dict[str, Any] = {}
-
-    def integer(key: str, least: int, nullable: bool = False) -> None:
-        value = data.get(key, getattr(defaults, key))
-        if value is None and nullable:
-            values[key] = None
-        elif not isinstance(value, int) or isinstance(value, bool) or value < least:
-            kind = f"an integer >= {least}" + (" or null" if nullable else "")
-            raise ConfigError(f"{source}: 'rebalance.{key}' must be {kind}, got {value!r}")
-        else:
-            values[key] = value
-
-    def fraction(key: str) -> None:
-        value = data.get(key, getattr(defaults, key))
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
-            raise ConfigError(f"{source}: 'rebalance.{key}' must be a number in [0, 1], got {value!r}")
-        values[key] = float(value)
-
-    integer("interval_steps", 1)
-    integer("window_steps", 1)
-    integer("max_moves", 0, nullable=True)
-    integer("max_replicas", 1, nullable=True)
-    fraction("min_gain")
-    fraction("layer_min_gain")
-    forecast = data.get("forecast", defaults.forecast)
-    if not isinstance(forecast, bool):
-        raise ConfigError(f"{source}: 'rebalance.forecast' must be true or false, got {forecast!r}")
-    values["forecast"] = forecast
-    return RebalanceConfig(**values)
+    try:
+        return RebalanceConfig(**data)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None

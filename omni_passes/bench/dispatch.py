@@ -102,7 +102,7 @@ class Step:
 def _hot_placement(config, device, extra: int):
     """Replicate the hottest experts of a probe prefill (OmniInfer's replica rule)."""
     import omni_passes
-    from omni_passes.cli.demo import replicate_hottest
+    from omni_passes.placement.packing import replicate_hottest
     from omni_passes.models import build_model
     from omni_passes.placement.placement import Placement
 

@@ -271,7 +271,7 @@ def bench_worker(group, cfg: dict, placements: list[tuple[str, dict]], trace: to
                 record["apply_s"].append(time.perf_counter() - start)
             for t in range(cfg["warmup"] if round_index == 0 and index == 0 else 1):
                 step(t % len(routing))  # the first warm-up compiles
-            ep.state.take_load()
+            ep.controller.take_load()
             dist.barrier()
             for t in range(len(routing)):
                 _sync(device)

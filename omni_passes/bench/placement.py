@@ -97,7 +97,8 @@ def run_case(trace: torch.Tensor, budget: Budget, window: int, min_gain: float) 
     from omni_passes.placement import metrics
     from omni_passes.placement.eplb_peer import eplb_plan
     from omni_passes.placement.placement import Placement
-    from omni_passes.placement.planner import PlanOptions, forecast_loads, plan
+    from omni_passes.placement.forecast import forecast_loads
+    from omni_passes.placement.planner import PlanOptions, plan
 
     R, N, S, G = budget.ranks, budget.nodes, budget.slots_per_rank, budget.groups
     steps, L, E = trace.shape

@@ -15,6 +15,7 @@ import time
 import torch
 
 from omni_passes.cli.common import emit_json, say, setup_logging
+from omni_passes.placement.packing import replicate_hottest  # the replica-count rule's one home
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,23 +24,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=20, help="timed forward steps per variant")
     parser.add_argument("--json", action="store_true")
-
-
-def replicate_hottest(loads: torch.Tensor, extra_slots: int) -> torch.Tensor:
-    """phy2log ``[L, E + extra]``: slot e holds expert e; each extra slot goes to the expert
-    with the highest per-replica load at that moment (OmniInfer's replica-count rule)."""
-    layers, experts = loads.shape
-    rows = []
-    for layer in range(layers):
-        load = loads[layer].double()
-        replicas = torch.ones(experts, dtype=torch.float64)
-        extra = []
-        for _ in range(extra_slots):
-            hottest = int(torch.argmax(load / replicas))
-            replicas[hottest] += 1
-            extra.append(hottest)
-        rows.append(torch.cat([torch.arange(experts), torch.tensor(extra, dtype=torch.int64)]))
-    return torch.stack(rows)
 
 
 def time_interleaved(variants: dict, inputs, repeats: int) -> dict[str, float]:

@@ -62,7 +62,8 @@ def load_loads(path: str) -> np.ndarray:
 def _run(args: argparse.Namespace) -> int:
     from omni_passes.placement import metrics
     from omni_passes.placement.placement import Placement, PlacementError
-    from omni_passes.placement.planner import PlanError, PlanOptions, check_inputs, forecast_loads, plan
+    from omni_passes.placement.forecast import forecast_loads
+    from omni_passes.placement.planner import PlanError, PlanOptions, check_inputs, plan
 
     loads = load_loads(args.loads)
     previous = None

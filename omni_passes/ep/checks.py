@@ -10,7 +10,7 @@ The case file (``torch.save``) holds what the caller computed on one device:
     rank_tokens   per rank: (start, stop) rows of the N tokens that rank serves
     placements    list of (name, placement dict): the first is built, the others applied in place
     backend       torch.compile backend of the regions, or None
-    rebalance     RebalancerConfig fields for an in-place rebalance at the end, or None
+    rebalance     RebalanceConfig fields for an in-place rebalance at the end, or None
 
 Every rank runs its tokens through every layer after each placement (and after the rebalance)
 and returns the largest difference to the reference (relative to the reference's largest value) per placement, how many graphs
@@ -26,12 +26,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from omni_passes.config import RebalanceConfig
 from omni_passes.ep.comm import EPGroup
 from omni_passes.ep.moe import ExpertParallelMoE
 from omni_passes.ep.rebalance import DistributedRebalancer
 from omni_passes.ep.weights import MoELayerWeights, MoESpec, TensorExperts
 from omni_passes.placement.placement import Placement
-from omni_passes.placement.rebalancer import RebalancerConfig
 
 
 def _layers(case: dict) -> list[MoELayerWeights]:
@@ -95,9 +95,9 @@ def check_worker(group: EPGroup, case_path: str) -> dict:
             "slots_ok": _slots_hold_their_experts(ep, case),
         }
     if case.get("rebalance"):
-        rebalancer = DistributedRebalancer(ep, RebalancerConfig(**case["rebalance"]))
+        rebalancer = DistributedRebalancer(ep, RebalanceConfig(**case["rebalance"]))
         event = None
-        for _ in range(rebalancer.config.interval):
+        for _ in range(rebalancer.config.interval_steps):
             _max_diff(ep, case, group.rank)  # a serving step: records this rank's loads
             event = rebalancer.step() or event
         report["rebalance"] = {

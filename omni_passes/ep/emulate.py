@@ -26,7 +26,7 @@ from omni_passes.ep.comm import padded_rows
 from omni_passes.ep.moe import _experts
 from omni_passes.ep.weights import MoELayerWeights, MoESpec
 from omni_passes.placement.placement import Placement
-from omni_passes.placement.runtime import dispatch_tables
+from omni_passes.placement.tables import dispatch_tables
 
 
 def source_tables(placement: Placement, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:

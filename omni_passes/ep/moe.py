@@ -12,9 +12,10 @@ layer, slot ``j`` of the placement lives on rank ``j // S``), the router and the
       ─► all_to_all back                                                      eager
       ─► unsort, weight, sum over K; + shared expert on my tokens            compiled ("combine")
 
-``omni::expert_dispatch`` is the op the redundant-experts pass inserts, reading the same kind
-of persistent tables (``ExpertPlacementState``); here with ``local_rank`` set, so an expert
-with a replica on this rank is served locally and only the others cross the network.
+``omni::expert_dispatch`` is the op the redundant-experts pass inserts, reading the tables of
+this rank's ``PlacementController`` (slot layout: a slot is storage on its rank), with
+``local_rank`` set, so an expert with a replica on this rank is served locally and only the
+others cross the network.
 
 What is compiled and why the collectives are not: a variable-size all-to-all needs its split
 sizes on the host (one sync per layer, after the counts exchange), and Dynamo cannot trace a
@@ -24,8 +25,9 @@ between them are compiled with ``fullgraph=True``. ``prepare`` is compiled once 
 (its table row is a graph constant, as in the pass-rewritten graph); ``experts`` (dynamic in
 its row count) and ``combine`` are shared by all layers, which pass their weights in.
 
-Applying a placement (``apply``) rewrites this rank's slot weights that change and the
-dispatch tables in place: same tensors, so nothing recompiles.
+Applying a placement (``apply``, through the controller) rewrites this rank's slot weights
+that change (``RankSlots``), then the dispatch tables, in place: same tensors, so nothing
+recompiles.
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ from omni_passes.ep.comm import EPGroup, local_slot_of_rows, padded_rows
 from omni_passes.ep.grouped_gemm import expert_mlp
 from omni_passes.ep.routing import deepseek_topk
 from omni_passes.ep.weights import MoELayerWeights, MoESpec
+from omni_passes.placement.controller import PlacementController
+from omni_passes.placement.layout import RowLayout
 from omni_passes.placement.placement import Placement, PlacementError
-from omni_passes.placement.runtime import ExpertPlacementState
 
 PHASES = ("prepare", "dispatch", "experts", "return", "combine")
 
@@ -124,6 +127,41 @@ class PhaseTimer:
         self._marks = []
 
 
+# ---- this rank's slot weights ------------------------------------------------------------------
+class RankSlots:
+    """The weights of this rank's slots, ``gate_up [S, 2I, H]`` and ``down [S, H, I]`` per MoE
+    layer, filled from the logical weights: the controller's weights in the slot layout.
+
+    Args:
+        layers: the logical weights of each MoE layer.
+        rank, slots_per_rank: this rank holds placement slots ``rank * S .. rank * S + S - 1``.
+        gate_up, down: per layer, the slot tensors (written in place).
+        layout: the slot layout to fill them for.
+    """
+
+    def __init__(self, layers: list[MoELayerWeights], rank: int, slots_per_rank: int,
+                 gate_up: list[torch.Tensor], down: list[torch.Tensor], layout: RowLayout):
+        self.layers, self.gate_up, self.down = layers, gate_up, down
+        self.first, self.slots_per_rank = rank * slots_per_rank, slots_per_rank
+        for row, weights in enumerate(layers):
+            weights.experts.fill(self._held(layout, row), gate_up[row], down[row])
+        self.layout = layout
+
+    def _held(self, layout: RowLayout, row: int) -> torch.Tensor:
+        return layout.row_expert[row, self.first : self.first + self.slots_per_rank]
+
+    def apply(self, layout: RowLayout) -> int:
+        """Rewrite this rank's slots whose expert changes; returns how many."""
+        rewritten = 0
+        for row, weights in enumerate(self.layers):
+            new = self._held(layout, row)
+            for slot in (new != self._held(self.layout, row)).nonzero().flatten().tolist():
+                weights.experts.fill(new[slot : slot + 1], self.gate_up[row][slot : slot + 1], self.down[row][slot : slot + 1])
+                rewritten += 1
+        self.layout = layout
+        return rewritten
+
+
 # ---- the per-rank stack -----------------------------------------------------------------------
 class ExpertParallelMoE:
     """This rank's slots, tables and compiled regions for ``len(layers)`` MoE layers.
@@ -136,7 +174,7 @@ class ExpertParallelMoE:
         dtype: compute dtype of expert and shared weights (the router computes in float32).
         compile_backend: ``"inductor"``, another torch.compile backend, or None (eager).
         prefer_local: dispatch to a replica on this rank when there is one.
-        record_load: count routed tokens per expert (``state.expert_load``) for the rebalancer.
+        record_load: count routed tokens per expert (``controller.expert_load``) for the rebalancer.
     """
 
     def __init__(
@@ -158,13 +196,14 @@ class ExpertParallelMoE:
         self.spec, self.group, self.dtype = spec, group, dtype
         self.record_load = record_load
         device = group.device
-        self.state = ExpertPlacementState(placement, device=device, local_rank=group.rank if prefer_local else None)
         self.layers = [w.to(device, dtype) for w in layers]
         S, H, I = placement.slots_per_rank, spec.hidden_size, spec.moe_intermediate_size
         self.gate_up = [torch.empty(S, 2 * I, H, device=device, dtype=dtype) for _ in layers]
         self.down = [torch.empty(S, H, I, device=device, dtype=dtype) for _ in layers]
-        for row, weights in enumerate(self.layers):
-            weights.experts.fill(self.local_experts(row, placement), self.gate_up[row], self.down[row])
+        self.controller = PlacementController(
+            placement, device=device, layout="slot", local_rank=group.rank if prefer_local else None,
+            rows=lambda layout: RankSlots(self.layers, group.rank, S, self.gate_up, self.down, layout),
+        )
         self.compile_backend = compile_backend
         compiled = (lambda fn: torch.compile(fn, fullgraph=True, backend=compile_backend)) if compile_backend else (lambda fn: fn)
         self._route_fn = compiled(_route)
@@ -175,7 +214,7 @@ class ExpertParallelMoE:
     # ---- placement ----------------------------------------------------------------------------
     @property
     def placement(self) -> Placement:
-        return self.state.placement
+        return self.controller.placement
 
     @property
     def num_layers(self) -> int:
@@ -190,21 +229,7 @@ class ExpertParallelMoE:
     def apply(self, placement: Placement) -> int:
         """Switch to ``placement`` in place (slot weights that change, then tables); every rank
         must apply the same placement between the same two forwards. Returns slots rewritten here."""
-        old = self.placement
-        if placement.num_ranks != old.num_ranks or placement.slots_per_rank != old.slots_per_rank:
-            raise PlacementError(
-                f"new placement has {placement.num_ranks} ranks x {placement.slots_per_rank} slots, "
-                f"the running one {old.num_ranks} x {old.slots_per_rank}"
-            )
-        placement.check_fits(self.num_layers, self.spec.num_experts, source="new placement")
-        rewritten = 0
-        for row, weights in enumerate(self.layers):
-            new, current = self.local_experts(row, placement), self.local_experts(row, old)
-            for slot in (new != current).nonzero().flatten().tolist():
-                weights.experts.fill(new[slot : slot + 1], self.gate_up[row][slot : slot + 1], self.down[row][slot : slot + 1])
-                rewritten += 1
-        self.state.apply(placement)
-        return rewritten
+        return self.controller.apply(placement)
 
     # ---- forward ------------------------------------------------------------------------------
     def route(self, row: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,7 +262,7 @@ class ExpertParallelMoE:
             timer.start()
         weights, ids = self.route(row, hidden) if routing is None else routing
         rows, order, send_counts = self._prepare_fns[row](
-            hidden, ids, self.state.handle, row, self.placement.num_slots, self.record_load
+            hidden, ids, self.controller.handle, row, self.placement.num_slots, self.record_load
         )
         if timer is not None:
             timer.lap("prepare")

@@ -2,11 +2,12 @@
 
 Every rank counts the tokens *its* batch routed (``omni::record_expert_load``), but all ranks
 must switch to the same placement between the same two steps, or rows would go to slots that
-hold other experts. So: each rank buffers its per-step loads; every ``interval`` steps the
-buffered ``[interval, L, E]`` loads are summed over ranks (one all-reduce), rank 0 feeds them
-step by step to the single-device ``Rebalancer`` (sliding window, forecast, migration-aware
-plan, gain threshold, move budget) and broadcasts its decision (a flag and the new phy2log);
-then every rank applies it in place (``ExpertParallelMoE.apply``: slot weights, then tables).
+hold other experts. So: each rank buffers its per-step loads; every ``interval_steps`` steps
+the buffered ``[interval, L, E]`` loads are summed over ranks (one all-reduce), rank 0 feeds
+them step by step to its ``RebalanceLoop`` (sliding window, forecast, migration-aware plan,
+gain threshold, move budget: ``omni_passes.placement.rebalance.decide``) and broadcasts the
+decision (a flag and the new phy2log); then every rank applies it in place
+(``ExpertParallelMoE.apply``: slot weights, then tables).
 Collectives: one all-reduce and one broadcast per interval, none in between.
 """
 
@@ -17,34 +18,21 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
+from omni_passes.config import RebalanceConfig
 from omni_passes.ep.moe import ExpertParallelMoE
-from omni_passes.placement.placement import Placement
-from omni_passes.placement.rebalancer import RebalanceEvent, Rebalancer, RebalancerConfig
-
-
-class _Decision:
-    """Stands in for the placement state on rank 0: the rebalancer's ``apply`` only records the
-    candidate here; the group applies it after the broadcast."""
-
-    def __init__(self, placement: Placement):
-        self.placement = placement
-        self.pending: Placement | None = None
-
-    def apply(self, placement: Placement) -> None:
-        self.pending = placement
-        self.placement = placement
+from omni_passes.placement.rebalance import RebalanceEvent, RebalanceLoop
 
 
 class DistributedRebalancer:
     """Call ``step()`` on every rank after every forward step (synchronous, collective every
-    ``config.interval`` steps). Returns the event on the steps that re-planned (on every rank:
-    rank 0's event, with ``applied`` as decided), else None."""
+    ``config.interval_steps`` steps). Returns the event on the steps that re-planned (on every
+    rank: rank 0's event, with ``applied`` as decided), else None."""
 
-    def __init__(self, ep: ExpertParallelMoE, config: RebalancerConfig = RebalancerConfig()):
+    def __init__(self, ep: ExpertParallelMoE, config: RebalanceConfig = RebalanceConfig()):
         self.ep = ep
         self.config = config
-        self._decision = _Decision(ep.placement)
-        self._rebalancer = Rebalancer(self._decision, weights=None, config=config) if ep.group.rank == 0 else None
+        p = ep.placement
+        self._loop = RebalanceLoop(config, p.num_layers, p.num_logical_experts) if ep.group.rank == 0 else None
         self._buffer: list[torch.Tensor] = []
         self.events: list[RebalanceEvent] = []
 
@@ -54,8 +42,8 @@ class DistributedRebalancer:
         return group.device if nccl else torch.device("cpu")
 
     def step(self) -> RebalanceEvent | None:
-        self._buffer.append(self.ep.state.take_load())
-        if len(self._buffer) < self.config.interval:
+        self._buffer.append(self.ep.controller.take_load())
+        if len(self._buffer) < self.config.interval_steps:
             return None
         group, device = self.ep.group, self._collective_device()
         loads = torch.stack(self._buffer).to(device)
@@ -66,10 +54,9 @@ class DistributedRebalancer:
         header = torch.zeros(1 + 6, dtype=torch.float64, device=device)
         phy2log = torch.empty(p.num_layers, p.num_slots, dtype=torch.int64, device=device)
         if group.rank == 0:
-            for step_loads in loads.cpu():
-                self._rebalancer.step(step_loads)  # re-plans on the last one (every interval)
-            event = self._rebalancer.events[-1]
-            pending, self._decision.pending = self._decision.pending, None
+            # the loop decides on the last of these steps (every interval); the group applies below
+            decision = [self._loop.step(step_loads, p) for step_loads in loads.cpu()][-1]
+            event, pending = self._loop.events[-1], decision.placement
             header[0] = 1.0 if pending is not None else 0.0
             header[1:] = torch.tensor(
                 [event.step, event.balancedness_before, event.balancedness_candidate, event.moves, event.plan_ms,
@@ -89,6 +76,5 @@ class DistributedRebalancer:
             )
         if applied:
             self.ep.apply(replace(p, phy2log=phy2log.cpu()))
-            self._decision.placement = self.ep.placement
         self.events.append(event)
         return event

@@ -8,9 +8,10 @@ The on-disk format (docs/interfaces.md) is::
 ``num_layers`` counts MoE layers in model order; slot ``j`` lives on rank ``j // S``; on one
 device all ``R*S`` slots are local. Every logical expert needs at least one slot.
 
-From a placement the dispatch tables are derived (``dispatch_tables``): for each layer and
-logical expert, the slots of its replicas and how many there are. Those are what
-``omni::expert_dispatch`` reads at run time.
+From a placement the dispatch tables are derived (``omni_passes.placement.tables``): for each
+layer and logical expert, the slots of its replicas and how many there are. Those are what
+``omni::expert_dispatch`` reads at run time, from the placement's owner
+(``omni_passes.placement.controller.PlacementController``).
 """
 
 from __future__ import annotations

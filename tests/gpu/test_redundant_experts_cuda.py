@@ -116,7 +116,7 @@ def test_cuda_graph_replays_count_every_token_and_follow_in_place_placements():
 def test_lowered_ops_equal_the_eager_kernels_on_cuda(tokens, dynamic, monkeypatch):
     from kernels import inductor_lowerings
     from kernels.expert_dispatch import expert_dispatch_reference
-    from omni_passes.placement.runtime import ExpertPlacementState
+    from omni_passes.placement.controller import PlacementController
     from omni_passes.testing.placements import placement
 
     inductor_lowerings.register()
@@ -127,7 +127,7 @@ def test_lowered_ops_equal_the_eager_kernels_on_cuda(tokens, dynamic, monkeypatc
     g = torch.Generator().manual_seed(tokens)
     rows = torch.stack([torch.cat([torch.arange(E), torch.randint(0, E, (9,), generator=g)])[torch.randperm(E + 9, generator=g)]
                         for _ in range(2)])
-    state = ExpertPlacementState(placement(rows, E), device="cuda")
+    state = PlacementController(placement(rows, E), device="cuda", layout="slot")
 
     def route(ids):
         torch.ops.omni.record_expert_load(ids, state.handle, 1)

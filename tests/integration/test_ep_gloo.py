@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 SLOTS_PER_RANK = {2: 10, 3: 6, 4: 5}  # 16 experts: 4, 2 and 4 redundant slots
 RTOL = 1e-5  # of the largest reference value; a row sent to the wrong expert is off by ~1
-REBALANCE = {"window": 4, "interval": 2, "min_gain": 0.0, "layer_min_gain": 0.0}
+REBALANCE = {"window_steps": 4, "interval_steps": 2, "min_gain": 0.0, "layer_min_gain": 0.0}
 
 
 # World size 2 runs the serving configuration (regions compiled by Inductor, and checked not

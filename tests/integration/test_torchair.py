@@ -321,7 +321,7 @@ def check_graph(graph, protos, feeds, must_contain: set[str]):
 
 def placement_tables(kind: str):
     from omni_passes.placement.placement import Placement
-    from omni_passes.placement.runtime import ExpertPlacementState
+    from omni_passes.placement.controller import PlacementController
 
     experts = 8
     if kind == "identity":
@@ -332,7 +332,7 @@ def placement_tables(kind: str):
         phy2log = torch.stack([torch.cat([torch.arange(experts), torch.tensor([0, 0, 5])])] * 2)
     placement = Placement(num_layers=2, num_logical_experts=experts, num_ranks=1, num_nodes=1,
                           slots_per_rank=phy2log.shape[1], phy2log=phy2log)
-    return ExpertPlacementState(placement)
+    return PlacementController(placement, layout="slot")
 
 
 @pytest.mark.parametrize("kind", ["identity", "permuted", "redundant"])

@@ -38,7 +38,7 @@ def test_bf16_check_ok_for_exact_rewrite_and_not_ok_for_corrupted_table(arch):
         # to the row that holds e + 1, or copied the row).
         bad = doubled(experts, layers, torch.arange(experts).roll(-1))
         lying = RowLayout(slot_row=torch.arange(2 * experts).repeat(layers, 1), row_expert=bad.phy2log.clone())
-        compiled.omni.controller.state.apply(bad, lying)
+        compiled.omni.controller._write_tables(bad, lying)
         corrupted = check_rewrite(compiled(tokens).logits, plain, eager, torch.bfloat16)
     assert exact["ok"] is True, exact
     assert exact["pass_error"] <= exact["tolerance"]

@@ -102,11 +102,11 @@ def test_world1_stack_equals_transformers_and_switches_in_place(tiny) -> None:
     assert moved == 4 * len(moes)
     assert ep.gate_up[0] is gate_up_tensor  # rewritten in place
     assert torch.equal(ep.gate_up[0][16], moes[0].experts.gate_up_proj[5])
-    assert ep.state.replica_count[0, 5] == 3 and ep.state.replica_count[0, 0] == 1
+    assert ep.controller.replica_count[0, 5] == 3 and ep.controller.replica_count[0, 0] == 1
     for row, reference in enumerate(references):
         torch.testing.assert_close(ep.forward_layer(row, hidden), reference, rtol=1e-5, atol=1e-7)
     # Loads were recorded per logical expert: every token's K choices, each forward.
-    assert int(ep.state.expert_load.sum()) == 2 * len(moes) * hidden.shape[0] * spec.top_k
+    assert int(ep.controller.expert_load.sum()) == 2 * len(moes) * hidden.shape[0] * spec.top_k
 
 
 def test_placements_that_do_not_fit_are_refused(tiny) -> None:

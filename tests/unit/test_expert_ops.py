@@ -8,7 +8,8 @@ import torch
 import kernels  # noqa: F401
 from kernels.expert_dispatch import expert_dispatch_reference
 from omni_passes.placement.placement import Placement
-from omni_passes.placement.runtime import ExpertPlacementState, dispatch_tables
+from omni_passes.placement.controller import PlacementController
+from omni_passes.placement.tables import dispatch_tables
 
 
 def placement(rows, experts, ranks=1, slots_per_rank=None):
@@ -20,7 +21,7 @@ def placement(rows, experts, ranks=1, slots_per_rank=None):
 
 
 def test_identity_placement_maps_ids_to_themselves():
-    state = ExpertPlacementState(Placement.identity(2, 8))
+    state = PlacementController(Placement.identity(2, 8), layout="slot")
     ids = torch.randint(0, 8, (37, 3))
     for layer in range(2):
         out = torch.ops.omni.expert_dispatch(ids, state.handle, layer)
@@ -31,7 +32,7 @@ def test_identity_placement_maps_ids_to_themselves():
 def test_replicas_split_tokens_evenly_and_deterministically():
     # expert 0 has 3 replicas (slots 0, 4, 5), expert 1 has 2 (1, 6), others 1.
     p = placement([[0, 1, 2, 3, 0, 0, 1]], experts=4)
-    state = ExpertPlacementState(p)
+    state = PlacementController(p, layout="slot")
     ids = torch.tensor([[0, 1], [0, 2], [0, 1], [3, 0], [0, 1], [2, 0], [0, 3]])
     slots = torch.ops.omni.expert_dispatch(ids, state.handle, 0)
     # Every slot holds the expert the token chose.
@@ -61,7 +62,7 @@ def test_split_is_even_within_one_token_on_random_batches():
 def test_local_rank_replica_preferred():
     # 2 ranks x 3 slots; expert 0 on rank 0 (slot 0) and rank 1 (slot 4); expert 1 only on rank 0.
     p = placement([[0, 1, 2, 3, 0, 2]], experts=4, ranks=2, slots_per_rank=3)
-    state = ExpertPlacementState(p, local_rank=1)
+    state = PlacementController(p, layout="slot", local_rank=1)
     ids = torch.tensor([[0, 1], [0, 2], [0, 3]])
     slots = torch.ops.omni.expert_dispatch(ids, state.handle, 0)
     assert slots[:, 0].tolist() == [4, 4, 4]        # expert 0: only the local replica
@@ -71,7 +72,7 @@ def test_local_rank_replica_preferred():
 
 
 def test_record_expert_load_equals_bincount():
-    state = ExpertPlacementState(Placement.identity(3, 10))
+    state = PlacementController(Placement.identity(3, 10), layout="slot")
     generator = torch.Generator().manual_seed(1)
     expected = torch.zeros(3, 10, dtype=torch.int64)
     for _ in range(5):
@@ -89,7 +90,7 @@ def test_ops_compile_fullgraph_and_tables_update_without_recompile():
 
     p_a = placement([[0, 1, 2, 3, 0, 1, 2, 3]], experts=4)
     p_b = placement([[0, 1, 2, 3, 3, 2, 1, 0]], experts=4)
-    state = ExpertPlacementState(p_a)
+    state = PlacementController(p_a, layout="slot")
 
     def route(ids):
         torch.ops.omni.record_expert_load(ids, state.handle, 0)
@@ -116,7 +117,7 @@ def test_unknown_state_handle_is_a_clear_error():
 
 
 def test_layer_out_of_range_is_a_clear_error():
-    state = ExpertPlacementState(Placement.identity(2, 4))
+    state = PlacementController(Placement.identity(2, 4), layout="slot")
     with pytest.raises(IndexError, match="layer 5 out of range"):
         torch.ops.omni.expert_dispatch(torch.zeros(2, 2, dtype=torch.int64), state.handle, 5)
 
@@ -141,7 +142,7 @@ def test_compiled_ops_equal_the_reference_and_count_rows(tokens, dynamic, induct
     rows = torch.stack([torch.cat([torch.arange(experts), torch.randint(0, experts, (extra,), generator=generator)])
                         [torch.randperm(experts + extra, generator=generator)] for _ in range(2)])
     p = placement(rows.tolist(), experts)
-    state = ExpertPlacementState(p)
+    state = PlacementController(p, layout="slot")
 
     def route(ids):
         torch.ops.omni.record_expert_load(ids, state.handle, 1)
@@ -175,7 +176,7 @@ def test_lowered_dispatch_reads_tables_updated_in_place(inductor_mode):
 
     p_a = placement([[0, 1, 2, 3, 0, 1, 2, 3]], experts=4)
     p_b = placement([[0, 1, 2, 3, 3, 2, 1, 0]], experts=4)
-    state = ExpertPlacementState(p_a)
+    state = PlacementController(p_a, layout="slot")
     compiled = torch.compile(lambda ids: torch.ops.omni.expert_dispatch(ids, state.handle, 0) * 1, fullgraph=True)
     ids = torch.tensor([[0, 0], [1, 1], [2, 3], [3, 2], [0, 1]])
     torch._dynamo.reset()

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from omni_passes.placement.placement import Placement, PlacementError
-from omni_passes.placement.runtime import dispatch_tables
+from omni_passes.placement.tables import dispatch_tables
 
 
 def write(tmp_path, data):

@@ -70,12 +70,11 @@ def test_load_file_survives_sigkill_without_a_flush(tmp_path):
     last completed step wrote is in the file."""
     script = textwrap.dedent(f"""
         import os, signal, torch, kernels
-        from omni_passes.placement.layout import compact_layout
         from omni_passes.hosts.vllm.serving import LoadExport
         from omni_passes.placement.placement import Placement
-        from omni_passes.placement.runtime import ExpertPlacementState
+        from omni_passes.placement.controller import PlacementController
         placement = Placement.identity(1, 4, slots_per_rank=6)  # counters only: no weights
-        controller = ExpertPlacementState(placement, layout=compact_layout(placement.phy2log, 4))
+        controller = PlacementController(placement, layout="slot")
         export = LoadExport(controller, {str(tmp_path / 'loads.npy')!r}, {str(tmp_path / 'slots.npy')!r}, interval=10**6)
         ids = torch.tensor([[0, 0, 3]])
         for _ in range(5):

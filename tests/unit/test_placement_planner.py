@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from omni_passes.placement import metrics, planner, traces
+from omni_passes.placement import metrics, migration, packing, planner, search, traces
+from omni_passes.placement.forecast import forecast_loads
 from omni_passes.placement.placement import Placement
 from omni_passes.placement.planner import PlanError, PlanOptions, plan
 
@@ -83,9 +84,9 @@ def test_hand_case_swaps_fix_what_lpt_leaves():
     # = 20 | 18; swapping a 6 with the 7 reaches the optimum 19 | 19.
     w = np.array([[9.0, 7.0, 6.0, 6.0, 5.0, 5.0]])
     counts = np.ones_like(w, dtype=np.int64)
-    lpt = planner.pack_lpt(w, counts, 2, 3)
+    lpt = packing.pack_lpt(w, counts, 2, 3)
     lpt_max = metrics.rank_loads(torch.from_numpy(lpt), torch.from_numpy(w), 3).max().item()
-    refined = planner.refine_swaps(lpt, w, 3)
+    refined = search.refine_swaps(lpt, w, 3)
     loads = metrics.rank_loads(torch.from_numpy(refined), torch.from_numpy(w), 3)
     assert lpt_max == 20.0
     assert loads.tolist() == [[19.0, 19.0]]
@@ -100,10 +101,10 @@ def test_local_search_beats_packing_alone_on_a_trace():
 
 
 def test_replica_counts_are_greedy_on_per_replica_load():
-    counts = planner.replica_counts(np.array([[9.0, 4.0, 1.0]]), num_slots=6, cap=3)
+    counts = packing.replica_counts(np.array([[9.0, 4.0, 1.0]]), num_slots=6, cap=3)
     # 9 -> 4.5, then 4 vs 4.5: 9 again (3 copies, 3.0), then 4 -> 2 copies
     assert counts.tolist() == [[3, 2, 1]]
-    capped = planner.replica_counts(np.array([[9.0, 4.0, 1.0]]), num_slots=6, cap=2)
+    capped = packing.replica_counts(np.array([[9.0, 4.0, 1.0]]), num_slots=6, cap=2)
     assert capped.tolist() == [[2, 2, 2]]
 
 
@@ -123,8 +124,8 @@ def test_hierarchical_keeps_each_group_on_one_node(loads):
 
 def test_spread_nodes_keeps_rank_contents_and_balances_nodes(loads):
     w = loads.double().numpy()
-    base = planner.plan_rows(w, 16, 5, 16)
-    spread = planner.spread_nodes(base, w, 4, 5)
+    base = packing.plan_rows(w, 16, 5, 16)
+    spread = packing.spread_nodes(base, w, 4, 5)
     as_sets = lambda x: sorted(map(tuple, np.sort(x.reshape(-1, 5), axis=1).tolist()))  # noqa: E731
     assert as_sets(base) == as_sets(spread)
     node = lambda x: metrics.rank_loads(torch.from_numpy(x), loads, 5).reshape(8, 4, 4).sum(-1).max(-1).values  # noqa: E731
@@ -137,7 +138,7 @@ def test_align_recovers_a_permuted_placement(loads):
     blocks = p.phy2log.reshape(8, 16, 5)
     shuffled = torch.stack([blocks[layer, torch.randperm(16, generator=g)] for layer in range(8)])
     shuffled = torch.stack([torch.stack([r[torch.randperm(5, generator=g)] for r in layer]) for layer in shuffled])
-    aligned = planner.align_to_previous(shuffled.reshape(8, -1).numpy(), p.phy2log.numpy(), 5)
+    aligned = migration.align_to_previous(shuffled.reshape(8, -1).numpy(), p.phy2log.numpy(), 5)
     assert np.array_equal(aligned, p.phy2log.numpy())
 
 
@@ -164,20 +165,20 @@ def test_forecast_prefers_recent_steps_when_hot_spots_move():
     series = rng.poisson(100.0, size=(40, 2, 8)).astype(np.float64)
     series[:30, :, 0] += 400
     series[30:, :, 1] += 400
-    forecast, half_life = planner.forecast_loads(series)
+    forecast, half_life = forecast_loads(series)
     assert half_life is not None and half_life <= 5
     assert bool((forecast[:, 1] > forecast[:, 0]).all())
     assert forecast.sum() == pytest.approx(series.sum(), rel=0.15)
     stationary = rng.poisson(100.0, size=(40, 2, 8)).astype(np.float64)
-    _, half_life = planner.forecast_loads(stationary)
+    _, half_life = forecast_loads(stationary)
     assert half_life is None or half_life >= 10
-    flat, chosen = planner.forecast_loads(series[:2])
+    flat, chosen = forecast_loads(series[:2])
     assert chosen is None and np.allclose(flat, series[:2].sum(0))
 
 
 def test_series_input_plans_on_its_forecast():
     series = traces.generate(traces.get_spec("deepseek-drift", steps=50, num_layers=4))
-    expected, _ = planner.forecast_loads(series.numpy().astype(np.float64))
+    expected, _ = forecast_loads(series.numpy().astype(np.float64))
     assert torch.equal(plan(series, 8, 1, 36).phy2log, plan(expected, 8, 1, 36).phy2log)
     summed = plan(series, 8, 1, 36, options=PlanOptions(forecast=False))
     assert torch.equal(summed.phy2log, plan(series.sum(0), 8, 1, 36).phy2log)

@@ -1,31 +1,42 @@
-"""Online rebalancer: move budget, gain threshold, in-place application with zero recompiles
-(a torch.compile'd dispatch over the state tensors, and a compiled DeepSeek model)."""
+"""Online rebalancing (``RebalanceLoop`` deciding, the placement controller applying): move
+budget, gain threshold, in-place application with zero recompiles (a torch.compile'd dispatch
+over the controller's tensors, and a compiled DeepSeek model)."""
 
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from omni_passes.config import RebalanceConfig
 from omni_passes.placement import metrics, traces
+from omni_passes.placement.controller import PlacementController
+from omni_passes.placement.layout import RowLayout
 from omni_passes.placement.placement import Placement
 from omni_passes.placement.planner import PlanError, plan
-from omni_passes.placement.rebalancer import Rebalancer, RebalancerConfig
-from omni_passes.placement.runtime import ExpertPlacementState
+from omni_passes.placement.rebalance import RebalanceLoop
 
 
 class SlotWeights:
-    """Expert weights copied into physical slots; ``apply`` rewrites them in place."""
+    """Expert weights copied into physical slots (the slot layout); ``apply`` rewrites them in place."""
 
-    def __init__(self, logical: torch.Tensor, placement: Placement):
+    def __init__(self, logical: torch.Tensor, layout: RowLayout):
         self.logical = logical  # [L, E, D]
-        self.slots = torch.stack([logical[layer, placement.phy2log[layer]] for layer in range(placement.num_layers)])
-        self.placement = placement
+        self.slots = torch.stack([logical[layer, layout.row_expert[layer]] for layer in range(logical.shape[0])])
+        self.layout = layout
         self.calls = 0
 
-    def apply(self, placement: Placement) -> None:
-        for layer in range(placement.num_layers):
-            torch.index_select(self.logical[layer], 0, placement.phy2log[layer], out=self.slots[layer])
-        self.placement = placement
+    def apply(self, layout: RowLayout) -> int:
+        changed = int((layout.row_expert != self.layout.row_expert).sum())
+        for layer in range(self.slots.shape[0]):
+            torch.index_select(self.logical[layer], 0, layout.row_expert[layer], out=self.slots[layer])
+        self.layout = layout
         self.calls += 1
+        return changed
+
+
+def slot_controller(placement: Placement, logical: torch.Tensor | None = None) -> PlacementController:
+    """Tables over slots; with ``logical`` weights, their copies in the slots (``SlotWeights``)."""
+    rows = (lambda layout: SlotWeights(logical, layout)) if logical is not None else None
+    return PlacementController(placement, layout="slot", rows=rows)
 
 
 def drifting(num_layers=6, steps=240):
@@ -35,94 +46,95 @@ def drifting(num_layers=6, steps=240):
 def test_moves_at_most_the_budget_and_apply_in_place():
     trace = drifting()
     start = plan(trace[:40].sum(0), 16, 2, 18)
-    state = ExpertPlacementState(start)
-    weights = SlotWeights(torch.randn(6, 256, 3), start)
-    tables = (state.replica_slots.data_ptr(), state.replica_count.data_ptr(), weights.slots.data_ptr())
-    rebalancer = Rebalancer(state, weights, RebalancerConfig(window=40, interval=40, min_gain=0.0, layer_min_gain=0.0, max_moves=60))
-    events = [e for e in (rebalancer.step(loads) for loads in trace[40:]) if e is not None]
+    controller = slot_controller(start, torch.randn(6, 256, 3))
+    weights = controller.weights
+    tables = (controller.replica_slots.data_ptr(), controller.replica_count.data_ptr(), weights.slots.data_ptr())
+    loop = RebalanceLoop(RebalanceConfig(window_steps=40, interval_steps=40, min_gain=0.0, layer_min_gain=0.0, max_moves=60), 6, 256)
+    events = [e for e in (controller.rebalance_step(loop, loads) for loads in trace[40:]) if e is not None]
     assert len(events) == 5 and any(e.applied for e in events)
     for e in events:
         assert e.moves <= 60
-    # the state and the weights hold the same, latest placement, in the same tensors
-    assert weights.placement is state.placement and weights.calls == sum(e.applied for e in events)
-    assert (state.replica_slots.data_ptr(), state.replica_count.data_ptr(), weights.slots.data_ptr()) == tables
-    expected = torch.stack([weights.logical[layer, state.placement.phy2log[layer]] for layer in range(6)])
+    # the tables and the weights hold the same, latest placement, in the same tensors
+    assert weights.layout is controller.layout and weights.calls == sum(e.applied for e in events)
+    assert torch.equal(weights.layout.row_expert, controller.placement.phy2log)
+    assert (controller.replica_slots.data_ptr(), controller.replica_count.data_ptr(), weights.slots.data_ptr()) == tables
+    expected = torch.stack([weights.logical[layer, controller.placement.phy2log[layer]] for layer in range(6)])
     assert torch.equal(weights.slots, expected)
 
 
 def test_each_applied_event_moves_what_it_reports():
     trace = drifting()
-    state = ExpertPlacementState(plan(trace[:40].sum(0), 16, 2, 18))
-    rebalancer = Rebalancer(state, config=RebalancerConfig(window=40, interval=40, min_gain=0.0, max_moves=25))
+    controller = slot_controller(plan(trace[:40].sum(0), 16, 2, 18))
+    loop = RebalanceLoop(RebalanceConfig(window_steps=40, interval_steps=40, min_gain=0.0, max_moves=25), 6, 256)
     for loads in trace[40:]:
-        before = state.placement
-        event = rebalancer.step(loads)
+        before = controller.placement
+        event = controller.rebalance_step(loop, loads)
         if event is not None and event.applied:
-            assert metrics.slots_changed(before, state.placement) == event.moves <= 25
+            assert metrics.slots_changed(before, controller.placement) == event.moves <= 25
 
 
 def test_rebalancing_helps_on_drifting_loads():
     trace = drifting(steps=600)
     start = plan(trace[:100].sum(0), 16, 2, 18)
-    state = ExpertPlacementState(start)
-    rebalancer = Rebalancer(state, config=RebalancerConfig(window=100, interval=100, min_gain=0.0))
+    controller = slot_controller(start)
+    loop = RebalanceLoop(RebalanceConfig(window_steps=100, interval_steps=100, min_gain=0.0), 6, 256)
     online, static = [], []
     for t in range(100, 600):
-        rebalancer.step(trace[t])
+        controller.rebalance_step(loop, trace[t])
         if (t + 1) % 100 == 0 and t + 100 < 600:
             nxt = trace[t + 1 : t + 101].sum(0)
-            online.append(metrics.score(state.placement, nxt).mean_balancedness)
+            online.append(metrics.score(controller.placement, nxt).mean_balancedness)
             static.append(metrics.score(start, nxt).mean_balancedness)
     assert sum(online) / len(online) > sum(static) / len(static) + 0.02
 
 
 def test_no_apply_below_the_gain_threshold():
     trace = traces.generate(traces.get_spec("deepseek-translation", steps=80, num_layers=4))
-    state = ExpertPlacementState(plan(trace[:40].sum(0), 16, 2, 18))
-    before = state.placement
-    rebalancer = Rebalancer(state, config=RebalancerConfig(window=40, interval=40, min_gain=0.2))
-    events = [e for e in (rebalancer.step(loads) for loads in trace[40:]) if e is not None]
+    controller = slot_controller(plan(trace[:40].sum(0), 16, 2, 18))
+    before = controller.placement
+    loop = RebalanceLoop(RebalanceConfig(window_steps=40, interval_steps=40, min_gain=0.2), 4, 256)
+    events = [e for e in (controller.rebalance_step(loop, loads) for loads in trace[40:]) if e is not None]
     assert len(events) == 1 and not events[0].applied
     assert "min_gain" in events[0].reason or "no layer" in events[0].reason
-    assert state.placement is before and state.updates == 0
+    assert controller.placement is before and controller.updates == 0
 
 
 def test_step_takes_the_recorded_load_counters():
-    state = ExpertPlacementState(Placement.identity(2, 8, num_ranks=2, slots_per_rank=5))
-    rebalancer = Rebalancer(state, config=RebalancerConfig(window=3, interval=100))
+    controller = slot_controller(Placement.identity(2, 8, num_ranks=2, slots_per_rank=5))
+    loop = RebalanceLoop(RebalanceConfig(window_steps=3, interval_steps=100), 2, 8)
     for i in range(5):
-        state.expert_load += torch.arange(8) * (i + 1)  # what omni::record_expert_load does
-        rebalancer.step()
-    assert len(rebalancer.history) == 3  # sliding window
-    assert torch.equal(rebalancer.history[-1], (torch.arange(8) * 5).float().expand(2, 8))
-    assert int(state.expert_load.sum()) == 0
+        controller.expert_load += torch.arange(8) * (i + 1)  # what omni::record_expert_load does
+        controller.rebalance_step(loop)
+    assert len(loop.window) == 3  # sliding window
+    assert torch.equal(loop.window[-1], (torch.arange(8) * 5).float().expand(2, 8))
+    assert int(controller.expert_load.sum()) == 0
 
 
 def test_bad_arguments():
-    state = ExpertPlacementState(Placement.identity(2, 8, num_ranks=2, slots_per_rank=5))
-    with pytest.raises(TypeError, match="apply\\(placement\\)"):
-        Rebalancer(state, weights=object())
+    placement = Placement.identity(2, 8, num_ranks=2, slots_per_rank=5)
+    with pytest.raises(TypeError, match="apply\\(layout\\)"):
+        PlacementController(placement, layout="slot", rows=lambda layout: object())
     with pytest.raises(PlanError, match="expected \\(2, 8\\)"):
-        Rebalancer(state).record(torch.zeros(3, 8))
-    with pytest.raises(ValueError, match="window and interval"):
-        RebalancerConfig(interval=0)
+        RebalanceLoop(RebalanceConfig(), 2, 8).record(torch.zeros(3, 8))
+    with pytest.raises(ValueError, match="'rebalance.interval_steps' must be an integer >= 1, got 0"):
+        RebalanceConfig(interval_steps=0)
 
 
 def test_compiled_dispatch_follows_in_place_updates_without_recompiling():
-    """A torch.compile'd MoE-style dispatch reads the state tensors and the slot weights;
+    """A torch.compile'd MoE-style dispatch reads the controller's tables and the slot weights;
     rebalancing changes which slots serve tokens, never the result, and compiles nothing."""
     torch.manual_seed(0)
     layers, experts, dim = 2, 16, 4
     start = Placement.identity(layers, experts, num_ranks=4, slots_per_rank=5)
-    state = ExpertPlacementState(start)
-    weights = SlotWeights(torch.randn(layers, experts, dim), start)
+    controller = slot_controller(start, torch.randn(layers, experts, dim))
+    weights = controller.weights
 
     def dispatch(x, ids):
         outs, slots = [], []
         token = torch.arange(ids.shape[0]).unsqueeze(1)
         for layer in range(layers):
-            count = state.replica_count[layer][ids]
-            slot = state.replica_slots[layer][ids, token % count]
+            count = controller.replica_count[layer][ids]
+            slot = controller.replica_slots[layer][ids, token % count]
             outs.append((weights.slots[layer][slot] * x.unsqueeze(1)).sum((1, 2)))
             slots.append(slot)
         return torch.stack(outs), torch.stack(slots)
@@ -136,9 +148,9 @@ def test_compiled_dispatch_follows_in_place_updates_without_recompiling():
     compiled = torch.compile(dispatch, fullgraph=True)
     out_before, slots_before = compiled(x, ids)
     frames = counters["stats"]["unique_graphs"]
-    rebalancer = Rebalancer(state, weights, RebalancerConfig(window=1, interval=1, min_gain=0.0, layer_min_gain=0.0))
+    loop = RebalanceLoop(RebalanceConfig(window_steps=1, interval_steps=1, min_gain=0.0, layer_min_gain=0.0), layers, experts)
     loads = torch.stack([torch.bincount(ids.flatten(), minlength=experts)] * layers)
-    event = rebalancer.step(loads)
+    event = controller.rebalance_step(loop, loads)
     assert event.applied and event.moves > 0
     with torch._dynamo.config.patch(error_on_recompile=True):
         out_after, slots_after = compiled(x, ids)
@@ -148,7 +160,7 @@ def test_compiled_dispatch_follows_in_place_updates_without_recompiling():
     assert not torch.equal(slots_before, slots_after)  # tokens now go to other slots
     # the hot expert's tokens are spread over its replicas after the rebalance
     hot = slots_after[0][:40, 0]
-    assert hot.unique().numel() == int(state.replica_count[0, 3]) > 1
+    assert hot.unique().numel() == int(controller.replica_count[0, 3]) > 1
 
 
 @pytest.mark.slow
@@ -165,16 +177,15 @@ def test_rebalancer_on_a_compiled_deepseek_model_zero_recompiles():
     counters.clear()
     compiled = omni_passes.compile(model, {"passes": ["redundant_experts"]}, placement=start)
     runtime = compiled.omni
-    # the controller owns rows and tables: the rebalancer applies through it alone
-    rebalancer = Rebalancer(runtime.controller,
-                            config=RebalancerConfig(window=2, interval=2, min_gain=0.0, layer_min_gain=0.0, max_moves=12))
+    # the controller owns rows and tables: the loop decides, the controller applies
+    loop = RebalanceLoop(RebalanceConfig(window_steps=2, interval_steps=2, min_gain=0.0, layer_min_gain=0.0, max_moves=12), 3, 16)
     outs = []
     with torch.no_grad():
         for _ in range(4):
             outs.append(compiled(inputs).logits)
             graphs = counters["stats"]["unique_graphs"]
-            rebalancer.step()
-    applied = [e for e in rebalancer.events if e.applied]
+            runtime.controller.rebalance_step(loop)
+    applied = [e for e in loop.events if e.applied]
     assert applied and all(e.moves <= 12 for e in applied)
     assert runtime.controller.placement is not start
     assert counters["stats"]["unique_graphs"] == graphs == 1

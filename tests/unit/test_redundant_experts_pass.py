@@ -202,7 +202,7 @@ def test_graph_without_moe_is_untouched_and_report_says_why(inputs):
 
 def test_pass_on_plain_graph_leaves_it_identical():
     from omni_passes.fx.redundant_experts import RedundantExpertDispatchPass
-    from omni_passes.placement.runtime import ExpertPlacementState
+    from omni_passes.placement.controller import PlacementController
 
     def f(x, w):
         values, ids = torch.topk(x @ w, 2)
@@ -210,7 +210,7 @@ def test_pass_on_plain_graph_leaves_it_identical():
 
     gm = torch.fx.symbolic_trace(f)
     before = str(gm.graph)
-    report = RedundantExpertDispatchPass(ExpertPlacementState(Placement.identity(1, 4)))(gm.graph)
+    report = RedundantExpertDispatchPass(PlacementController(Placement.identity(1, 4)))(gm.graph)
     assert str(gm.graph) == before
     assert report.matched_layers == []
     assert report.skipped and "no MoE routing found" in report.skipped[0].reason

@@ -16,14 +16,14 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from omni_passes.fx.redundant_experts import RedundantExpertDispatchPass
 from omni_passes.pass_manager import OmniPassManager
 from omni_passes.placement.placement import Placement
-from omni_passes.placement.runtime import ExpertPlacementState
+from omni_passes.placement.controller import PlacementController
 from omni_passes.testing.graphs import routed_graph
 from omni_passes.hosts.torchair import TorchairUnavailable, install_hook, post_grad_hook, torchair_backend
 
 
 def test_hook_calling_convention_rewrites_a_graph_module():
     gm = routed_graph()
-    state = ExpertPlacementState(Placement.identity(1, 4))
+    state = PlacementController(Placement.identity(1, 4), layout="slot")
     manager = OmniPassManager([RedundantExpertDispatchPass(state)], fingerprint="test")
     hook = post_grad_hook(manager)
     returned = hook(gm, [], None)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from omni_passes.config import RebalanceConfig
-from omni_passes.placement.rebalancer import RebalanceEvent, Rebalancer, RebalancerConfig
+from omni_passes.placement.rebalance import RebalanceEvent, RebalanceLoop
 
 log = logging.getLogger("omni_passes")
 
@@ -76,22 +76,20 @@ class LoadExport:
 class OnlineRebalancer:
     """The OmniPlacement loop: the step's counted loads into a sliding window, and every
     ``interval_steps`` a forecast, migration-aware plan (gain threshold, move budget) applied
-    in place through the controller."""
+    in place through the controller (``PlacementController.rebalance_step``); each re-plan is
+    logged."""
 
     def __init__(self, controller, settings: RebalanceConfig):
-        config = RebalancerConfig(
-            window=settings.window_steps, interval=settings.interval_steps, min_gain=settings.min_gain,
-            layer_min_gain=settings.layer_min_gain, max_moves=settings.max_moves,
-            max_replicas=settings.max_replicas, forecast=settings.forecast,
-        )
-        self.rebalancer = Rebalancer(controller, config=config)
+        p = controller.placement
+        self.controller = controller
+        self.loop = RebalanceLoop(settings, p.num_layers, p.num_logical_experts)
 
     @property
     def events(self) -> list[RebalanceEvent]:
-        return self.rebalancer.events
+        return self.loop.events
 
     def step_end(self) -> None:
-        event = self.rebalancer.step()
+        event = self.controller.rebalance_step(self.loop)
         if event is not None:
             log.info("omni rebalance at step %d: %s (%s), balancedness %.4f -> %.4f, %d slot moves, plan %.1f ms",
                      event.step, "applied" if event.applied else "kept", event.reason,
