@@ -23,7 +23,11 @@ The scheduler calls two things per step of a request (N = tokens with a slot aft
 Live blocks per request therefore never exceed ``S + R + 1`` (``max_live_blocks``): the window
 [N − recent, N) spans R + 1 blocks when it does not start on a block boundary. A chunked-prefill
 step computing [C, N) also reads the cached context's window [C + 1 − recent, C): up to
-``S + 2(R + 1)`` blocks during that step.
+``S + 2(R + 1)`` blocks during that step. With pipelined (async) scheduling, as vLLM CUDA does
+by default, the next chunk is scheduled while the previous one [C', C) still runs, and vLLM frees
+only by the tokens processed (P = C'): the previous chunk's tail is still held then, up to
+``S + 3(R + 1)``. A decode step stays within ``S + R + 1`` either way (P lags by one token, whose
+query reads from C − recent on).
 """
 
 from __future__ import annotations
@@ -74,11 +78,12 @@ class SinkRecentWindow:
     def recent_blocks(self) -> int:
         return self.recent // self.block_size
 
-    def max_live_blocks(self, max_len: int, chunked_prefill: bool = False) -> int:
+    def max_live_blocks(self, max_len: int, chunked_prefill: bool = False, pipelined: bool = False) -> int:
         """Most blocks one request holds at once, for requests of up to ``max_len`` tokens. A
-        chunked-prefill step also holds the cached context's window next to its own tail."""
-        window = self.recent_blocks + 1
-        return min(_cdiv(max_len, self.block_size), self.sink_blocks + window * (2 if chunked_prefill else 1))
+        chunked-prefill step also holds the cached context's window next to its own tail; with
+        pipelined scheduling also the tail of the chunk still running."""
+        windows = 1 + (1 + int(pipelined) if chunked_prefill else 0)
+        return min(_cdiv(max_len, self.block_size), self.sink_blocks + (self.recent_blocks + 1) * windows)
 
     def needs_storage(self, block: int, num_tokens: int) -> bool:
         """Whether block ``block`` needs storage in a step after which ``num_tokens`` tokens have

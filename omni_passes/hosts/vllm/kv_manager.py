@@ -93,6 +93,9 @@ class SinkRecentManager(SingleTypeKVCacheManager):
         """Blocks with storage that ``request_id`` holds now (what the tests bound)."""
         return sum(not b.is_null for b in self.req_to_blocks.get(request_id, ()))
 
+    def get_num_common_prefix_blocks(self, running_request_id: str) -> int:
+        return 0  # no cascade attention over a shared prefix: the window's blocks are per request
+
     # -- prefix caching (refused) --------------------------------------------------------------
     @classmethod
     def find_longest_cache_hit(cls, *args: Any, **kwargs: Any):

@@ -7,11 +7,17 @@ each group. With ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` the engine core (scheduler
 lives in the caller's process, so all of that is read directly; ``run`` drives generation with
 ``LLMEngine.step()``.
 
+On CPU the engine runs in float32 with the omni post-grad pass compiled in (the sparse-attention
+pass rewrites the attention op there); on CUDA in bfloat16 without it (the compressed layers'
+attention is changed in the layer, ``kv_cuda``), chunked prefill on as vLLM has it.
+
 As a command (one JSON document on stdout; vLLM's log on stderr)::
 
     python -m omni_passes.hosts.vllm.kv_probe --model DIR [--pass-config FILE] \
-        --prompts-json '["a", "b"]' --max-tokens 64 [--max-model-len 512] \
-        [--num-gpu-blocks-override N] [--max-num-seqs 8] [--trace]
+        --prompts-json '["a", {"prompt_token_ids": [5, 6], "max_tokens": 9}]' --max-tokens 64 \
+        [--max-model-len 512] [--num-gpu-blocks-override N] [--max-num-seqs 8] [--trace] \
+        [--logprobs 2] [--gpu-memory-utilization 0.3] [--cudagraph-capture-sizes 1,2,4,8] \
+        [--no-prefix-caching] [--enforce-eager]
 """
 
 from __future__ import annotations
@@ -30,23 +36,31 @@ def start(model: str, pass_config: str | None = None, max_model_len: int = 512, 
           num_gpu_blocks_override: int | None = None, chunked_prefill_tokens: int | None = None, **kwargs: Any):
     """An ``LLM`` whose engine core runs in this process (set env before vLLM reads it).
 
-    ``chunked_prefill_tokens``: turn chunked prefill back on for MLA with this token budget per
-    step. vLLM's CPU platform turns it off for MLA (its reference CPU MLA backend); platforms
-    that serve MLA with chunked prefill (AMX CPUs, GPUs) split long prompts like this. For tests
-    of the cached-context path only.
+    ``chunked_prefill_tokens``: the token budget per step, so that long prompts are split into
+    chunks with cached context. vLLM's CPU platform turns chunked prefill off for MLA (its
+    reference CPU MLA backend); it is turned back on here for tests of the cached-context path.
+    On CUDA chunked prefill is on already: this sets ``max_num_batched_tokens``.
+    ``kwargs`` go to ``LLM`` (and override the defaults: float32 on CPU, bfloat16 on CUDA).
     """
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    if chunked_prefill_tokens:
-        _force_chunked_prefill(chunked_prefill_tokens)
     os.environ.pop("OMNI_PASSES_CONFIG", None)
     if pass_config:
         os.environ["OMNI_PASSES_CONFIG"] = str(pass_config)
+    from vllm.platforms import current_platform
+
+    cuda = current_platform.is_cuda()
+    if chunked_prefill_tokens:
+        if cuda:
+            kwargs.setdefault("max_num_batched_tokens", chunked_prefill_tokens)
+        else:
+            _force_chunked_prefill(chunked_prefill_tokens)
     from vllm import LLM
 
-    args = dict(model=model, dtype="float32", max_model_len=max_model_len, max_num_seqs=max_num_seqs, seed=0,
-                num_gpu_blocks_override=num_gpu_blocks_override, **kwargs)
-    if pass_config:
+    args = {"model": model, "dtype": "bfloat16" if cuda else "float32", "max_model_len": max_model_len,
+            "max_num_seqs": max_num_seqs, "seed": 0, "num_gpu_blocks_override": num_gpu_blocks_override}
+    if pass_config and not cuda:
         args["compilation_config"] = COMPILE_CONFIG
+    args.update(kwargs)
     return LLM(**args)
 
 
@@ -92,17 +106,42 @@ def kv_layout(llm: Any) -> dict:
             "sink": getattr(spec, "sink", None),
             "recent": getattr(spec, "recent", None),
         })
+    vllm_config = llm.llm_engine.vllm_config
+    tokens = getattr(cache, "kv_cache_size_tokens", None)
+    concurrency = getattr(cache, "kv_cache_max_concurrency", None)
+    if tokens is None or concurrency is None:  # set on the config only by some engine clients
+        figures = capacity_at(llm, vllm_config.model_config.max_model_len)
+        tokens, concurrency = figures["tokens"], figures["max_concurrency"]
     return {
         "groups": groups,
         "num_blocks": config.num_blocks,
+        "block_size": groups[0]["block_size"] if groups else None,
         # Groups overlay one backing allocation (a block id belongs to one group at a time).
         "kv_cache_bytes": max(t.size for t in config.kv_cache_tensors),
-        "kv_cache_size_tokens": cache.kv_cache_size_tokens,
-        "max_concurrency": cache.kv_cache_max_concurrency,
-        "max_model_len": llm.llm_engine.vllm_config.model_config.max_model_len,
+        "kv_cache_size_tokens": tokens,
+        "max_concurrency": concurrency,
+        "max_model_len": vllm_config.model_config.max_model_len,
         "enable_prefix_caching": bool(cache.enable_prefix_caching),
-        "enable_chunked_prefill": bool(llm.llm_engine.vllm_config.scheduler_config.enable_chunked_prefill),
+        "enable_chunked_prefill": bool(vllm_config.scheduler_config.enable_chunked_prefill),
+        "async_scheduling": bool(getattr(vllm_config.scheduler_config, "async_scheduling", False)),
     }
+
+
+def capacity_at(llm: Any, max_model_len: int) -> dict:
+    """vLLM's own capacity figures (``get_kv_cache_capacity``, what its start-up log prints) for
+    this engine's KV cache, for requests of ``max_model_len`` tokens."""
+    from vllm.v1.core.kv_cache_utils import get_kv_cache_capacity
+
+    vllm_config = llm.llm_engine.vllm_config
+    model_config = vllm_config.model_config
+    kv_cache_config = _engine_core(llm).scheduler.kv_cache_config
+    before = model_config.max_model_len
+    model_config.max_model_len = max_model_len
+    try:
+        tokens, concurrency = get_kv_cache_capacity(vllm_config, kv_cache_config)
+    finally:
+        model_config.max_model_len = before
+    return {"max_model_len": max_model_len, "tokens": int(tokens), "max_concurrency": float(concurrency)}
 
 
 def _snapshot(core: Any, managers: Any) -> dict:
@@ -119,18 +158,26 @@ def _snapshot(core: Any, managers: Any) -> dict:
     }
 
 
-def run(llm: Any, prompts: list[Any], max_tokens: int, trace: bool = True, tag: str = "r") -> dict:
-    """Greedy generation of every prompt at once (text, or ``{"prompt_token_ids": [...]}``),
-    stepping the engine; returns tokens, timings and (``trace``) one scheduler snapshot per step.
-    Request ids are ``tag`` + index (use a new tag for every call on one engine)."""
+def run(llm: Any, prompts: list[Any], max_tokens: int | list[int], trace: bool = True, tag: str = "r",
+        logprobs: int | None = None) -> dict:
+    """Greedy generation of every prompt at once (text, or ``{"prompt_token_ids": [...]}``, which
+    may carry its own ``"max_tokens"``), stepping the engine; returns tokens, timings and
+    (``trace``) one scheduler snapshot per step. Request ids are ``tag`` + index (use a new tag
+    for every call on one engine). ``logprobs``: also the top ``logprobs`` log-probabilities of
+    every generated position (``top_logprobs``, descending)."""
     from vllm import SamplingParams
 
     engine = llm.llm_engine
     core = _engine_core(llm)
     managers = core.scheduler.kv_cache_manager.coordinator.single_type_managers
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    lengths = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
     ids = [f"{tag}{i}" for i in range(len(prompts))]
-    for rid, prompt in zip(ids, prompts):
+    for rid, prompt, length in zip(ids, prompts, lengths):
+        if isinstance(prompt, dict) and "max_tokens" in prompt:
+            prompt = dict(prompt)
+            length = prompt.pop("max_tokens")
+        params = SamplingParams(temperature=0.0, max_tokens=length, ignore_eos=True, logprobs=logprobs,
+                                detokenize=not isinstance(prompt, dict))
         engine.add_request(rid, prompt, params)
     outputs: dict[str, Any] = {}
     steps: list[dict] = []
@@ -149,7 +196,7 @@ def run(llm: Any, prompts: list[Any], max_tokens: int, trace: bool = True, tag: 
     elapsed, cpu = time.perf_counter() - begin, _cpu_seconds() - cpu_begin
     done = [outputs[rid] for rid in ids]
     generated = sum(len(o.outputs[0].token_ids) for o in done)
-    return {
+    result = {
         "prompt_token_ids": [list(o.prompt_token_ids) for o in done],
         "token_ids": [list(o.outputs[0].token_ids) for o in done],
         "seconds": elapsed,
@@ -163,6 +210,10 @@ def run(llm: Any, prompts: list[Any], max_tokens: int, trace: bool = True, tag: 
         "max_running": max((s["running"] for s in steps), default=None),
         "steps": steps,
     }
+    if logprobs:
+        result["top_logprobs"] = [[sorted((lp.logprob for lp in position.values()), reverse=True)[:logprobs]
+                                   for position in o.outputs[0].logprobs] for o in done]
+    return result
 
 
 def _cpu_seconds() -> float:
@@ -182,16 +233,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-num-seqs", type=int, default=8)
     parser.add_argument("--num-gpu-blocks-override", type=int)
     parser.add_argument("--enable-prefix-caching", action="store_true", help="ask vLLM for prefix caching")
+    parser.add_argument("--no-prefix-caching", action="store_true", help="turn prefix caching off (CUDA's default is on)")
     parser.add_argument("--chunked-prefill-tokens", type=int,
-                        help="turn chunked prefill back on for MLA with this per-step token budget (tests)")
+                        help="per-step token budget, so long prompts are prefilled in chunks (tests)")
     parser.add_argument("--trace", action="store_true", help="include one scheduler snapshot per step")
+    parser.add_argument("--logprobs", type=int, help="also report the top-N log-probabilities per generated token")
+    parser.add_argument("--dtype", help="model dtype (default float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--block-size", type=int, help="KV cache block size (vLLM's --block-size)")
+    parser.add_argument("--gpu-memory-utilization", type=float, help="CUDA: vLLM's gpu_memory_utilization")
+    parser.add_argument("--cudagraph-capture-sizes", help="CUDA: comma list of batch sizes to capture")
+    parser.add_argument("--enforce-eager", action="store_true", help="no compile, no CUDA graphs")
     args = parser.parse_args(argv)
-    extra = {"enable_prefix_caching": True} if args.enable_prefix_caching else {}
+    extra: dict[str, Any] = {}
+    if args.enable_prefix_caching or args.no_prefix_caching:
+        extra["enable_prefix_caching"] = bool(args.enable_prefix_caching)
+    for key in ("dtype", "block_size", "gpu_memory_utilization"):
+        if getattr(args, key) is not None:
+            extra[key] = getattr(args, key)
+    if args.cudagraph_capture_sizes:
+        extra["compilation_config"] = {"cudagraph_capture_sizes": [int(x) for x in args.cudagraph_capture_sizes.split(",")]}
+    if args.enforce_eager:
+        extra["enforce_eager"] = True
     start_s = time.perf_counter()
     llm = start(args.model, args.pass_config, args.max_model_len, args.max_num_seqs, args.num_gpu_blocks_override,
                 args.chunked_prefill_tokens, **extra)
     result = {"startup_s": time.perf_counter() - start_s, "layout": kv_layout(llm)}
-    result.update(run(llm, json.loads(args.prompts_json), args.max_tokens, trace=args.trace))
+    result.update(run(llm, json.loads(args.prompts_json), args.max_tokens, trace=args.trace, logprobs=args.logprobs))
     print(json.dumps(result), flush=True)
     return 0
 
