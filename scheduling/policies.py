@@ -267,8 +267,10 @@ class Omni(Policy):
       every request decoding there, and the per-step slowdown its decode puts on them. So a
       cached prefix wins exactly when the work it saves is worth more than the queue and the
       load in front of it, with every term learned from what the proxy observed; no band or
-      share is configured. Among instances whose TPOT stays within the target with the request
-      added, if any (else all, least cost still).
+      share is configured. TPOT is kept low by the cost's decode terms (the forecast TPOT with
+      the request added, and what its decode costs the others), not by a cut at the target:
+      filtering out instances forecast over the target packed the others to its edge
+      (docs/serving_bench.md, "What did not work").
     * **prefill** (PD): the earliest predicted prefill completion (queued work plus the
       uncached part of the prompt there, so a deep prefix match wins unless its instance is
       much busier), then the deepest match.
@@ -370,9 +372,8 @@ class Omni(Policy):
         fcs = [f for f in self._forecasts(req, candidates, state, True) if f.ttft_ok]
         if not fcs:
             return None  # every instance's prefill queue is full: wait for the first to free
-        within = [f for f in fcs if f.tpot_ok]
         loads = state.loads.instances
-        return self._pick("collocated", within or fcs, state,
+        return self._pick("collocated", fcs, state,
                           lambda f, l: (placement_cost(f, l, loads, req.prompt_tokens, req.max_tokens), l.running,
                                         -f.matched_blocks))
 
