@@ -23,7 +23,8 @@ Hierarchical mode (``num_groups`` > 1 and divisible by ``num_nodes`` > 1, as EPL
 expert groups of DeepSeek's group-limited routing are packed onto nodes first, then each node
 solves steps 1-2 for its own experts on its own ranks. Otherwise planning is global.
 
-All functions are pure: numpy/torch arrays in, new arrays out.
+All functions are pure: numpy/torch arrays in, new arrays out; ``plan`` returns a new
+``Placement``.
 """
 
 from __future__ import annotations
@@ -148,7 +149,6 @@ def check_inputs(
 
 def _hierarchical(num_groups: int, num_nodes: int) -> bool:
     return num_nodes > 1 and num_groups > 1 and num_groups % num_nodes == 0
-
 
 
 def baseline_rows(num_layers: int, num_experts: int, num_ranks: int, num_nodes: int, slots_per_rank: int, num_groups: int) -> np.ndarray:
