@@ -48,7 +48,7 @@ import torch.fx as fx
 
 import kernels.latent_attention  # noqa: F401  (registers omni::latent_attention)
 from kernels.latent_attention import DENSE
-from omni_passes.fx.attention_matcher import (
+from omni_passes.fx.attention import (
     DenseAttention,
     Emitter,
     QueryPositions,

@@ -45,7 +45,7 @@ import torch.fx as fx
 
 import kernels  # noqa: F401  (registers omni::sparse_attention)
 import kernels.sparse_attention_positions  # noqa: F401  (registers omni::mask_positions)
-from omni_passes.fx.attention_matcher import (
+from omni_passes.fx.attention import (
     DenseAttention,
     Emitter,
     QueryPositions,
