@@ -25,14 +25,20 @@ from __future__ import annotations
 import argparse
 import gc
 import math
-import statistics
 import sys
-import time
 from typing import Callable
 
 import torch
 
+from omni_passes.bench import attn_latent
+from omni_passes.bench.measure import (
+    cold_copies, device_ceilings, error_text, method_label, rel_err, time_cpu, time_cuda_graph,
+)
 from omni_passes.cli.common import UserError, emit_json, say
+
+# Names another benchmark (attn_paged) still imports from here; new code imports them from
+# omni_passes.bench.measure.
+_error_text, _time_cuda = error_text, time_cuda_graph
 
 METHODS = ("ours", "sdpa_dense", "flex", "sdpa_gathered")
 MLA_LATENT, MLA_ROPE = 512, 64
@@ -72,48 +78,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iters", type=int, default=20, help="timed repetitions (graph replays on CUDA)")
     parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     parser.add_argument("--plot", metavar="DIR", default=None, help="write PNG plots to DIR")
-
-
-# --------------------------------------------------------------------------- timing
-def _time_cuda(calls: list[Callable[[], object]], iters: int) -> float:
-    """Microseconds per call: one CUDA graph holding the calls (repeated to >= 16), replayed."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            for call in calls:
-                call()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    reps = max(1, math.ceil(16 / len(calls)))
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            for call in calls:
-                call()
-    graph.replay()
-    torch.cuda.synchronize()
-    samples = []
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for _ in range(5):
-        start.record()
-        for _ in range(iters):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) * 1e3 / (iters * reps * len(calls)))
-    del graph
-    return statistics.median(samples)
-
-
-def _time_cpu(calls: list[Callable[[], object]], iters: int) -> float:
-    calls[0]()
-    samples = []
-    for i in range(max(3, iters)):
-        t0 = time.perf_counter()
-        calls[i % len(calls)]()
-        samples.append((time.perf_counter() - t0) * 1e6)
-    return statistics.median(samples)
 
 
 # --------------------------------------------------------------------------- cases
@@ -215,25 +179,6 @@ def _flex_for(case: DecodeCase, compiled: bool):
     return lambda q, k, v, **kw: fn(q, k, v, block_mask=mask, **kw)
 
 
-def _error_text(exc: BaseException) -> str:
-    """First line plus the last informative line (inductor wraps the real cause)."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    text = lines[0] if lines else ""
-    if len(lines) > 1:
-        text += " ... " + lines[-1]
-    return f"{type(exc).__name__}: {text[:500]}"
-
-
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
-def _copies(case_bytes_touched: int, cache_bytes: int, budget: float, l2_bytes: int) -> int:
-    want = max(1, math.ceil(3 * l2_bytes / max(1, case_bytes_touched)))
-    fit = max(1, int(budget // max(1, cache_bytes)))
-    return min(want, fit, 32)
-
-
 def _parse_tune(items: list[str]) -> list[dict]:
     out = []
     for item in items:
@@ -270,7 +215,7 @@ def run_decode(args, device, dtype, timer, l2_bytes) -> list[dict]:
     for (kind, hq, hkv, d, dv), ctx in tqdm(_decode_cases(args, device), desc="decode", file=sys.stderr):
         cache_bytes = decode_bytes(kind, args.batch, hq, hkv, d, dv, ctx, dtype)
         touched = decode_bytes(kind, args.batch, hq, hkv, d, dv, visible_tokens(ctx, args.sink, args.recent), dtype)
-        copies = 1 if "cold" not in states else _copies(touched, cache_bytes, args.mem_budget_gb * 2**30, l2_bytes)
+        copies = 1 if "cold" not in states else cold_copies(touched, cache_bytes, args.mem_budget_gb * 2**30, l2_bytes)
         case = DecodeCase(kind, args.batch, hq, hkv, d, dv, ctx, args.sink, args.recent, dtype, device, copies)
         ref = case.reference()
         variants = [(m, {}) for m in args.methods]
@@ -287,7 +232,7 @@ def run_decode(args, device, dtype, timer, l2_bytes) -> list[dict]:
                 flex = _flex_for(case, compiled=device.type == "cuda") if method == "flex" else None
                 calls = case.calls(method, flex, **override)
                 out = calls[0]()
-                err = None if method == "sdpa_dense" else _rel_err(out, ref)
+                err = None if method == "sdpa_dense" else rel_err(out, ref)
                 for state in states:
                     used = calls if state == "cold" else calls[:1]
                     us = timer(used, args.iters)
@@ -297,7 +242,7 @@ def run_decode(args, device, dtype, timer, l2_bytes) -> list[dict]:
                                      tb_s=round(tbs, 3), roofline_pct=round(100 * tbs / args.peak_tbs, 1),
                                      rel_err=None if err is None else float(f"{err:.3g}")))
             except Exception as exc:  # a peer that cannot run a shape is a result, not a crash
-                failed[key] = _error_text(exc)
+                failed[key] = error_text(exc)
                 say(f"{kind} ctx={ctx} {method}: failed: {failed[key]}")
                 rows.append(dict(base, cache=None, us=None, error=failed[key]))
         # Drop every reference to this case's caches (the call closures hold them) before the next.
@@ -352,13 +297,13 @@ def run_prefill(args, device, dtype, timer) -> list[dict]:
                         sink=s, recent=r, method=name)
             try:
                 out = fn()
-                err = None if name == "sdpa_causal_dense" else _rel_err(out, ref)
+                err = None if name == "sdpa_causal_dense" else rel_err(out, ref)
                 us = timer([fn], max(3, args.iters // 4))
                 rows.append(dict(base, us=round(us, 1), tflops=round(flops / (us * 1e-6) / 1e12, 1),
                                  rel_err=None if err is None else float(f"{err:.3g}")))
             except Exception as exc:
-                say(f"prefill {length} {name}: failed: {_error_text(exc)}")
-                rows.append(dict(base, us=None, error=_error_text(exc)))
+                say(f"prefill {length} {name}: failed: {error_text(exc)}")
+                rows.append(dict(base, us=None, error=error_text(exc)))
         del q, k, v
         methods.clear()
         if device.type == "cuda":
@@ -367,11 +312,6 @@ def run_prefill(args, device, dtype, timer) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- output
-def method_label(row: dict) -> str:
-    """A result row's method with its launch overrides, e.g. ``latent_sparse[num_splits=1]``."""
-    override = row.get("override")
-    return row["method"] + ("[" + ",".join(f"{k}={v}" for k, v in override.items()) + "]" if override else "")
-
 
 def _table(rows: list[dict]) -> str:
     lines = [f"{'case':<5}{'heads':>6}{'ctx':>8}  {'method':<30}{'cache':<6}{'us':>10}{'TB/s':>8}{'%roof':>7}{'rel_err':>10}"]
@@ -459,14 +399,12 @@ def main(args: argparse.Namespace) -> int:
         if hasattr(torch._dynamo.config, knob):
             setattr(torch._dynamo.config, knob, 64)
     l2 = torch.cuda.get_device_properties(device).L2_cache_size if on_cuda else 0
-    timer = _time_cuda if on_cuda else _time_cpu
+    timer = time_cuda_graph if on_cuda else time_cpu
     rows = run_decode(args, device, dtype, timer, l2)
     ceilings = None
     if "latent" in args.cases:
-        from omni_passes.bench.attn_latent import device_ceilings, run_latent
-
         ceilings = device_ceilings(device) if on_cuda else None
-        rows += run_latent(args, device, dtype, timer, l2, ceilings, _parse_tune(args.tune) if on_cuda else [])
+        rows += attn_latent.run_latent(args, device, dtype, timer, l2, ceilings, _parse_tune(args.tune) if on_cuda else [])
     if args.prefill_lengths:
         rows += run_prefill(args, device, dtype, timer)
 
@@ -484,9 +422,7 @@ def main(args: argparse.Namespace) -> int:
     plots = _plot([r for r in rows if r.get("case") != "latent"], args.plot) if args.plot else []
     table = _table([r for r in rows if r.get("case") != "latent"])
     if "latent" in args.cases:
-        from omni_passes.bench.attn_latent import table as latent_table
-
-        table += "\n\n" + latent_table([r for r in rows if r.get("case") == "latent"])
+        table += "\n\n" + attn_latent.table([r for r in rows if r.get("case") == "latent"])
     if args.json:
         say(table)
         emit_json({"benchmark": "attn", "meta": meta, "results": rows, "plots": plots})

@@ -18,38 +18,14 @@ in the same run; ``pct_of_floor`` = max of the two over the measured time.
 from __future__ import annotations
 
 import math
-import statistics
 from typing import Callable
 
 import torch
 
+# device_ceilings: attn_paged still imports it from here; new code imports omni_passes.bench.measure.
+from omni_passes.bench.measure import cold_copies, device_ceilings, error_text, method_label, rel_err  # noqa: F401
+
 R, DR, DN, DV = 512, 64, 128, 128
-
-
-def device_ceilings(device: torch.device) -> dict[str, float]:
-    """Copy bandwidth (bytes read + written per s, 1 GiB) and bf16 GEMM rate (8192^3), medians."""
-    def median_s(fn: Callable[[], object], n: int = 10) -> float:
-        fn()
-        samples = []
-        for _ in range(n):
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(begin.elapsed_time(end) / 1e3)
-        return statistics.median(samples)
-
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    copy_bps = 2 * src.numel() / median_s(lambda: dst.copy_(src))
-    del src, dst
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    flops = 2 * 8192 ** 3 / median_s(lambda: a @ b)
-    del a, b
-    torch.cuda.empty_cache()
-    return {"copy_bytes_per_s": copy_bps, "bf16_flops_per_s": flops}
 
 
 class LatentCase:
@@ -124,13 +100,11 @@ METHODS = ("latent_dense", "latent_sparse", "absorbed_compiled", "expand_compile
 
 
 def run_latent(args, device, dtype, timer, l2_bytes, ceilings, tune: list[dict]) -> list[dict]:
-    from omni_passes.bench.attn import _copies, _error_text, _rel_err
-
     rows = []
     for heads in args.mla_heads:
         for ctx in args.contexts:
             case_bytes = 2 * args.batch * ctx * (R + DR)
-            copies = 1 if device.type != "cuda" else _copies(
+            copies = 1 if device.type != "cuda" else cold_copies(
                 2 * args.batch * min(ctx, args.sink + args.recent) * (R + DR), case_bytes,
                 args.mem_budget_gb * 2**30, l2_bytes)
             case = LatentCase(args.batch, heads, ctx, args.sink, args.recent, dtype, device, copies)
@@ -145,7 +119,7 @@ def run_latent(args, device, dtype, timer, l2_bytes, ceilings, tune: list[dict])
                 try:
                     calls = case.calls(method, **override)
                     out = calls[0]()
-                    err = None if method == "expand_compiled" else _rel_err(out, case.reference(method))
+                    err = None if method == "expand_compiled" else rel_err(out, case.reference(method))
                     us = timer(calls, args.iters)
                     row = dict(base, cache="cold" if len(calls) > 1 else "hot", copies=len(calls), us=round(us, 2),
                                bytes=case.bytes(method), flops=case.flops(method),
@@ -158,7 +132,7 @@ def run_latent(args, device, dtype, timer, l2_bytes, ceilings, tune: list[dict])
                                    pct_of_floor=round(100 * max(bytes_us, flops_us) / us, 1))
                     rows.append(row)
                 except Exception as exc:  # a peer that cannot run a shape is a result, not a crash
-                    rows.append(dict(base, us=None, error=_error_text(exc)))
+                    rows.append(dict(base, us=None, error=error_text(exc)))
             del case
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -166,8 +140,6 @@ def run_latent(args, device, dtype, timer, l2_bytes, ceilings, tune: list[dict])
 
 
 def table(rows: list[dict]) -> str:
-    from omni_passes.bench.attn import method_label
-
     lines = [f"{'heads':>5}{'ctx':>8}  {'method':<44}{'us':>10}{'% copy bw':>10}{'% floor':>9}{'rel_err':>10}"]
     for row in rows:
         name = method_label(row)
