@@ -12,7 +12,7 @@ from omni_passes.placement.controller import PlacementController
 from omni_passes.placement.layout import RowLayout
 from omni_passes.placement.placement import Placement
 from omni_passes.placement.planner import PlanError, plan
-from omni_passes.placement.rebalance import RebalanceLoop
+from omni_passes.placement.rebalance import RebalanceLoop, decide
 
 
 class SlotWeights:
@@ -118,6 +118,33 @@ def test_bad_arguments():
         RebalanceLoop(RebalanceConfig(), 2, 8).record(torch.zeros(3, 8))
     with pytest.raises(ValueError, match="'rebalance.interval_steps' must be an integer >= 1, got 0"):
         RebalanceConfig(interval_steps=0)
+    with pytest.raises(ValueError, match="layout must be one of compact, slot, got 'rows'"):
+        PlacementController(placement, layout="rows")
+    with pytest.raises(ValueError, match="local_rank needs the slot layout"):
+        PlacementController(Placement.identity(2, 8), local_rank=0)
+
+
+def test_decide_is_a_pure_decision_the_loop_reports():
+    """``decide`` touches neither its inputs nor a placement; the loop's event carries its figures."""
+    trace = drifting(steps=80)
+    current = plan(trace[:40].sum(0), 16, 2, 18)
+    before = current.phy2log.clone()
+    window = trace[40:80].float()
+    config = RebalanceConfig(window_steps=40, interval_steps=40, min_gain=0.0, layer_min_gain=0.0, max_moves=30)
+    decision = decide(window, current, config)
+    assert torch.equal(current.phy2log, before) and torch.equal(window, trace[40:80].float())
+    assert decision.placement is not None and 0 < decision.moves <= 30
+    assert metrics.slots_changed(current, decision.placement) == decision.moves
+    assert decision.balancedness_candidate > decision.balancedness_before
+    kept = decide(window, current, RebalanceConfig(min_gain=1.0))  # no plan gains a whole unit
+    assert kept.placement is None and "min_gain 1.0" in kept.reason
+    loop = RebalanceLoop(config, 6, 256)
+    decisions = [loop.step(loads, current) for loads in trace[40:80]]
+    assert decisions[:-1] == [None] * 39 and loop.events[0].step == 40 and loop.events[0].applied
+    event = loop.events[0]
+    assert (event.moves, event.balancedness_before, event.balancedness_candidate, event.reason) == (
+        decision.moves, decision.balancedness_before, decision.balancedness_candidate, decision.reason)
+    assert torch.equal(decisions[-1].placement.phy2log, decision.placement.phy2log)
 
 
 def test_compiled_dispatch_follows_in_place_updates_without_recompiling():
