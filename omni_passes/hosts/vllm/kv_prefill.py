@@ -140,6 +140,28 @@ def sink_recent_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start
     return merge_by_lse(out_w, lse_w, out_s, lse_s).to(v.dtype)
 
 
+def window_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: list[int], recent: int,
+                             scale: float, block: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same as ``window_attention_reference`` in float32 with memory bounded by ``block``
+    queries at a time (their keys: the block and the ``recent − 1`` before it): the fallback
+    where FA3's sliding window is not available. -> (out [T, H, Dv] float32, lse [H, T])."""
+    T, H, _ = q.shape
+    out = torch.zeros(T, H, v.shape[-1], dtype=torch.float32, device=q.device)
+    lse = torch.full((H, T), float("-inf"), dtype=torch.float32, device=q.device)
+    for start, end in itertools.pairwise(starts):
+        for a in range(start, end, block):
+            b = min(end, a + block)
+            lo = max(start, a - recent + 1)
+            qi = torch.arange(a, b, device=q.device)[:, None]
+            ki = torch.arange(lo, b, device=q.device)[None]
+            visible = (ki <= qi) & (ki > qi - recent)
+            scores = torch.matmul(q[a:b].float().transpose(0, 1), k[lo:b].float().permute(1, 2, 0)) * scale
+            scores = scores.masked_fill(~visible[None], float("-inf"))
+            lse[:, a:b] = torch.logsumexp(scores, dim=-1)
+            out[a:b] = torch.matmul(torch.softmax(scores, dim=-1), v[lo:b].float().transpose(0, 1)).transpose(0, 1)
+    return out, lse
+
+
 def window_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: list[int], recent: int,
                                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """What the GPU's FA3 call computes: per request, causal attention over its new keys within
