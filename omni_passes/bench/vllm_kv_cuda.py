@@ -3,7 +3,9 @@
 DeepSeek-V2-Lite's full configuration (27 layers, 64 experts top-6, MLA 512 + 64) with
 ``load_format="dummy"`` (random weights, nothing downloaded), bf16, in vLLM 0.26 with CUDA graphs.
 Two engines, one after the other, each in its own process with its engine core in-process
-(``omni_passes.hosts.vllm.kv_probe``), at the same ``gpu_memory_utilization``:
+(``omni_passes.hosts.vllm.kv_probe``), at the same ``gpu_memory_utilization`` (by default the
+value that leaves about 24 GiB of KV cache on this GPU, so the run's prefill work, and its time,
+is about the same on an H100 and an H200):
 
 * **dense**: vLLM as it is;
 * **compressed**: ``sparse_attention`` on half the layers (the odd ones, 13 of 27; sink 128,
@@ -15,12 +17,12 @@ Stages, in priority order (a time budget drops the last ones for both engines al
     capacity  vLLM's own log line ("Maximum concurrency for L tokens per request") and its
               function for 32k-token requests (``get_kv_cache_capacity``)
     tokens    short prompts that stay within sink + recent: tokens of both engines side by side
-    tpot      decode step time at each context (32k first, then 8k, 64k), at the batch where
+    tpot      decode step time at each context (32k first, then 64k, 8k), at the batch where
               dense is at its KV limit (rounded down to a captured CUDA graph size), with the
               step's HBM floor: weights read (experts expected to be touched by the batch) +
               KV rows read, over the device copy bandwidth measured in the same process
     long      prompts of 16k-32k tokens, 512 output tokens each, all arriving at once, about
-              twice as many as dense holds: output tokens/s, requests running, preemptions
+              1.6x as many as dense holds: output tokens/s, requests running, preemptions
 
 Writes JSON (``--out``; also ``<out>.partial.json`` after every result, so a cut-off run keeps
 what it measured), a figure (``--plot DIR``: vllm_kv_cuda.png) and prints every figure with
@@ -78,6 +80,41 @@ def write_v2_lite(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(V2_LITE_CONFIG, indent=1))
     return path
+
+
+def deepseek_weight_bytes(config: dict, itemsize: int = 2) -> int:
+    """Parameter bytes of a DeepSeek-V2/V3 config (MLA, dense first layers, routed + shared experts)."""
+    hidden, heads, layers = config["hidden_size"], config["num_attention_heads"], config["num_hidden_layers"]
+    qk = config["qk_nope_head_dim"] + config["qk_rope_head_dim"]
+    rank, rope, v = config["kv_lora_rank"], config["qk_rope_head_dim"], config["v_head_dim"]
+    q_rank = config.get("q_lora_rank")
+    q = hidden * heads * qk if not q_rank else hidden * q_rank + q_rank + q_rank * heads * qk
+    attn = q + hidden * (rank + rope) + rank + rank * heads * (config["qk_nope_head_dim"] + v) + heads * v * hidden
+    dense_mlp = 3 * hidden * config["intermediate_size"]
+    moe_inter, experts = config["moe_intermediate_size"], config["n_routed_experts"]
+    moe = 3 * hidden * moe_inter * (experts + config.get("n_shared_experts", 0)) + hidden * experts
+    dense_layers = config.get("first_k_dense_replace", 0)
+    params = (layers * (attn + 2 * hidden) + dense_layers * dense_mlp + (layers - dense_layers) * moe
+              + 2 * config["vocab_size"] * hidden + hidden)
+    return params * itemsize
+
+
+def auto_utilization(total_bytes: int, weight_bytes: int, kv_bytes: float, overhead_bytes: float = 5 * 2**30) -> float:
+    """gpu_memory_utilization that leaves about ``kv_bytes`` of KV cache after the weights and
+    vLLM's activation/graph overhead, within [0.3, 0.92]."""
+    return round(min(0.92, max(0.3, (weight_bytes + overhead_bytes + kv_bytes) / total_bytes)), 3)
+
+
+def _gpu_total_bytes() -> int | None:
+    """Total memory of GPU 0 from nvidia-smi (the parent process never touches CUDA)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits", "-i", "0"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+        return int(float(out.strip().splitlines()[0]) * 2**20)
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
 
 
 def half_pattern(num_layers: int) -> list[int]:
@@ -152,13 +189,17 @@ def first_divergence(a: list[int], b: list[int], top_logprobs: list[list[float]]
 def add_cuda_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the CUDA run (added to ``bench vllm``'s parser by ``vllm_kv.add_kv_arguments``)."""
     group = parser.add_argument_group("sink+recent KV benchmark on CUDA (--device cuda)")
-    group.add_argument("--kv-gpu-memory-utilization", type=float, default=0.85,
-                       help="vLLM's gpu_memory_utilization, the same for both engines")
-    group.add_argument("--kv-contexts", default="32768,8192,65536", help="TPOT contexts, in this order")
+    group.add_argument("--kv-gpu-memory-utilization", type=float, default=0.0,
+                       help="vLLM's gpu_memory_utilization, the same for both engines (0: chosen from the GPU's "
+                            "memory so that about --kv-target-gib of KV cache fits, see auto_utilization)")
+    group.add_argument("--kv-target-gib", type=float, default=24.0,
+                       help="with automatic utilization: GiB of KV cache to aim for (the prefill work of the "
+                            "TPOT and long stages grows with it)")
+    group.add_argument("--kv-contexts", default="32768,65536,8192", help="TPOT contexts, in this order")
     group.add_argument("--kv-decode-steps", type=int, default=24, help="timed decode steps per TPOT context")
     group.add_argument("--kv-long-prompts", default="16384,32768", help="long workload: prompt length range")
     group.add_argument("--kv-long-output", type=int, default=512, help="long workload: output tokens per request")
-    group.add_argument("--kv-long-factor", type=float, default=2.0,
+    group.add_argument("--kv-long-factor", type=float, default=1.6,
                        help="long workload: requests = this x what dense holds at the mean length")
     group.add_argument("--kv-long-max-requests", type=int, default=160)
     group.add_argument("--kv-max-num-batched-tokens", type=int, default=16384)
@@ -428,12 +469,22 @@ def main(args: argparse.Namespace) -> int:
     compressed_path, compressed = _pass_config(args, work, layers)
     attn = compressed["sparse_attention"]
     sink, recent, pattern = attn.get("sink", 128), attn.get("recent", 384), attn["pattern"]
+    utilization = args.kv_gpu_memory_utilization
+    if not utilization:
+        total = _gpu_total_bytes()
+        if total is None:
+            utilization = 0.7
+            say("could not read the GPU's memory (nvidia-smi); gpu_memory_utilization 0.7")
+        else:
+            utilization = auto_utilization(total, deepseek_weight_bytes(model_config), args.kv_target_gib * 2**30)
+            say(f"gpu_memory_utilization {utilization} (GPU {total / 2**30:.1f} GiB, weights "
+                f"{deepseek_weight_bytes(model_config) / 2**30:.1f} GiB, aiming at {args.kv_target_gib:g} GiB of KV)")
     decode_extra = args.kv_decode_steps + 64
     max_model_len = max(args.kv_max_model_len, max(contexts + [prompt_range[1] + args.kv_long_output]) + decode_extra)
     max_model_len = -(-max_model_len // 256) * 256
     engine_kwargs = {"max_model_len": max_model_len, "max_num_seqs": max(CAPTURE_SIZES), "load_format": "dummy",
                      "skip_tokenizer_init": True, "enable_prefix_caching": False,
-                     "gpu_memory_utilization": args.kv_gpu_memory_utilization,
+                     "gpu_memory_utilization": utilization,
                      "max_num_batched_tokens": args.kv_max_num_batched_tokens,
                      "compilation_config": {"cudagraph_capture_sizes": CAPTURE_SIZES}}
     result: dict[str, Any] = {
@@ -465,7 +516,8 @@ def main(args: argparse.Namespace) -> int:
                 f"{ready['capacity_32k']['max_concurrency']:.2f}x; copy {ready['copy_bandwidth']['bytes_per_s'] / 1e12:.2f} TB/s")
             if name == "dense":
                 plan = _plan(stages, contexts, ready, args, prompt_range, vocab, decode_extra)
-            deadline = begin + (budget * 0.55 if name == "dense" else budget)
+            # The compressed engine repeats what dense ran and takes about as long.
+            deadline = begin + budget / 2
             done = []
             for kind, payload in plan:
                 if name == "dense" and time.perf_counter() > deadline:

@@ -5,6 +5,7 @@ tests/integration/test_vllm_sparse_attention.py)."""
 import argparse
 import io
 import json
+from pathlib import Path
 
 import pytest
 
@@ -29,8 +30,8 @@ def test_dense_config_drops_only_sparse_attention(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     paths = vllm_kv._configs(config_file(tmp_path), work)
-    dense = json.loads(open(paths["dense"]).read())
-    compressed = json.loads(open(paths["compressed"]).read())
+    dense = json.loads(Path(paths["dense"]).read_text())
+    compressed = json.loads(Path(paths["compressed"]).read_text())
     assert dense["passes"] == ["redundant_experts"] and "sparse_attention" not in dense
     assert compressed["passes"] == ["redundant_experts", "sparse_attention"]
     assert compressed["sparse_attention"] == {"sink": 64, "recent": 128, "pattern": [1, 3], "free_kv": True}
@@ -56,3 +57,95 @@ def test_capacity_line_is_read_from_the_engine_output():
     assert sink.getvalue() == "unrelated\n" + line  # everything passes through
     assert stream.lines == [{"tokens": 9295, "max_model_len": 2048, "max_concurrency": 4.54,
                              "line": "KV cache size: 9,295 tokens, Maximum concurrency for 2,048 tokens per request: 4.54x"}]
+
+
+# ----------------------------------------------------------------------------- --device cuda, without a GPU
+def test_cuda_mode_is_selected_by_the_device():
+    args = argparse.Namespace(pass_config=None, kv=False, device="cuda")
+    assert vllm_kv.wants_kv_bench(args)
+
+
+def test_v2_lite_config_has_its_published_size():
+    from omni_passes.bench.vllm_kv_cuda import (
+        V2_LITE_CONFIG,
+        deepseek_weight_bytes,
+        half_pattern,
+    )
+
+    # DeepSeek-V2-Lite: 15.7B parameters (its bf16 safetensors hold 31.4 GB).
+    assert deepseek_weight_bytes(V2_LITE_CONFIG) == 2 * 15_706_484_224
+    assert half_pattern(27) == list(range(1, 27, 2)) and len(half_pattern(27)) == 13
+
+
+def test_tpot_batch_is_the_dense_kv_limit_rounded_down_to_a_captured_size():
+    from omni_passes.bench.vllm_kv_cuda import tpot_batch
+
+    sizes = [1, 2, 4, 8, 12, 16, 24, 32]
+    # 1 null block + 10 requests of 2049 tokens (129 blocks each): the limit is 10 -> 8.
+    assert tpot_batch(1 + 10 * 129, 16, 2049, sizes) == 8
+    assert tpot_batch(1 + 12 * 129, 16, 2049, sizes) == 12
+    assert tpot_batch(1 + 12 * 129 - 1, 16, 2049, sizes) == 8
+    assert tpot_batch(100, 16, 2049, sizes) == 0
+
+
+def test_decode_floor_counts_touched_experts_and_visible_kv_rows():
+    from omni_passes.bench.vllm_kv_cuda import decode_step_bytes, experts_touched
+
+    assert experts_touched(1, 64, 6) == pytest.approx(6.0)
+    assert experts_touched(1000, 64, 6) == pytest.approx(64.0)
+    weights = {"dense_bytes": 1000, "expert_bytes": 6400, "experts": 64, "top_k": 6}
+    dense = decode_step_bytes(weights, 1, 4096, 1152, 27, 0, 512)
+    assert dense == {"weights": 1000 + 600, "kv": 1152 * 27 * 4096, "total": 1600 + 1152 * 27 * 4096}
+    compressed = decode_step_bytes(weights, 1, 4096, 1152, 14, 13, 512)
+    assert compressed["kv"] == 1152 * (14 * 4096 + 13 * 512)
+    short = decode_step_bytes(weights, 1, 300, 1152, 14, 13, 512)  # within the window: every row
+    assert short["kv"] == 1152 * 27 * 300
+
+
+def test_steady_tpot_uses_only_steps_where_every_request_got_a_token():
+    from omni_passes.bench.vllm_kv_cuda import steady_tpot
+
+    returns = [(0.0, 3), (1.0, 1), (1.5, 3), (1.51, 3), (1.53, 3), (1.6, 2), (1.7, 3)]
+    result = steady_tpot(returns, 3)
+    assert result["steps"] == 2 and result["tpot_s"] == pytest.approx(0.015)
+    assert steady_tpot([(0.0, 1), (1.0, 2)], 3) == {"tpot_s": None, "steps": 0}
+
+
+def test_cuda_capacity_lines_are_read_from_vllm_026():
+    from omni_passes.bench.vllm_kv_cuda import parse_capacity
+
+    lines = ["(EngineCore pid=9) INFO 12-07 10:00:01 [kv_cache_utils.py:2177] GPU KV cache size: 1,245,424 tokens",
+             ("(EngineCore pid=9) INFO 12-07 10:00:01 [kv_cache_utils.py:2179] Maximum concurrency for 36,864 tokens "
+              "per request: 33.78x")]
+    assert parse_capacity(lines) == {"tokens": 1245424, "max_model_len": 36864, "max_concurrency": 33.78,
+                                     "line": "Maximum concurrency for 36,864 tokens per request: 33.78x"}
+
+
+def test_summary_states_every_goal_with_its_reason():
+    from omni_passes.bench.vllm_kv_cuda import summarize
+
+    def ready(concurrency, groups):
+        return {"capacity_32k": {"max_concurrency": concurrency}, "logged": {"max_concurrency": concurrency / 2},
+                "copy_bandwidth": {"bytes_per_s": 3e12}, "layout": {"groups": groups},
+                "weights": {"dense_bytes": 2e9, "expert_bytes": 28e9, "experts": 64, "top_k": 6}}
+
+    def tpot(ms, context=32768, batch=24):
+        return {"context": context, "batch": batch, "tpot_s": ms / 1e3}
+
+    result = {"model_config": {"num_hidden_layers": 27, "kv_lora_rank": 512, "qk_rope_head_dim": 64},
+              "sink": 128, "recent": 384, "pattern": list(range(1, 27, 2)), "engines": {
+                  "dense": {"ready": ready(10.0, [{"layers": ["x"] * 27}]), "tpot": [tpot(20.0)],
+                            "long": [{"output_tokens_per_s": 100.0, "requests": 8}]},
+                  "compressed": {"ready": ready(18.5, [{"layers": ["x"] * 14}, {"layers": ["y"] * 13}]),
+                                 "tpot": [tpot(15.0)], "long": [{"output_tokens_per_s": 160.0, "requests": 8}]}}}
+    summary = summarize(result)
+    goals = {g["goal"].split(",")[0]: g for g in summary["goals"]}
+    assert summary["capacity_32k"]["ratio"] == pytest.approx(1.85)
+    assert not goals["max concurrency at 32k (vLLM's figure)"]["met"]
+    assert "same number of layers ([14, 13]" in goals["max concurrency at 32k (vLLM's figure)"]["why_not"]
+    pair = summary["tpot"][32768]
+    assert pair["ratio"] == pytest.approx(0.75) and not goals["TPOT at 32k"]["met"]
+    assert pair["floor_ratio"] < 1 and "floor ratio" in goals["TPOT at 32k"]["why_not"]
+    floor_ms = pair["compressed_floor_ms"]
+    assert goals["compressed TPOT at 32k: floor / measured"]["value"] == pytest.approx(floor_ms / 15.0)
+    assert goals["long-context output tokens/s"]["met"] and goals["long-context output tokens/s"]["why_not"] is None

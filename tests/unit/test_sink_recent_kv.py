@@ -86,6 +86,43 @@ def test_prompt_middle_gets_no_storage():
     assert table == [True] + [False] * 9 + [True] * 3
 
 
+def simulate_pipelined(window: SinkRecentWindow, chunks: list[int]):
+    """As ``simulate``, with vLLM CUDA's pipelined (async) scheduling: a step is scheduled while
+    the previous one still runs, so freeing goes by the tokens processed before that one."""
+    table: list[bool] = []
+    computed = processed = 0
+    for new in chunks:
+        for i in window.freeable_blocks(processed):
+            if i < len(table):
+                table[i] = False
+        num_tokens = computed + new
+        table += window.new_blocks(len(table), num_tokens)
+        yield table, processed, computed, num_tokens
+        processed, computed = computed, num_tokens
+
+
+@pytest.mark.parametrize("sink, recent", [(0, 16), (16, 32), (64, 48)])
+@pytest.mark.parametrize("prompt, chunk", [(5, None), (161, None), (300, 40), (300, 64), (500, 16)])
+def test_pipelined_scheduling_keeps_what_both_running_steps_read(sink, recent, prompt, chunk):
+    window = SinkRecentWindow(sink, recent, BS)
+    prefill = [prompt] if chunk is None else [min(chunk, prompt - i) for i in range(0, prompt, chunk)]
+    bounds = {"decode": window.max_live_blocks(10**6), "prefill": window.max_live_blocks(10**6, True, True)}
+    assert bounds["prefill"] == sink // BS + 3 * (recent // BS + 1)
+    decoding = 0
+    for table, processed, computed, num_tokens in simulate_pipelined(window, prefill + [1] * 120):
+        stored = {i for i, s in enumerate(table) if s}
+        # The step still running ([processed, computed)) and this one both read from the cache.
+        needed = (cache_reads(window, processed, computed) | cache_reads(window, computed, num_tokens)
+                  | later_reads(window, num_tokens))
+        missing = sorted(p for p in needed if p // BS not in stored)
+        assert not missing, f"step [{computed}, {num_tokens}) after [{processed}, {computed}): {missing} freed"
+        assert len(stored) <= bounds["prefill"]
+        if processed >= prompt:  # both running steps are decodes
+            assert len(stored) <= bounds["decode"]
+            decoding += 1
+    assert decoding > 100
+
+
 @pytest.mark.parametrize("sink, recent, message", [
     (20, 32, "sink=20 is not a multiple of the KV block size 16 (use 16 or 32)"),
     (16, 8, "recent=8 is not a multiple of the KV block size 16 (use 16)"),
@@ -138,8 +175,8 @@ def registered():
     config = PassConfig.from_dict({"passes": ["sparse_attention"],
                                    "sparse_attention": {"sink": 16, "recent": 32, "pattern": [1, 3]}})
     assert register_sink_recent_kv(config)
-    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
     from vllm.v1.kv_cache_interface import FullAttentionSpec
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
     # vLLM's own specs are still registered next to ours.
     assert KVCacheSpecRegistry.get_uniform_type_base_spec(mla_spec()) is FullAttentionSpec
@@ -158,7 +195,10 @@ def vllm_config(tiny_checkpoint, registered):
     config = args.create_engine_config()
     # The engine core resolves the KV cache layout from the workers' backends (CPU MLA here).
     from vllm.v1.attention.backends.mla.cpu_mla import CPUMLABackend
-    from vllm.v1.attention.backends.utils import get_supported_kv_cache_layouts, resolve_kv_cache_layout
+    from vllm.v1.attention.backends.utils import (
+        get_supported_kv_cache_layouts,
+        resolve_kv_cache_layout,
+    )
 
     layouts = [[layout.name for layout in get_supported_kv_cache_layouts([CPUMLABackend])]]
     resolve_kv_cache_layout(config, layouts, layer_specs([1, 3]).values())
@@ -189,7 +229,10 @@ def test_spec_has_the_mla_page_layout_and_a_bounded_footprint(vllm_config):
     ([], [("MLAAttentionSpec", [0, 1, 2, 3])]),
 ])
 def test_vllm_groups_compressed_layers_apart_and_counts_their_blocks(vllm_config, pattern, groups):
-    from vllm.v1.core.kv_cache_utils import get_kv_cache_configs, get_max_concurrency_for_kv_cache_config
+    from vllm.v1.core.kv_cache_utils import (
+        get_kv_cache_configs,
+        get_max_concurrency_for_kv_cache_config,
+    )
 
     memory = 1 << 30
     config = get_kv_cache_configs(vllm_config, [layer_specs(pattern)], [memory])[0]
@@ -206,7 +249,10 @@ def test_vllm_groups_compressed_layers_apart_and_counts_their_blocks(vllm_config
 
 def test_half_the_layers_compressed_nearly_doubles_concurrency(vllm_config):
     """vLLM's own capacity figure at 2048 tokens, same memory: dense vs layers 1 and 3 compressed."""
-    from vllm.v1.core.kv_cache_utils import get_kv_cache_configs, get_max_concurrency_for_kv_cache_config
+    from vllm.v1.core.kv_cache_utils import (
+        get_kv_cache_configs,
+        get_max_concurrency_for_kv_cache_config,
+    )
 
     def concurrency(pattern, sink, recent):
         config = get_kv_cache_configs(vllm_config, [layer_specs(pattern, sink, recent)], [1 << 30])[0]
@@ -220,7 +266,11 @@ def test_half_the_layers_compressed_nearly_doubles_concurrency(vllm_config):
 
 def make_manager(num_blocks=400, sink=16, recent=32):
     from vllm.v1.core.kv_cache_manager import KVCacheManager
-    from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec, KVCacheTensor
+    from vllm.v1.kv_cache_interface import (
+        KVCacheConfig,
+        KVCacheGroupSpec,
+        KVCacheTensor,
+    )
 
     specs = layer_specs([1, 3], sink, recent)
     names = list(specs)
@@ -333,3 +383,168 @@ def test_startup_refuses_eager_mode(vllm_config):
         assert "compilation is off" in startup_problem(vllm_config, SparseAttentionConfig(16, 32, (1, 3)))
     finally:
         vllm_config.compilation_config.mode = before
+
+
+# ----------------------------------------------------------------------------- CUDA prefill math (pure torch)
+def _prefill_case(lens, contexts, heads=3, dqk=24, dv=16, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    starts = [0]
+    for n in lens:
+        starts.append(starts[-1] + n)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    q, k, v = randn(starts[-1], heads, dqk), randn(starts[-1], heads, dqk), randn(starts[-1], heads, dv)
+    cache = [(randn(c, heads, dqk), randn(c, heads, dv)) for c in contexts]
+    return starts, q, k, v, cache
+
+
+@pytest.mark.parametrize("sink, recent", [(0, 16), (16, 32), (32, 16), (48, 1), (16, 400)])
+@pytest.mark.parametrize("lens, contexts", [([1, 7, 90], [0, 0, 0]), ([40, 9], [100, 3]), ([70], [200]),
+                                            ([5, 130], [0, 1000])])
+def test_cuda_prefill_is_exact_sink_recent_attention_reading_only_visible_rows(sink, recent, lens, contexts):
+    """What kv_cuda's forward_mha computes (window over the new tokens + side keys, merged by
+    log-sum-exp) against attention over every visible key at once; the window here is the
+    PyTorch form of the FA3 call (its chunked fallback and the plain reference)."""
+    from omni_passes.hosts.vllm.kv_prefill import (
+        context_positions,
+        sink_recent_prefill,
+        sink_recent_prefill_reference,
+        window_attention_chunked,
+        window_attention_reference,
+    )
+
+    starts, q, k, v, cache = _prefill_case(lens, contexts)
+    asked: dict[int, list[int]] = {}
+
+    def context_kv(r, positions):
+        asked.setdefault(r, []).extend(positions.tolist())
+        return cache[r][0][positions], cache[r][1][positions]
+
+    ref = sink_recent_prefill_reference(q, k, v, starts, contexts, sink, recent, 0.3,
+                                        lambda r, pos: (cache[r][0][pos], cache[r][1][pos]))
+    for window in (window_attention_reference, lambda *x: window_attention_chunked(*x, block=16)):
+        asked.clear()
+        out = sink_recent_prefill(q, k, v, starts, contexts, sink, recent, 0.3,
+                                  lambda q_, k_, v_, window=window: window(q_, k_, v_, starts, recent, 0.3), context_kv)
+        assert (out - ref).abs().max().item() < 1e-5
+        for r, context in enumerate(contexts):
+            visible = {key for p in range(context, context + lens[r]) for key in range(context)
+                       if key < sink or key > p - recent}
+            assert sorted(set(asked.get(r, []))) == sorted(visible) == context_positions(context, sink, recent).tolist()
+
+
+def test_merge_by_lse_keeps_a_side_without_keys_as_it_is():
+    from omni_passes.hosts.vllm.kv_prefill import merge_by_lse
+
+    out = torch.randn(5, 2, 3)
+    lse = torch.randn(2, 5)
+    merged = merge_by_lse(out, lse, torch.zeros(5, 2, 3), torch.full((2, 5), float("-inf")))
+    assert torch.equal(merged, out)
+    both = merge_by_lse(out, lse, 2 * out, lse)  # equal weights
+    assert torch.allclose(both, 1.5 * out)
+
+
+# ----------------------------------------------------------------------------- CUDA start-up checks
+def cuda_facts(**change):
+    from omni_passes.hosts.vllm.kv_checks import CudaLayerFacts
+
+    facts = {"backend": "FLASH_ATTN_MLA", "block_size": BS, "prefill_backend": "FLASH_ATTN", "fa_version": 3,
+             "fa3_mla": True, "sparse": False}
+    facts.update(change)
+    return CudaLayerFacts(**facts)
+
+
+@pytest.fixture
+def cuda_like(vllm_config):
+    """The CPU VllmConfig with what vLLM CUDA has: bf16, the hybrid KV cache manager on."""
+    model, scheduler = vllm_config.model_config, vllm_config.scheduler_config
+    before = model.dtype, scheduler.disable_hybrid_kv_cache_manager
+    model.dtype, scheduler.disable_hybrid_kv_cache_manager = torch.bfloat16, False
+    yield vllm_config
+    model.dtype, scheduler.disable_hybrid_kv_cache_manager = before
+
+
+def test_cuda_startup_accepts_a_serving_config(cuda_like):
+    from omni_passes.hosts.vllm.kv_checks import cuda_startup_problem
+
+    assert cuda_startup_problem(cuda_like, SparseAttentionConfig(16, 32, (1, 3)), cuda_facts()) is None
+    # No graph pass on CUDA: compilation settings do not matter there.
+    inductor = cuda_like.compilation_config.inductor_passes
+    cuda_like.compilation_config.inductor_passes = {}
+    try:
+        assert cuda_startup_problem(cuda_like, SparseAttentionConfig(16, 32, (1, 3)), cuda_facts()) is None
+    finally:
+        cuda_like.compilation_config.inductor_passes = inductor
+
+
+@pytest.mark.parametrize("window, facts, change, message", [
+    (SparseAttentionConfig(32, 100, (1,)), {"block_size": 64, "backend": "FLASHMLA"}, None,
+     ("sink=32 is not a multiple of the KV block size 64 (use 0 or 64); recent=100 is not a multiple of the KV block "
+      "size 64 (use 64 or 128), the KV block size vLLM uses with its FLASHMLA attention backend")),
+    (SparseAttentionConfig(16, 32, (1, 7)), {}, None, "pattern names layers [7], but the model has 4 decoder layers"),
+    (None, {"sparse": True}, None, "sparse (indexer) MLA layer"),
+    (None, {}, ("model_config", "dtype", torch.float32), "dtype is float32"),
+    (None, {}, ("cache_config", "cache_dtype", "fp8"), "kv_cache_dtype is 'fp8'"),
+    (None, {"fa3_mla": False}, None, "FlashAttention 3 MLA is not available here"),
+    (None, {"prefill_backend": "FLASHINFER", "fa_version": None}, None, "the MLA prefill backend is FLASHINFER"),
+    (None, {}, ("cache_config", "enable_prefix_caching", True), "enable_prefix_caching=False (--no-enable-prefix-caching)"),
+    (None, {}, ("scheduler_config", "disable_hybrid_kv_cache_manager", True), "hybrid KV cache manager is off"),
+    (None, {}, ("speculative_config", None, object()), "speculative decoding is on"),
+    (None, {}, ("parallel_config", "decode_context_parallel_size", 2), "context parallelism is on"),
+])
+def test_cuda_startup_refuses_naming_the_setting(cuda_like, window, facts, change, message):
+    from omni_passes.hosts.vllm.kv_checks import cuda_startup_problem
+
+    window = window or SparseAttentionConfig(16, 32, (1, 3))
+    if change is None:
+        assert message in cuda_startup_problem(cuda_like, window, cuda_facts(**facts))
+        return
+    section, key, value = change
+    holder = cuda_like if key is None else getattr(cuda_like, section)
+    key = key or section
+    before = getattr(holder, key)
+    object.__setattr__(holder, key, value)
+    try:
+        assert message in cuda_startup_problem(cuda_like, window, cuda_facts(**facts))
+    finally:
+        object.__setattr__(holder, key, before)
+
+
+def test_cuda_without_freeing_needs_no_block_multiples_and_allows_prefix_caching(cuda_like):
+    from omni_passes.hosts.vllm.kv_checks import cuda_startup_problem
+
+    window = SparseAttentionConfig(20, 100, (1, 3), free_kv=False)
+    before = cuda_like.cache_config.enable_prefix_caching
+    cuda_like.cache_config.enable_prefix_caching = True
+    try:
+        assert cuda_startup_problem(cuda_like, window, cuda_facts(block_size=64)) is None
+    finally:
+        cuda_like.cache_config.enable_prefix_caching = before
+
+
+def test_pipelined_scheduling_counts_a_third_window_in_the_footprint(vllm_config):
+    from omni_passes.hosts.vllm.kv_spec import SinkRecentMLASpec
+
+    spec = SinkRecentMLASpec.from_mla_spec(mla_spec(), 16, 32)
+    scheduler = vllm_config.scheduler_config
+    before = scheduler.enable_chunked_prefill, scheduler.async_scheduling
+    scheduler.enable_chunked_prefill, scheduler.async_scheduling = True, True
+    try:
+        assert spec.max_memory_usage_bytes(vllm_config) == (1 + 3 * (2 + 1)) * spec.page_size_bytes
+    finally:
+        scheduler.enable_chunked_prefill, scheduler.async_scheduling = before
+
+
+def test_register_on_cpu_leaves_free_kv_false_to_the_graph_pass():
+    from omni_passes.hosts.vllm.kv_register import (
+        register_sink_recent_kv,
+        wants_layer_hook,
+    )
+
+    config = PassConfig.from_dict({"passes": ["sparse_attention"],
+                                   "sparse_attention": {"sink": 16, "recent": 32, "pattern": [1], "free_kv": False}})
+    assert not register_sink_recent_kv(config)  # CPU: the sparse-attention pass does the attention
+    assert wants_layer_hook(config, cuda=True)  # CUDA: the layer hook does it, over dense KV
+    assert not wants_layer_hook(PassConfig.from_dict({"passes": ["sparse_attention"]}), cuda=True)  # no pattern

