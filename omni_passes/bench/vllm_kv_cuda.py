@@ -239,9 +239,14 @@ def _engine(name: str, model: str, pass_config: str | None, engine_kwargs: dict,
         kwargs = dict(engine_kwargs)
         llm = kv_probe.start(model, pass_config, kwargs.pop("max_model_len"), kwargs.pop("max_num_seqs"), **kwargs)
         startup_s = time.perf_counter() - begin
-        ready = {"startup_s": startup_s, "layout": kv_probe.kv_layout(llm), "logged": parse_capacity(tap.lines),
-                 "capacity_32k": kv_probe.capacity_at(llm, 32768), "weights": _weights(llm),
-                 "copy_bandwidth": _copy_bandwidth()}
+        ready: dict[str, Any] = {"startup_s": startup_s, "layout": kv_probe.kv_layout(llm),
+                                 "logged": parse_capacity(tap.lines)}
+        for key, measure in (("capacity_32k", lambda: kv_probe.capacity_at(llm, 32768)),
+                             ("weights", lambda: _weights(llm)), ("copy_bandwidth", _copy_bandwidth)):
+            try:  # each figure on its own: one that fails leaves the others (and the stages) standing
+                ready[key] = measure()
+            except Exception as exc:  # noqa: BLE001
+                ready[f"{key}_error"] = f"{type(exc).__name__}: {exc}"
         results.put((name, "ready", ready))
         while (command := commands.get()) is not None:
             kind, payload = command
@@ -511,9 +516,12 @@ def main(args: argparse.Namespace) -> int:
             record["ready"] = ready = engine.receive("ready")
             save()
             layout = ready["layout"]
+            at_32k = ready.get("capacity_32k", {}).get("max_concurrency", float("nan"))
+            copy = ready.get("copy_bandwidth", {}).get("bytes_per_s", float("nan"))
             say(f"engine {name} ready in {ready['startup_s']:.0f} s: {layout['num_blocks']} blocks of "
                 f"{layout['block_size']} tokens; vLLM logged {ready['logged'].get('line')}; at 32k tokens "
-                f"{ready['capacity_32k']['max_concurrency']:.2f}x; copy {ready['copy_bandwidth']['bytes_per_s'] / 1e12:.2f} TB/s")
+                f"{at_32k:.2f}x; copy {copy / 1e12:.2f} TB/s"
+                + "".join(f"; {k}: {v}" for k, v in ready.items() if k.endswith("_error")))
             if name == "dense":
                 plan = _plan(stages, contexts, ready, args, prompt_range, vocab, decode_extra)
             # The compressed engine repeats what dense ran and takes about as long.
@@ -606,7 +614,7 @@ def summarize(result: dict) -> dict:
     row_bytes = (result["model_config"]["kv_lora_rank"] + result["model_config"]["qk_rope_head_dim"]) * 2
     window = result["sink"] + result["recent"]
     npattern = len(result["pattern"])
-    if "ready" in dense and "ready" in comp:
+    if "capacity_32k" in dense.get("ready", {}) and "capacity_32k" in comp.get("ready", {}):
         d, c = dense["ready"], comp["ready"]
         summary["capacity_logged"] = {"dense": d["logged"], "compressed": c["logged"]}
         if d["logged"].get("max_concurrency") and c["logged"].get("max_concurrency"):
@@ -617,7 +625,7 @@ def summarize(result: dict) -> dict:
                                       GOALS["capacity"], _capacity_reason(result, c)))
     for name in ("dense", "compressed"):
         engine = engines.get(name, {})
-        if "ready" not in engine:
+        if "weights" not in engine.get("ready", {}) or "copy_bandwidth" not in engine["ready"]:
             continue
         bandwidth = engine["ready"]["copy_bandwidth"]["bytes_per_s"]
         for run in engine.get("tpot", []):
@@ -630,7 +638,7 @@ def summarize(result: dict) -> dict:
     pairs = {}
     for run in dense.get("tpot", []):
         other = next((r for r in comp.get("tpot", []) if r["context"] == run["context"]), None)
-        if other and run.get("tpot_s") and other.get("tpot_s"):
+        if other and run.get("tpot_s") and other.get("tpot_s") and "floor_s" in run and "floor_s" in other:
             pairs[run["context"]] = {"batch": run["batch"], "dense_ms": run["tpot_s"] * 1e3,
                                      "compressed_ms": other["tpot_s"] * 1e3,
                                      "ratio": other["tpot_s"] / run["tpot_s"],
@@ -641,20 +649,32 @@ def summarize(result: dict) -> dict:
     summary["tpot"] = pairs
     if 32768 in pairs:
         p = pairs[32768]
+        floor = next(r for r in comp["tpot"] if r["context"] == 32768)["floor_bytes"]
+        if p["floor_ratio"] > GOALS["tpot"]:
+            why = (f"even the HBM floors are in ratio {p['floor_ratio']:.3f}: of the compressed step's "
+                   f"{floor['total'] / 1e9:.1f} GB, {floor['weights'] / 1e9:.1f} GB are weights, which every step "
+                   f"reads alike; only the KV of {len(result['pattern'])} of {layers} layers shrinks")
+        else:
+            why = (f"the floors are in ratio {p['floor_ratio']:.3f}, but the compressed step runs at "
+                   f"{_pct(p['compressed_of_floor'])}, dense at {_pct(p['dense_of_floor'])}")
         summary["goals"].append(_goal("TPOT at 32k, same batch, compressed / dense", p["ratio"], "<=", GOALS["tpot"],
-                                      f"the step's HBM floor ratio is {p['floor_ratio']:.3f}: the weights read every "
-                                      "step do not shrink, only the compressed layers' KV does"))
+                                      why))
         summary["goals"].append(_goal("compressed TPOT at 32k: floor / measured", p["compressed_of_floor"], ">=",
-                                      GOALS["tpot_floor"], "kernel and launch overheads above the bytes floor"))
+                                      GOALS["tpot_floor"], "the step does more than move its bytes (kernel "
+                                      "efficiency, MoE compute, launch gaps); dense runs at "
+                                      f"{_pct(p['dense_of_floor'])}"))
     d_long, c_long = dense.get("long", []), comp.get("long", [])
     if d_long and c_long:
         ratio = c_long[0]["output_tokens_per_s"] / d_long[0]["output_tokens_per_s"]
         summary["long"] = {"dense": {k: v for k, v in d_long[0].items() if k != "running_trace"},
                            "compressed": {k: v for k, v in c_long[0].items() if k != "running_trace"},
                            "ratio": ratio}
-        summary["goals"].append(_goal("long-context output tokens/s, compressed / dense", ratio, ">=", GOALS["long"],
-                                      "every request's prefill (16k-32k tokens) costs the same on both engines; "
-                                      "only the decode share gains from the larger batch"))
+        summary["goals"].append(_goal(
+            "long-context output tokens/s, compressed / dense", ratio, ">=", GOALS["long"],
+            f"requests running at once: {c_long[0]['mean_running']:.1f} vs {d_long[0]['mean_running']:.1f} on average; "
+            "every request's 16k-32k-token prefill costs the same on both engines (one token of output per "
+            f"{summary['long']['dense']['prompt_tokens'] / max(1, summary['long']['dense']['output_tokens']):.0f} "
+            "prompt tokens), and only the decode share gains from the larger batch"))
     d_tok, c_tok = dense.get("tokens", []), comp.get("tokens", [])
     if d_tok and c_tok:
         a, b = d_tok[0]["token_ids"], c_tok[0]["token_ids"]
@@ -672,11 +692,12 @@ def _goal(what: str, value: float | None, op: str, target: float, why: str) -> d
 
 
 def _capacity_reason(result: dict, compressed_ready: dict) -> str:
-    groups = compressed_ready["layout"]["groups"]
-    sizes = [len(g["layers"]) for g in groups]
-    return (f"vLLM gives every KV cache group the same number of layers ({sizes}: the smaller group is padded), so "
-            f"each block costs max(dense, compressed) layers; and it counts a request's peak blocks, including a "
-            f"chunked-prefill step's (pipelined) windows")
+    sizes = [len(g["layers"]) for g in compressed_ready["layout"]["groups"]]
+    layers = result["model_config"]["num_hidden_layers"]
+    return (f"vLLM gives every KV cache group the same number of layers ({sizes}: the smaller group is padded), so a "
+            f"block costs {max(sizes)} layers and the ratio stays below {layers}/{max(sizes)} = "
+            f"{layers / max(sizes):.3f}; vLLM also counts the compressed group's peak per request (sink + 3 windows "
+            "of blocks during a chunked prefill with async scheduling) next to the dense group's blocks")
 
 
 def print_summary(result: dict) -> None:
@@ -690,9 +711,11 @@ def print_summary(result: dict) -> None:
             print(f"  {name}: FAILED: {engine['error'].splitlines()[0] if engine['error'] else ''}")
         if "ready" in engine:
             r = engine["ready"]
-            print(f"  {name}: start {r['startup_s']:.0f} s, {r['layout']['num_blocks']} blocks, logged: "
-                  f"{r['logged'].get('line')}, 32k: {r['capacity_32k']['max_concurrency']:.2f}x, copy "
-                  f"{r['copy_bandwidth']['bytes_per_s'] / 1e12:.2f} TB/s")
+            at_32k = r.get("capacity_32k", {}).get("max_concurrency", float("nan"))
+            copy = r.get("copy_bandwidth", {}).get("bytes_per_s", float("nan"))
+            print(f"  {name}: start {r['startup_s']:.0f} s, {r['layout']['num_blocks']} blocks of "
+                  f"{r['layout']['block_size']}, logged: {r['logged'].get('line')}, at 32k: {at_32k:.2f}x, copy "
+                  f"{copy / 1e12:.2f} TB/s")
     if "capacity_32k" in s:
         print(f"  capacity at 32k: ratio {s['capacity_32k']['ratio']:.3f}"
               + (f"; logged line ratio {s['capacity_logged_ratio']:.3f}" if "capacity_logged_ratio" in s else ""))
