@@ -38,7 +38,9 @@ class SinkRecentMLASpec(AttentionSpec):
     head_size_v: int = 0
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        parent = getattr(super(), "__post_init__", None)  # AttentionSpec has one in some vLLM versions only
+        if parent is not None:
+            parent()
         SinkRecentWindow(self.sink, self.recent, self.block_size)  # raises naming the problem
 
     @classmethod
