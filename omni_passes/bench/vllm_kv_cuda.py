@@ -320,9 +320,11 @@ def _step_all(llm: Any, core: Any, on_return: Any) -> None:
         on_return(time.perf_counter(), outputs, core.scheduler)
 
 
-def _tpot(llm: Any, context: int, batch: int, steps: int, tag: str, vocab: int, seed: int) -> dict:
+def _tpot(llm: Any, context: int, batch: int, steps: int, tag: str, vocab: int, seed: int,
+          max_seconds: float = 300.0) -> dict:
     """Decode step time with ``batch`` requests of ``context`` tokens: prefill them all, time
-    ``steps`` decode steps in which every request gets a token, then abort them."""
+    ``steps`` decode steps in which every request gets a token, then abort them. Gives up (TPOT
+    None, ``gave_up`` says why) if they do not all run at once within ``max_seconds``."""
     from vllm import SamplingParams
 
     from omni_passes.hosts.vllm.kv_probe import _engine_core
@@ -338,9 +340,14 @@ def _tpot(llm: Any, context: int, batch: int, steps: int, tag: str, vocab: int, 
     begin = time.perf_counter()
     prefilled_at = None
     max_running = preempted = 0
+    gave_up = None
     while engine.has_unfinished_requests():
         outputs = engine.step()
         now = time.perf_counter()
+        if now - begin > max_seconds:
+            gave_up = (f"after {max_seconds:.0f} s: {sum(map(bool, produced.values()))} of {batch} requests had a "
+                       f"token, {sum(n == batch for _, n in returns)} steady steps")
+            break
         advanced = 0
         for out in outputs:
             count = len(out.outputs[0].token_ids)
@@ -362,7 +369,7 @@ def _tpot(llm: Any, context: int, batch: int, steps: int, tag: str, vocab: int, 
         engine.step()
     result = steady_tpot(returns, batch)
     result.update({"context": context, "batch": batch, "prefill_s": (prefilled_at or time.perf_counter()) - begin,
-                   "max_running": max_running, "preemptions": preempted})
+                   "max_running": max_running, "preemptions": preempted, "gave_up": gave_up})
     return result
 
 
@@ -596,7 +603,8 @@ def _brief(kind: str, value: dict) -> str:
         tpot = value["tpot_s"]
         return (f"context {value['context']} batch {value['batch']}: TPOT "
                 f"{'n/a' if tpot is None else f'{tpot * 1e3:.2f} ms'} over {value['steps']} steps "
-                f"(prefill {value['prefill_s']:.0f} s, preemptions {value['preemptions']})")
+                f"(prefill {value['prefill_s']:.0f} s, running max {value['max_running']}, preemptions "
+                f"{value['preemptions']})" + (f"; GAVE UP {value['gave_up']}" if value.get("gave_up") else ""))
     if kind == "long":
         return (f"{value['requests']} requests, {value['output_tokens_per_s']:.0f} output tok/s, running max "
                 f"{value['max_running']} mean {value['mean_running']:.1f}, preemptions {value['preemptions']}, "
