@@ -373,8 +373,10 @@ def _tpot(llm: Any, context: int, batch: int, steps: int, tag: str, vocab: int, 
     return result
 
 
-def _long(llm: Any, prompt_range: list[int], output: int, requests: int, tag: str, vocab: int, seed: int) -> dict:
-    """All requests at once; output tokens/s over the whole run, requests running per step."""
+def _long(llm: Any, prompt_range: list[int], output: int, requests: int, tag: str, vocab: int, seed: int,
+          max_seconds: float = 400.0) -> dict:
+    """All requests at once; output tokens/s over the whole run, requests running per step
+    (aborted after ``max_seconds``, ``gave_up`` set)."""
     from vllm import SamplingParams
 
     from omni_passes.hosts.vllm.kv_probe import _engine_core
@@ -388,7 +390,14 @@ def _long(llm: Any, prompt_range: list[int], output: int, requests: int, tag: st
     trace: list[list[float]] = []
     generated = preempted = 0
     begin = time.perf_counter()
+    gave_up = None
     while engine.has_unfinished_requests():
+        if time.perf_counter() - begin > max_seconds:
+            gave_up = f"after {max_seconds:.0f} s with {len(core.scheduler.requests)} requests unfinished"
+            engine.abort_request([f"{tag}{i}" for i in range(requests)])
+            while engine.has_unfinished_requests():
+                engine.step()
+            break
         for out in engine.step():
             if out.finished:
                 generated += len(out.outputs[0].token_ids)
@@ -400,7 +409,7 @@ def _long(llm: Any, prompt_range: list[int], output: int, requests: int, tag: st
     return {"requests": requests, "prompt_tokens": sum(lengths), "output_tokens": generated, "seconds": seconds,
             "output_tokens_per_s": generated / seconds, "max_running": max(running, default=0),
             "mean_running": statistics.fmean(running) if running else 0.0, "preemptions": preempted,
-            "running_trace": trace[:: max(1, len(trace) // 400)]}
+            "gave_up": gave_up, "running_trace": trace[:: max(1, len(trace) // 400)]}
 
 
 # --------------------------------------------------------------------------- driver
