@@ -4,8 +4,9 @@ DeepSeek-V2-Lite's full configuration (27 layers, 64 experts top-6, MLA 512 + 64
 ``load_format="dummy"`` (random weights, nothing downloaded), bf16, in vLLM 0.26 with CUDA graphs.
 Two engines, one after the other, each in its own process with its engine core in-process
 (``omni_passes.hosts.vllm.kv_probe``), at the same ``gpu_memory_utilization`` (by default the
-value that leaves about 24 GiB of KV cache on this GPU, so the run's prefill work, and its time,
-is about the same on an H100 and an H200):
+value that leaves about 16 GiB of KV cache on this GPU, so the run's prefill work, and its time,
+is about the same on an H100 and an H200; dense then runs 16 requests of 32k tokens at its KV
+limit):
 
 * **dense**: vLLM as it is;
 * **compressed**: ``sparse_attention`` on half the layers (the odd ones, 13 of 27; sink 128,
@@ -192,7 +193,7 @@ def add_cuda_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kv-gpu-memory-utilization", type=float, default=0.0,
                        help="vLLM's gpu_memory_utilization, the same for both engines (0: chosen from the GPU's "
                             "memory so that about --kv-target-gib of KV cache fits, see auto_utilization)")
-    group.add_argument("--kv-target-gib", type=float, default=24.0,
+    group.add_argument("--kv-target-gib", type=float, default=16.0,
                        help="with automatic utilization: GiB of KV cache to aim for (the prefill work of the "
                             "TPOT and long stages grows with it)")
     group.add_argument("--kv-contexts", default="32768,65536,8192", help="TPOT contexts, in this order")
@@ -617,7 +618,7 @@ def _brief(kind: str, value: dict) -> str:
     if kind == "long":
         return (f"{value['requests']} requests, {value['output_tokens_per_s']:.0f} output tok/s, running max "
                 f"{value['max_running']} mean {value['mean_running']:.1f}, preemptions {value['preemptions']}, "
-                f"{value['seconds']:.0f} s")
+                f"{value['seconds']:.0f} s" + (f"; GAVE UP {value['gave_up']}" if value.get("gave_up") else ""))
     return f"{value.get('seconds', 0):.1f} s"
 
 
