@@ -54,8 +54,8 @@ from omni_passes.hosts.vllm.kv_prefill import (
 
 SINK, RECENT, BS = 64, 128, 16
 PATTERN = [1, 3]
-LOGPROB_TOL = 0.1     # bf16: the chosen token's log-probability, compressed vs dense, within the window
-NEAR_TIE = 0.1        # where greedy sequences part, dense's top-2 gap must be a near-tie
+LOGPROB_TOL = 0.25    # bf16: the chosen token's log-probability, compressed vs dense, within the window
+NEAR_TIE = 0.25       # where greedy sequences part, dense's top-2 gap must be a near-tie
 CHUNK = 256
 SHORT = [20, 33, 47]          # prompts that stay within sink + recent with SHORT_NEW tokens
 SHORT_NEW = 96
@@ -154,8 +154,12 @@ def _probe(model_dir: Path, work: Path, pass_config: str | None, *extra: str) ->
 def _run(model_dir: Path, work: Path, pass_config: str | None) -> dict:
     proc = _probe(model_dir, work, pass_config, "--no-prefix-caching")
     if proc.returncode != 0:
-        pytest.fail(f"engine failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        pytest.fail(f"engine failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}\n{proc.stdout[-3000:]}")
+    # vLLM logs to stdout too: the result is the line kv_probe prints, whatever follows it.
+    line = next((x for x in reversed(proc.stdout.splitlines()) if x.startswith('{"startup_s"')), None)
+    if line is None:
+        pytest.fail(f"no result line from kv_probe:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(line)
 
 
 @pytest.fixture(scope="module")
@@ -248,7 +252,7 @@ def test_tokens_within_the_window_equal_dense(compressed, dense):
 
 
 def test_prefix_caching_is_refused_naming_the_setting(model_dir, work):
-    proc = _probe(model_dir, work, _pass_config(work, free_kv=True))  # vLLM's default: prefix caching on
+    proc = _probe(model_dir, work, _pass_config(work, free_kv=True), "--enable-prefix-caching")  # CUDA's default
     assert proc.returncode != 0
     said = proc.stderr + proc.stdout
     assert "prefix caching is on" in said and "enable_prefix_caching=False" in said, said[-3000:]
