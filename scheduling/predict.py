@@ -29,7 +29,7 @@ import math
 from collections.abc import Mapping
 from typing import NamedTuple
 
-from .load import RATE_WINDOW_S, DecodeTimeModel, InstanceLoad, PrefillTimeModel
+from .load import KV_SCALE, RATE_WINDOW_S, DecodeTimeModel, InstanceLoad, PrefillTimeModel
 from .slo import SLOTarget
 
 MIN_OWN_OBSERVATIONS = 4
@@ -139,7 +139,12 @@ def placement_cost(f: Forecast, load: InstanceLoad, loads: Mapping[str, Instance
     puts on each co-runner for as many steps, and the stall of its uncached prefill (``u``
     tokens at ``b`` seconds each, the learned prefill slope) on each of them.
     """
-    n, kv = load.running, load.kv_tokens
-    slower = max(0.0, step_seconds(load, loads, n + 1, kv + prompt_tokens) - step_seconds(load, loads, n, kv))
+    own = f.ttft_s + output_tokens * f.tpot_s
+    n = load.running
+    if not n:
+        return own
+    # step(n + 1, K + p) - step(n, K) of the linear step law: one sequence and p KV tokens more
+    c = decode_model_of(load, loads).fit.theta
+    slower = max(0.0, (c[1] + c[2] * prompt_tokens / KV_SCALE) * load.decode_ratio.value)
     stall = prefill_model_of(load, loads).slope * f.uncached
-    return f.ttft_s + output_tokens * (f.tpot_s + n * slower) + n * stall
+    return own + n * (output_tokens * slower + stall)
