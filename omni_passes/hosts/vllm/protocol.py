@@ -11,7 +11,7 @@ subclass of vLLM's ``InductorPass`` / ``VllmInductorPass`` where vLLM is importa
 answers every method vLLM's managers call:
 
     __call__(graph)                 the omni passes on one compiled graph (one piece of several)
-    uuid()                          configuration + pass code (``OmniRuntime.cache_key``)
+    uuid()                          the configuration and the code (no process state)
     is_applicable_for_range(range)  True: the rewrite does not depend on the token count
 
 The runtime (passes, placement controller, serving loop) is built on the first graph of the
@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import uuid as uuid_lib
 from typing import Any
 
 import torch.fx as fx
@@ -33,8 +32,6 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from omni_passes.hosts.vllm.settings import process_config
 
 log = logging.getLogger("omni_passes")
-
-_PROCESS_NONCE = uuid_lib.uuid4().hex
 
 
 class VllmPassSetupError(RuntimeError):
@@ -79,8 +76,14 @@ class VllmHostPass(CustomGraphPass):
 
     # -- vLLM's managers ------------------------------------------------------------------------
     def uuid(self) -> Any:
+        """The configuration (placement file contents included) and the code: a second engine
+        start with both unchanged hits vLLM's compile cache. Safe because the rewritten graph
+        holds nothing of this process: its ops reach run-time state through a stable handle
+        that every process resolves to its own live tensors (``kernels.state``)."""
+        from omni_passes.pass_manager import code_fingerprint
+
         config = process_config()  # a bad config fails start-up here, naming the file
-        return f"{self.uuid_prefix}:{config.fingerprint()}:{os.getpid()}:{_PROCESS_NONCE}"
+        return f"{self.uuid_prefix}:{config.fingerprint()}:{code_fingerprint()}"
 
     def is_applicable_for_range(self, compile_range: Any) -> bool:  # noqa: ARG002
         return True  # the rewrite is the same for every token count

@@ -16,6 +16,12 @@ close. The file therefore holds the loads of the last completed step even when t
 process is killed without warning (vLLM's api_server stops its engine with SIGKILL after
 SIGTERM unless ``--shutdown-timeout`` is given). A reader racing a running engine may see
 layers of two consecutive steps.
+
+On vLLM CUDA the op does not run Python per step (CUDA graphs replay it), so the worker's
+``execute_model`` drives the steps instead (``ServingSteps.for_cuda_graphs``, ``steps``): ``begin``
+opens the gate and marks the step's real tokens, ``end`` is the same end of step; the load files
+are rewritten every ``interval_steps`` steps only (reading counters syncs the device). With online
+rebalancing on, each step's loads are read back (one small device-to-host copy per step).
 """
 
 from __future__ import annotations
@@ -52,17 +58,24 @@ class LoadFile:
 class LoadExport:
     """The controller's cumulative loads in ``expert_path`` / ``slot_path`` (either optional)."""
 
-    def __init__(self, controller, expert_path: str | None, slot_path: str | None, interval: int):
+    def __init__(self, controller, expert_path: str | None, slot_path: str | None, interval: int,
+                 every_step: bool = True):
+        """``every_step``: rewrite the files after every serving step (CPU: a copy into the page
+        cache); else only every ``interval`` steps (CUDA: reading the counters syncs the device,
+        which would stall vLLM's asynchronous scheduling once per step)."""
         p = controller.placement
         self.controller = controller
         self.interval = interval
+        self.every_step = every_step
         self.steps = 0
         self.expert_file = LoadFile(expert_path, (p.num_layers, p.num_logical_experts)) if expert_path else None
         self.slot_file = LoadFile(slot_path, (p.num_layers, p.num_slots)) if slot_path else None
 
     def step_end(self) -> None:
         self.steps += 1
-        self.write(flush=self.steps % self.interval == 0)
+        due = self.steps % self.interval == 0
+        if self.every_step or due:
+            self.write(flush=due)
 
     def write(self, flush: bool = True) -> None:
         for file, values in ((self.expert_file, self.controller.total_expert_load),
@@ -108,6 +121,7 @@ class ServingSteps:
         self.serving = False
         self.open = False
         self.steps = 0
+        self.token_mask: torch.Tensor | None = None  # CUDA only (for_cuda_graphs)
 
     def __call__(self, phase: str) -> None:
         if phase == "next":  # a host that sees only step starts (kernels.state)
@@ -127,6 +141,30 @@ class ServingSteps:
                 self.rebalancer.step_end()  # takes this step's loads (they stay in the totals)
             if self.export is not None:
                 self.export.step_end()
+
+    # ---- CUDA: steps driven by the worker (omni_passes.hosts.vllm.steps) -----------------------
+    @classmethod
+    def for_cuda_graphs(cls, controller, export: LoadExport | None, rebalancer: "OnlineRebalancer | None",
+                        max_tokens: int) -> "ServingSteps":
+        """Steps driven from ``Worker.execute_model``, which knows each step's real token count:
+        the gate is closed until the first serving step (vLLM's warm-up, profiling and CUDA-graph
+        capture run the model without it), and ``token_mask [max_tokens]`` marks the real tokens of
+        a batch vLLM padded to a captured size (the counting op reads it at replay)."""
+        steps = cls(controller, lambda: True, export, rebalancer)
+        steps.token_mask = torch.zeros(max_tokens, dtype=torch.bool, device=controller.device)
+        controller.gate.fill_(0)
+        return steps
+
+    def begin(self, num_tokens: int) -> None:
+        """A serving step of ``num_tokens`` real tokens starts (device writes only, no sync)."""
+        mask = self.token_mask
+        mask[:num_tokens].fill_(True)
+        mask[num_tokens:].fill_(False)
+        self.controller.gate.fill_(1)
+        self.serving = self.open = True
+
+    def end(self) -> None:
+        self("end")
 
     def close(self) -> None:
         if self.export is not None:
