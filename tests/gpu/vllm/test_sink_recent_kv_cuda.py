@@ -142,7 +142,7 @@ def _pass_config(work: Path, free_kv: bool, sink: int = SINK, recent: int = RECE
 def _probe(model_dir: Path, work: Path, pass_config: str | None, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "omni_passes.hosts.vllm.kv_probe", "--model", str(model_dir),
            "--prompts-json", json.dumps(_prompts()), "--max-model-len", "2048", "--max-num-seqs", "8",
-           "--chunked-prefill-tokens", str(CHUNK), "--gpu-memory-utilization", "0.3",
+           "--chunked-prefill-tokens", str(CHUNK), "--gpu-memory-utilization", "0.15",
            "--cudagraph-capture-sizes", "1,2,4,8", "--trace", "--logprobs", "2", *extra]
     if pass_config:
         cmd += ["--pass-config", pass_config]
