@@ -267,14 +267,16 @@ def _engine(name: str, model: str, pass_config: str | None, engine_kwargs: dict,
 
 def _weights(llm: Any) -> dict:
     """Parameter bytes of the model, split into routed experts and the rest (what every decode
-    step reads); the embedding table is left out (a step reads only its batch's rows)."""
+    step reads); the embedding table and the rotary cos/sin cache are left out (a step reads only
+    its batch's rows). kv_b_proj (prefill) is counted next to its absorbed copies W_UK/W_UV
+    (decode): about 0.1 GB too many for DeepSeek-V2-Lite."""
 
     def count(model: Any) -> dict:
         dense = expert = embed = 0
         experts = 0
         for name, param in list(model.named_parameters()) + list(model.named_buffers()):
             size = param.numel() * param.element_size()
-            if "embed_tokens" in name:
+            if "embed_tokens" in name or "rotary_emb" in name:  # a step reads only its batch's rows
                 embed += size
             elif ".experts." in name and "shared" not in name:
                 expert += size
