@@ -41,6 +41,7 @@ step() {
     local rc=$? took=$((SECONDS - begin))
     local what="ok"
     if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then what="TIMED OUT after ${limit}s (rc $rc)";
+    elif [ "$rc" -eq 5 ] && [ "$name" = tests ]; then what="NO TEST RAN (pytest rc 5: all skipped, reason below)";
     elif [ "$rc" -ne 0 ]; then what="FAILED (rc $rc)"; fi
     say "$name: $what in ${took}s; log $log"
     return 0
