@@ -62,7 +62,7 @@ def model_info(graph, moe_layers: dict[int, Any] | None) -> MoEModelInfo:
     and groups are read off it; vLLM CUDA's pieces hide routing inside one op, and a warm start
     from the compile cache has no graph at all: there they come from vLLM's model config. MoE
     layers and experts come from vLLM's layers when known."""
-    from_graph = info_from_graph(graph) if graph is not None and not _on_cuda(moe_layers) else _info_from_vllm_config()
+    from_graph = info_from_graph(graph) if graph is not None and not _on_cuda(moe_layers) else _info_from_layers()
     if not moe_layers:
         return from_graph
     ids = tuple(sorted(moe_layers))
@@ -73,10 +73,18 @@ def model_info(graph, moe_layers: dict[int, Any] | None) -> MoEModelInfo:
                         top_k=from_graph.top_k, n_group=from_graph.n_group)
 
 
-def _info_from_vllm_config() -> MoEModelInfo:
-    from vllm.config import get_current_vllm_config
+def _info_from_layers() -> MoEModelInfo:
+    """Decoder layers, top-k and groups from the layers vLLM registered in its forward context
+    (vLLM's config is not current while it compiles or runs a forward, so it cannot be asked)."""
+    from vllm.forward_context import get_forward_context
 
-    return MoEModelInfo.from_hf_config(get_current_vllm_config().model_config.hf_config)
+    layers = get_forward_context().no_compile_layers
+    indices = [i for i in map(decoder_layer_index, layers) if i is not None]
+    routers = [getattr(layer, "router", None) for layer in layers.values() if getattr(layer, "routed_experts", None) is not None]
+    router = next((r for r in routers if r is not None), None)
+    return MoEModelInfo(num_layers=max(indices) + 1 if indices else 0, moe_layer_ids=(), num_experts=0,
+                        top_k=int(getattr(router, "top_k", 0) or 0),
+                        n_group=int(getattr(router, "num_expert_group", 1) or 1))
 
 
 def _on_cuda(moe_layers: dict[int, Any] | None) -> bool:

@@ -172,11 +172,13 @@ def attach_serving(runtime, on_cuda: bool = False):
     return serving
 
 
-def _max_tokens() -> int:
-    from vllm.config import get_current_vllm_config
+# Rows of the token mask: vLLM's config is not current where the runtime is built (inside a
+# forward), so its max_num_batched_tokens cannot be read there; a batch never has more tokens.
+MAX_BATCH_TOKENS = 1 << 18
 
-    config = get_current_vllm_config()
-    return max(int(config.scheduler_config.max_num_batched_tokens), int(config.compilation_config.max_cudagraph_capture_size or 0))
+
+def _max_tokens() -> int:
+    return MAX_BATCH_TOKENS
 
 
 def install_resolver(config: PassConfig) -> None:
