@@ -6,7 +6,7 @@ takes replica ``j mod count[e]``. That splits an expert's tokens over its replic
 within one token, which is the model the placement planner optimises for, and makes the
 result independent of thread scheduling (no randomness, no atomics).
 
-Tables (built by ``omni_passes.placement.runtime.dispatch_tables``, persistent, updated in
+Tables (built by ``omni_passes.placement.tables.dispatch_tables``, persistent, updated in
 place while serving; the op reaches them through ``state``, see ``kernels.state``):
     replica_slots  int64 [L, E, M]  the storage row of each expert's replicas
     replica_count  int64 [L, E]     how many of the M entries are used (>= 1)

@@ -45,7 +45,7 @@ class RedundantExpertDispatchPass:
     def __init__(self, state, moe_layer_ids: list[int] | None = None, record_load: bool = True):
         """
         Args:
-            state: the placement controller (or a bare ``ExpertPlacementState``); row i of its
+            state: the placement controller; row i of its
                 tables belongs to the i-th MoE layer of the model.
             moe_layer_ids: decoder-layer index of each MoE layer (row i ↔ moe_layer_ids[i]),
                 for the whole model, whichever graph piece a layer is in; default: the

@@ -15,7 +15,7 @@ GraphModule, under aot_autograd's active FakeTensorMode.
 
 Two consequences handled here:
 - the run-time state (placement tables, load counters) is built with fake mode switched off
-  (``unset_fake_temporarily``): built under it, ``ExpertPlacementState`` hits
+  (``unset_fake_temporarily``): built under it, ``PlacementController`` hits
   ``DataDependentOutputException: aten._local_scalar_dense``;
 - the manager passes a GraphModule; the pass rewrites its graph in place and recompiles it.
 
