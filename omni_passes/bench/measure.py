@@ -101,13 +101,15 @@ def interleaved_rounds(timers: dict[Hashable, Callable[[], float]], rounds: int)
 
 
 def ratio_stats(samples: list[float], base: list[float]) -> dict[str, float | int]:
-    """Ratios samples[i] / base[i] of the same rounds: median, quartiles, min, max, rounds."""
+    """Ratios samples[i] / base[i] of the same rounds: median, quartiles, min, max, rounds; and
+    ``of_minima``, the ratio of the two fastest samples (on a contended CPU the fastest sample
+    is the one the load disturbed least)."""
     if len(samples) != len(base) or not samples:
         raise ValueError(f"ratio_stats: {len(samples)} samples against {len(base)} base samples")
     ratios = sorted(a / b for a, b in zip(samples, base))
     q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else (ratios[0],) * 3
     return {"median": statistics.median(ratios), "q1": q1, "q3": q3, "min": ratios[0], "max": ratios[-1],
-            "rounds": len(ratios)}
+            "rounds": len(ratios), "of_minima": min(samples) / min(base)}
 
 
 # --------------------------------------------------------------------------- device ceilings

@@ -71,3 +71,74 @@ def test_nan_and_shape_mismatches_are_never_ok():
     assert max_abs_diff(torch.tensor([float("inf")]), torch.tensor([1.0])) == float("inf")
     with pytest.raises(ValueError, match="no rule for dtype"):
         check_rewrite(eager, eager, eager, torch.int64)
+
+
+# --------------------------------------------------------------------------- bench graph's sparse check
+def _sparse_logits(model, steps, context, window, wrong=None):
+    """Logits of the sparse pass compiled on ``model`` (``wrong``: a different window)."""
+    torch._dynamo.reset()
+    compiled = omni_passes.compile(model, {"passes": ["sparse_attention"], "sparse_attention": wrong or window},
+                                   dynamic=False)
+    return steps.logits(compiled, context)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_bench_sparse_check_exact_rewrite_ok_wrong_window_not_ok(dtype):
+    """bench graph's check of a sink+recent variant: against compiled+masked (the masked model
+    compiled the same way), an exact rewrite is ok in bf16 and fp32, a rewrite with the wrong
+    window (recent 12 instead of 16) is not, in every token."""
+    from omni_passes.bench.graph import DecodeSteps, check, model_config
+    from omni_passes.models import build_model
+
+    config = model_config("tiny")
+    model = build_model(config, dtype=dtype, seed=0)
+    ids = torch.randint(0, config.vocab_size, (8, 1), generator=torch.Generator().manual_seed(3))
+    steps = DecodeSteps(config, ids, "cpu", dtype)
+    context, window = 48, {"sink": 4, "recent": 16, "pattern": [1]}
+    references = check.reference_logits(model, steps, [context], window, [context])
+    torch._dynamo.reset()
+    plain = omni_passes.compile(model, {"passes": []}, dynamic=False)
+    logits = {("compiled", context): steps.logits(plain, context)}
+    torch._dynamo.reset()
+    logits[("compiled+masked", context)] = check.masked_peer_logits(
+        model, lambda m: omni_passes.compile(m, {"passes": []}, dynamic=False), steps, [context], window)[context]
+    logits[("compiled+sparse", context)] = _sparse_logits(model, steps, context, window)
+    exact = check.check_variant("compiled+sparse@48", context, logits, references, dtype)
+    logits[("compiled+sparse", context)] = _sparse_logits(model, steps, context, window, dict(window, recent=12))
+    wrong = check.check_variant("compiled+sparse@48", context, logits, references, dtype)
+    assert exact["vs"] == "compiled+masked" and exact["reference"] == "masked eager"
+    assert exact["ok"] is True, exact
+    assert wrong["ok"] is False, wrong
+    assert wrong["rows_over_tolerance"] == wrong["rows"] == 8
+    assert len(exact["compile_noise_samples"]) == 2  # compiled vs eager, compiled+masked vs masked eager
+    assert wrong["pass_error"] > 3 * wrong["tolerance"]
+    # the masked eager reference is the sink+recent function the op computes (fp32: to rounding)
+    agreement = check.agreement(logits, references, context)
+    if dtype == torch.float32:
+        assert agreement["masked_eager_vs_op_eager"] <= 1e-5 * max(1.0, exact["output_scale"]), agreement
+    assert agreement["masked_eager_vs_eager"] > 10 * agreement["masked_eager_vs_op_eager"]  # the window matters
+
+
+def test_bench_check_peer_of_each_variant():
+    from omni_passes.bench.graph.check import peer_of
+
+    assert peer_of("compiled") == ("compiled", "eager")
+    assert peer_of("compiled+latent") == ("compiled", "eager")
+    assert peer_of("compiled+dispatch-redundant") == ("compiled", "eager")
+    for kind in ("sparse", "all", "latent+sparse"):
+        assert peer_of(f"compiled+{kind}@4096") == ("compiled+masked", "masked eager")
+    with pytest.raises(ValueError, match="no peer"):
+        peer_of("compiled+unknown")
+
+
+def test_more_noise_takes_the_largest_sample():
+    eager = torch.tensor([1.0, -2.0, 4.0])
+    compiled = eager + torch.tensor([0.0, 0.01, 0.0])
+    other_eager = torch.tensor([0.5, 0.5, 0.5])
+    flipped = other_eager + torch.tensor([0.2, 0.0, 0.0])  # the other function's compile flipped a token
+    rewritten = compiled + torch.tensor([0.0, 0.0, 0.15])
+    alone = check_rewrite(rewritten, compiled, eager, torch.bfloat16)
+    pooled = check_rewrite(rewritten, compiled, eager, torch.bfloat16, more_noise=[(flipped, other_eager)])
+    assert alone["ok"] is False and alone["compile_noise"] == pytest.approx(0.01, abs=1e-6)
+    assert pooled["compile_noise"] == pytest.approx(0.2, abs=1e-6) and pooled["ok"] is True
+    assert pooled["compile_noise_samples"] == [pytest.approx(0.01, abs=1e-6), pytest.approx(0.2, abs=1e-6)]

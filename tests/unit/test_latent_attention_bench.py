@@ -1,10 +1,12 @@
 """`omni-passes bench graph` on CPU: one compiled variant over two contexts of different
 lengths, with more timed steps than the short cache holds (the default CUDA invocation used to
-write past the end of its 128-slot cache), every entry checked against eager; and the decode
-step the benchmark times sits at the end of the cache and attends to all of it."""
+write past the end of its 128-slot cache), every entry checked against eager; the decode step
+the benchmark times sits at the end of the cache and attends to all of it; and variants are
+timed in interleaved rounds, each ratio taken within a round and reported with its spread."""
 
 import argparse
 
+import pytest
 import torch
 
 from omni_passes.bench import graph
@@ -21,7 +23,7 @@ def bench_args(**overrides):
 
 def test_one_variant_over_two_contexts():
     torch._dynamo.reset()
-    result = graph.run(bench_args(passes="latent", context=[40], short_context=16, repeats=24))
+    result = graph.run(bench_args(passes="latent", context=[40], short_context=16, repeats=24, rounds=5))
     for name in ("compiled", "compiled+latent"):
         entry = result["variants"][name]
         assert sorted(entry["decode_step_us_by_context"], key=int) == ["16", "40"]
@@ -34,6 +36,18 @@ def test_one_variant_over_two_contexts():
     assert result["variants"]["compiled"]["check"]["pass_error"] == 0.0
     assert "floor" not in result  # the HBM floor is a CUDA figure
     assert "compile noise" in result["check_rule"]
+    # timed in interleaved rounds against compiled: per-round ratios with their spread
+    assert result["rounds"] == 5 and result["steps_per_round"] == 24
+    for context in ("16", "40"):
+        ratio = latent["ratios"]["compiled"][f"decode@{context}"]
+        assert ratio["rounds"] == 5
+        assert ratio["min"] <= ratio["q1"] <= ratio["median"] <= ratio["q3"] <= ratio["max"]
+        assert latent["ratio_vs_compiled"][context] == ratio["median"]
+        assert len(latent["decode_step_us_rounds_by_context"][context]) == 5
+    # compiled took part in the eager group (all its steps) and the latent group: 5 + 5 samples
+    compiled = result["variants"]["compiled"]
+    assert len(compiled["decode_step_us_rounds_by_context"]["40"]) == 10
+    assert len(compiled["decode_step_us_rounds_by_context"]["16"]) == 10
 
 
 def test_timed_step_sits_at_the_end_of_the_cache():
@@ -41,7 +55,7 @@ def test_timed_step_sits_at_the_end_of_the_cache():
     and the logits depend on a cache row far from the end (the query sees the whole cache)."""
     from omni_passes.models import build_model
 
-    config = graph._config(bench_args())
+    config = graph.model_config("tiny")
     model = build_model(config, seed=0)
     ids = torch.randint(0, config.vocab_size, (2, 1), generator=torch.Generator().manual_seed(0))
     steps = graph.DecodeSteps(config, ids, "cpu", torch.float32)
@@ -52,3 +66,39 @@ def test_timed_step_sits_at_the_end_of_the_cache():
     assert int(cache.layers[0].cumulative_length) == 32  # wrote slot 31, no further
     cache.layers[0].keys[:, :, 2].mul_(-3.0)  # an early latent row
     assert (steps.run(model, cache, 32) - first).abs().max().item() > 1e-4
+
+
+def test_interleaved_rounds_ratio_does_not_see_the_machine_load():
+    """Two steps whose cost is 1 and 3 units of a machine load that changes 20-fold from round
+    to round: every per-round ratio is exactly 3, though the steps' own times spread 20-fold;
+    one warm-up round is dropped and the order rotates per round."""
+    from omni_passes.bench.measure import interleaved_rounds, ratio_stats
+
+    loads = iter([1.0, 7.0, 0.5, 10.0, 2.0, 1.5])  # one load per round (round 0: warm-up)
+    calls, current = [], {"load": None, "round": -1, "seen": 0}
+
+    def timer(name, cost):
+        def sample():
+            if current["seen"] % 2 == 0:  # a new round begins
+                current["load"], current["round"] = next(loads), current["round"] + 1
+            current["seen"] += 1
+            calls.append((current["round"], name))
+            return cost * current["load"]
+        return sample
+
+    samples = interleaved_rounds({"compiled": timer("compiled", 1.0), "variant": timer("variant", 3.0)}, rounds=5)
+    assert samples["compiled"] == [7.0, 0.5, 10.0, 2.0, 1.5]  # warm-up round (load 1.0) dropped
+    stats = ratio_stats(samples["variant"], samples["compiled"])
+    assert stats == {"median": 3.0, "q1": 3.0, "q3": 3.0, "min": 3.0, "max": 3.0, "rounds": 5, "of_minima": 3.0}
+    assert [name for r, name in calls if r == 1] == ["variant", "compiled"]  # order rotated
+    assert [name for r, name in calls if r == 2] == ["compiled", "variant"]
+
+
+def test_ratio_stats_spread_and_errors():
+    from omni_passes.bench.measure import ratio_stats
+
+    stats = ratio_stats([2.0, 4.0, 3.0, 10.0], [1.0, 1.0, 1.0, 1.0])
+    assert stats["median"] == 3.5 and stats["min"] == 2.0 and stats["max"] == 10.0
+    assert stats["q1"] == 2.75 and stats["q3"] == 5.5 and stats["rounds"] == 4 and stats["of_minima"] == 2.0
+    with pytest.raises(ValueError, match="3 samples against 2"):
+        ratio_stats([1.0, 2.0, 3.0], [1.0, 1.0])
