@@ -13,7 +13,9 @@ configuration) and, per call:
 2. run vLLM's own steps of ``MoERunner._forward_impl`` for one GPU: sync the shared-experts
    stream, the gate, the shared experts (before or overlapped, as vLLM decides), the routing;
 3. count the logical ids into ``expert_load[row]``, map them to storage rows
-   (``omni::expert_dispatch``'s rule) and count those into ``row_load[row]`` (times ``gate``);
+   (``omni::expert_dispatch``'s rule) and count those into ``row_load[row]`` (times ``gate``,
+   padding rows of a CUDA-graph batch left out): one Triton kernel on CUDA
+   (``kernels.triton_slot_dispatch``), PyTorch elsewhere and for long prefill chunks;
 4. run the layer's fused-experts kernel (``quant_method.moe_kernel.apply``, Triton on an H100
    for bf16) on the ``[E + R, ...]`` rows the host registered (``rows{row}.w13_weight`` /
    ``rows{row}.w2_weight`` in the state; without them, on vLLM's own ``[E, ...]`` parameters),
@@ -131,12 +133,34 @@ def count_into(counter: torch.Tensor, values: torch.Tensor, gate: torch.Tensor,
 
 def dispatch_and_count(state: int, row: int, ids: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Logical ids ``[T, K]`` -> storage rows (same shape and dtype), counting both into MoE
-    row ``row`` of the state's ``expert_load`` / ``row_load``."""
+    row ``row`` of the state's ``expert_load`` / ``row_load``.
+
+    On CUDA, up to ``PAIRWISE_LIMIT`` entries, one Triton kernel does all of it
+    (``kernels.triton_slot_dispatch``: one launch per layer and step inside a CUDA graph);
+    elsewhere, and for longer prefill chunks, ``dispatch_and_count_reference``."""
+    if ids.is_cuda and ids.dim() == 2 and 0 < ids.numel() <= _pairwise_limit():
+        from kernels.triton_slot_dispatch import slot_dispatch_count
+
+        return slot_dispatch_count(ids, lookup(state, "replica_slots")[row], lookup(state, "replica_count")[row],
+                                   lookup(state, "expert_load")[row], lookup(state, "row_load")[row],
+                                   lookup(state, "gate"), token_mask)
+    return dispatch_and_count_reference(state, row, ids, token_mask)
+
+
+def dispatch_and_count_reference(state: int, row: int, ids: torch.Tensor,
+                                 token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``dispatch_and_count`` in PyTorch, any device and size: the reference of the Triton kernel."""
     gate = lookup(state, "gate")
     count_into(lookup(state, "expert_load")[row], ids, gate, token_mask)
     rows = expert_dispatch_reference(ids, lookup(state, "replica_slots"), lookup(state, "replica_count"), row)
     count_into(lookup(state, "row_load")[row], rows, gate, token_mask)
     return rows
+
+
+def _pairwise_limit() -> int:
+    from kernels.triton_slot_dispatch import PAIRWISE_LIMIT
+
+    return PAIRWISE_LIMIT
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
