@@ -61,7 +61,8 @@ def table(result: dict) -> str:
                 lines.append(f"{'':<34}  over {over}: attention share {a['attention_share']:.2f}, compressed "
                              f"{a['compressed_fraction']:.2f}: bound {a['bound_speedup']:.3f}x, measured "
                              f"{a['measured_speedup']:.3f}x ({100 * (a['of_bound'] or 0):.0f} % of the bound's gain)")
-    lines.append(f"timing: {result['rounds']} interleaved rounds of {result['steps_per_round']} steps; "
+    steps = result["steps_per_round"]
+    lines.append(f"timing: {result['rounds']} interleaved rounds of {steps} step{'s' if steps != 1 else ''} each; "
                  "ratios are per round against the base timed in the same round (median [quartiles])")
     if "floor" in result:
         f = result["floor"]

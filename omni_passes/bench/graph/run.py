@@ -222,9 +222,9 @@ def dynamo_room(s: Settings) -> Iterator[None]:
     entries (its backend is part of the guard), so alternating calls of live variants never
     recompile, and a freed variant's model is freed with it (its entries keep no weights). A
     reset between variants would instead make every live base recompile at its next Python call
-    (every CPU step, every prefill). Past the default limit of 8 entries Dynamo would silently
-    run a variant eagerly, so the limit is raised to what the run compiles (one graph per
-    context, plus prefill, per variant) and restored after."""
+    (every CPU step, every prefill). Past its default limit of 8 entries Dynamo stops compiling
+    (the omni compile, fullgraph, then fails), so the limit is raised to what the run compiles
+    (one graph per context, plus prefill, per variant) and restored after."""
     per_variant = len(s.all_contexts) + 1
     entries = 8 + per_variant * (3 + len(s.kinds)) + len(s.contexts) * (1 + 2 * len(s.kinds))
     config = torch._dynamo.config
