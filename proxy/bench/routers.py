@@ -269,12 +269,23 @@ class RouterProcess:
                     return False
                 try:
                     async with session.get(self.url + "/health") as r:
-                        if r.status == 200:
+                        if r.status == 200 and await self._serves_a_model(session):
                             return True
                 except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
                     pass
                 await asyncio.sleep(0.1)
         return False
+
+    async def _serves_a_model(self, session: aiohttp.ClientSession) -> bool:
+        """smg answers /health before it has registered its workers' model (a request then gets
+        404 "No worker available"): wait until its /v1/models lists one. Other routers: yes."""
+        if self.spec.kind != "smg":
+            return True
+        async with session.get(self.url + "/v1/models") as r:
+            if r.status != 200:
+                return False
+            doc = await r.json(content_type=None)
+        return isinstance(doc, dict) and bool(doc.get("data"))
 
     def _log_tail(self, chars: int = 600) -> str:
         try:
