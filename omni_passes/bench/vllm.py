@@ -1,5 +1,10 @@
 """`omni-passes bench vllm`: vLLM (CPU) serving with the passes, side by side, in one run.
 
+``--device cuda`` runs the GPU benchmark of redundant experts instead
+(``omni_passes.bench.vllm_moe_cuda``: DeepSeek-V2-Lite on vLLM CUDA); ``--kv`` (or a sink+recent
+pass config, or any ``--kv-*`` option) selects the KV benchmark (``omni_passes.bench.vllm_kv``) on
+either device.
+
 Throughput: named engine configurations (``ENGINES``; default passes off, identity placement,
 redundant slots) live side by side in one process tree and generate the same prompts in
 rounds, the order rotating each round so machine noise falls on all of them. Reported per
@@ -93,8 +98,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="FILE")
     parser.add_argument("--plot", metavar="DIR", help="write the figure there (bench_vllm.png; vllm_kv.png in KV mode)")
     from omni_passes.bench.vllm_kv import add_kv_arguments
+    from omni_passes.bench.vllm_moe_cuda import add_moe_arguments
 
     add_kv_arguments(parser)  # sink+recent KV: dense vs compressed (--pass-config with free_kv, or --kv)
+    add_moe_arguments(parser)  # --device cuda: redundant experts on DeepSeek-V2-Lite
+
+
+def wants_moe_cuda_bench(args: argparse.Namespace) -> bool:
+    """``--device cuda`` without anything that asks for the KV benchmark: ``--kv``, a sink+recent
+    pass config, or a ``--kv-*`` option set to other than its default."""
+    if getattr(args, "device", "cpu") != "cuda" or getattr(args, "kv", False):
+        return False
+    path = getattr(args, "pass_config", None)
+    if path:
+        from omni_passes.config import PassConfig
+        from omni_passes.hosts.vllm.kv_register import wants_sink_recent_kv
+
+        if wants_sink_recent_kv(PassConfig.load(path)):
+            return False
+    defaults = argparse.ArgumentParser()
+    add_arguments(defaults)
+    default = vars(defaults.parse_args([]))
+    return not any(key.startswith("kv_") and value != default.get(key) for key, value in vars(args).items())
 
 
 # ---- the engine process ----------------------------------------------------------------------
@@ -295,6 +320,10 @@ def plot(result: dict, out_dir: str) -> list[str]:
 def main(args: argparse.Namespace) -> int:
     from omni_passes.bench import vllm_kv
 
+    if wants_moe_cuda_bench(args):
+        from omni_passes.bench import vllm_moe_cuda
+
+        return vllm_moe_cuda.main(args)
     if vllm_kv.wants_kv_bench(args):
         return vllm_kv.main(args)
     setup_logging()

@@ -15,9 +15,15 @@ graph piece and compile range writes:
 With ``--rewrite identity|redundant`` the same pass then applies ``MoeForwardSlots`` with the ops
 of ``kernels.vllm_slot_moe`` (redundant: experts 0 and 1 of every MoE layer get a second row).
 After start-up, ``op_check`` (in the worker, through ``collective_rpc``) compares one MoE layer
-of vLLM with ``vllm_slot_forward`` bit for bit, and greedy generation writes
+of vLLM with ``vllm_slot_forward`` bit for bit (``DIR/op_check.json``), ``dispatch_check``
+compares the Triton dispatch-and-count kernel with the PyTorch path on the GPU and times both,
+eagerly and replayed in a CUDA graph (``DIR/dispatch_check.json``), and greedy generation writes
 ``DIR/tokens_<rewrite>.json`` (and ``DIR/loads_<rewrite>.json`` when rewriting); a run compares
 its tokens with ``tokens_none.json`` when that file exists in DIR.
+
+The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: on the GPU machine
+vLLM's multiprocess engine core hung before loading the model); ``--hang-dump S`` prints every
+thread's stack and exits if the run takes longer than S seconds.
 
 The checkpoint is ``tiny_checkpoint``'s model with the dimensions vLLM 0.26 needs on sm_90 (FA3
 MLA prefill takes qk_nope 128 and v 128 only; hidden 256, 4 heads, expert width 128 as the
@@ -38,6 +44,7 @@ from unittest import mock
 os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")  # FlashInfer is not in the offline bundle
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with a function
 os.environ.setdefault("VLLM_DISABLE_COMPILE_CACHE", "1")  # compile every time, so the pass sees every piece
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in this process (module docstring)
 
 try:
     from vllm.compilation.passes.inductor_pass import InductorPass as _Base
@@ -271,6 +278,91 @@ def op_check(worker) -> dict:
     return results
 
 
+DISPATCH_SIZES = (1, 10, 64, 256, 683, 2731, 8192)  # tokens; x6 entries: decode batches up to prefill chunks
+
+
+def dispatch_check(worker=None, experts: int = 64, top_k: int = 6, slots: int = 72, width: int = 9) -> dict:
+    """The Triton dispatch-and-count kernel against the PyTorch path on this GPU: same rows, same
+    counts (skewed ids, a padding mask), and the time of one layer call of each, eagerly and
+    replayed from a CUDA graph (microseconds). DeepSeek-V2-Lite's shape: 64 experts, top-6,
+    8 redundant slots. Runs in the worker or in any CUDA process (``worker`` is unused)."""
+    import torch
+
+    from kernels.state import register_state, unregister_state
+    from kernels.triton_slot_dispatch import slot_dispatch_count
+    from kernels.vllm_slot_moe import dispatch_and_count_reference
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    dev = torch.device("cuda")
+    table = torch.randint(0, slots, (1, experts, width), device=dev, generator=gen)
+    count = torch.randint(1, width + 1, (1, experts), device=dev, generator=gen)
+    hot = torch.softmax(torch.randn(experts, device=dev, generator=gen) * 1.5, 0)  # a skewed router
+    results: dict = {"experts": experts, "top_k": top_k, "slots": slots, "cases": []}
+    for tokens in DISPATCH_SIZES:
+        ids = torch.multinomial(hot.expand(tokens, experts), top_k, generator=gen).to(torch.int32)
+        mask = torch.rand(tokens + 3, device=dev, generator=gen) > 0.1
+        state = {"replica_slots": table, "replica_count": count,
+                 "expert_load": torch.zeros(1, experts, dtype=torch.int64, device=dev),
+                 "row_load": torch.zeros(1, slots, dtype=torch.int64, device=dev),
+                 "gate": torch.ones(1, dtype=torch.int64, device=dev)}
+        handle = register_state(state)
+        try:
+            expected = dispatch_and_count_reference(handle, 0, ids, mask[:tokens])
+            e_load, r_load = torch.zeros(experts, dtype=torch.int64, device=dev), torch.zeros(slots, dtype=torch.int64, device=dev)
+            got = slot_dispatch_count(ids, table[0], count[0], e_load, r_load, state["gate"], mask)
+            case = {"tokens": tokens, "entries": tokens * top_k, "rows_equal": bool(torch.equal(got, expected)),
+                    "expert_load_equal": bool(torch.equal(e_load, state["expert_load"][0])),
+                    "row_load_equal": bool(torch.equal(r_load, state["row_load"][0]))}
+            triton_call = lambda: slot_dispatch_count(ids, table[0], count[0], e_load, r_load, state["gate"], mask)  # noqa: E731
+            torch_call = lambda: dispatch_and_count_reference(handle, 0, ids, mask[:tokens])  # noqa: E731
+            for name, call in (("triton", triton_call), ("torch", torch_call)):
+                case[f"{name}_eager_us"] = _time_us(call)
+                case[f"{name}_graph_us"] = _time_graph_us(call)
+            results["cases"].append(case)
+        finally:
+            unregister_state(handle)
+    return results
+
+
+def _time_us(call, reps: int = 50) -> float:
+    import torch
+
+    for _ in range(3):
+        call()
+    torch.cuda.synchronize()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(reps):
+        call()
+    end.record()
+    torch.cuda.synchronize()
+    return begin.elapsed_time(end) * 1e3 / reps
+
+
+def _time_graph_us(call, calls: int = 26, reps: int = 20) -> float:
+    """One call's time inside a CUDA graph of ``calls`` calls (a model's MoE layers), replayed."""
+    import torch
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call()  # warm-up (compiles the kernel) outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            call()
+    graph.replay()
+    torch.cuda.synchronize()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return begin.elapsed_time(end) * 1e3 / reps / calls
+
+
 def read_loads(worker, mode: str) -> dict:
     from kernels.state import lookup, stable_handle
 
@@ -293,15 +385,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rewrite", choices=["none", "identity", "redundant"], default="none")
     parser.add_argument("--cudagraph-mode", default=None, help="e.g. FULL_DECODE_ONLY (default: vLLM's)")
     parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--skip-check", action="store_true", help="no op_check")
+    parser.add_argument("--skip-check", action="store_true", help="no op_check / dispatch_check")
+    parser.add_argument("--capture-sizes", default="1,2,4,8", help="CUDA-graph batch sizes (few: a faster start)")
+    parser.add_argument("--hang-dump", type=float, default=0, help="dump every thread's stack and exit after this many s")
     args = parser.parse_args(argv)
+    if args.hang_dump:
+        import faulthandler
+
+        faulthandler.dump_traceback_later(args.hang_dump, exit=True)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     model = build_checkpoint(out / "tiny_dsv3_sm90")
 
     from vllm import LLM, SamplingParams
 
-    compilation = {"inductor_compile_config": {"post_grad_custom_post_pass": DumpPass(str(out), args.rewrite)}}
+    compilation = {"inductor_compile_config": {"post_grad_custom_post_pass": DumpPass(str(out), args.rewrite)},
+                   "cudagraph_capture_sizes": [int(x) for x in args.capture_sizes.split(",")]}
     if args.cudagraph_mode:
         compilation["cudagraph_mode"] = args.cudagraph_mode
     start = time.time()
@@ -311,7 +410,15 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict[str, Any] = {"rewrite": args.rewrite, "engine_start_s": round(time.time() - start, 1),
                                "cudagraph_mode": str(config.compilation_config.cudagraph_mode) if config else None}
     if not args.skip_check:
-        (out / "op_check.json").write_text(json.dumps(llm.collective_rpc(op_check)[0], indent=1))
+        for name, check in (("op_check", op_check), ("dispatch_check", dispatch_check)):
+            try:  # each on its own: one failing leaves the other and the generation standing
+                found = llm.collective_rpc(check)[0]
+            except Exception as exc:  # noqa: BLE001
+                import traceback
+
+                found = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-4000:]}
+            (out / f"{name}.json").write_text(json.dumps(found, indent=1))
+            summary[name] = _check_summary(name, found)
     if args.rewrite != "none":
         llm.collective_rpc(open_gate, args=(args.rewrite,))
     outputs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True))
@@ -324,8 +431,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.rewrite != "none" and baseline.exists():
         summary["tokens_equal_passes_off"] = json.loads(baseline.read_text()) == tokens
     (out / f"summary_{args.rewrite}.json").write_text(json.dumps(summary, indent=1))
-    print(json.dumps(summary))
+    print(json.dumps(summary), flush=True)
+    if args.hang_dump:
+        import faulthandler
+
+        faulthandler.cancel_dump_traceback_later()
     return 0
+
+
+def _check_summary(name: str, found: dict) -> dict:
+    """One line's worth of a check: all equal or not, and the cases that differ."""
+    if "error" in found:
+        return {"ok": False, "error": found["error"]}
+    keys = {"op_check": ("shared_equal", "routed_equal"),
+            "dispatch_check": ("rows_equal", "expert_load_equal", "row_load_equal")}[name]
+    bad = [c for c in found["cases"] if not all(c[k] for k in keys)]
+    if name == "op_check":  # the torch reference routing may differ from vLLM's fused top-k on near-ties
+        bad = [c for c in bad if c["routing"] == "router"] + [c for c in found["cases"] if c["counted"] != c["expected_count"]]
+    entry: dict = {"ok": not bad, "cases": len(found["cases"]), "failing": bad[:6]}
+    if name == "dispatch_check":
+        entry["us_per_layer_call"] = {c["tokens"]: {k: round(c[k], 2) for k in c if k.endswith("_us")} for c in found["cases"]}
+    return entry
 
 
 if __name__ == "__main__":

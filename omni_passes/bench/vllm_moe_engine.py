@@ -1,0 +1,211 @@
+"""The engine process of `omni-passes bench vllm --device cuda` (``omni_passes.bench.vllm_moe_cuda``).
+
+One vLLM CUDA engine per process, its engine core in that process
+(``omni_passes.testing.vllm_cuda_engine``), DeepSeek-V2-Lite with ``load_format="dummy"``. After
+start-up and before any serving step:
+
+* **skewed gates** (``apply_skew``): vLLM's dummy weights (uniform in +-1e-3) give router logits
+  of about 1e-5, whose bf16 softmax is flat, so every token would pick the same experts (the
+  lowest indices among ties). Each MoE layer's gate weight is replaced, in place, by
+  ``c * a[e] * z[e, :]``: ``z`` standard normal rows (a seeded CPU generator: the same in every
+  engine), ``c`` such that a logit's standard deviation is ``target_std`` for the layer's
+  post-attention RMSNorm weight ``g`` (``|h| ~ ||g||`` for a normalised hidden state), and ``a``
+  a Zipf profile ``(1 + rank)^-alpha`` (mean 1), ranks shuffled per layer. Top-k of
+  independent normal logits with unequal spreads favours the wide experts: alpha 0.3 gives
+  about 3x the mean load on the hottest expert and 0.4x on the coldest, the top 8 of 64 take
+  about 29% of the load (a simulation with independent tokens). The gate is vLLM's own
+  parameter (the CUDA graphs read it), so every engine, passes off or on, routes alike.
+* the parameter bytes (routed experts apart) and the device copy bandwidth, for the HBM floor.
+
+Commands (a queue): ``("round", {...})`` runs one timed round (``timed_round``), ``("status",
+{})`` returns the worker's ``omni_status`` (None with the passes off), ``None`` stops.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+
+
+# --------------------------------------------------------------------------- skewed gates (pure)
+def zipf_scales(experts: int, alpha: float, generator: torch.Generator) -> torch.Tensor:
+    """``[E]`` float32: ``(1 + rank)^-alpha`` scaled to mean 1, ranks shuffled by ``generator``."""
+    ranks = torch.randperm(experts, generator=generator).float()
+    scales = (1.0 + ranks) ** (-alpha)
+    return scales / scales.mean()
+
+
+def skewed_gate(norm_weight: torch.Tensor, experts: int, layer: int, seed: int, alpha: float,
+                target_std: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One MoE layer's gate weight ``[E, H]`` (float32, CPU) and its per-expert scales ``[E]``
+    (module docstring); deterministic in (layer, seed)."""
+    generator = torch.Generator().manual_seed(seed * 1000 + layer)
+    scales = zipf_scales(experts, alpha, generator)
+    rows = torch.randn(experts, norm_weight.numel(), generator=generator)
+    c = target_std / float(norm_weight.float().norm().clamp_min(1e-12))
+    return rows * scales[:, None] * c, scales
+
+
+def apply_skew(model: Any, alpha: float, seed: int, target_std: float) -> dict:
+    """In the worker: every MoE layer's gate weight replaced in place (``skewed_gate``). Returns
+    the hot experts per decoder layer (largest scales first)."""
+    from omni_passes.layer_names import decoder_layer_index
+
+    hot: dict[int, list[int]] = {}
+    for name, module in model.named_modules():
+        if not name.endswith(".mlp.gate") or not isinstance(getattr(module, "weight", None), torch.Tensor):
+            continue
+        layer = decoder_layer_index(name)
+        norm = model.get_submodule(name[: -len("mlp.gate")] + "post_attention_layernorm").weight
+        weight = module.weight
+        new, scales = skewed_gate(norm.detach().cpu(), weight.shape[0], layer, seed, alpha, target_std)
+        with torch.no_grad():
+            weight.copy_(new.to(weight.dtype))
+        hot[layer] = scales.argsort(descending=True)[:8].tolist()
+    if not hot:
+        raise RuntimeError("no '.mlp.gate' modules found: not a DeepSeek MoE model?")
+    return {"layers": sorted(hot), "hot_experts": hot, "alpha": alpha, "target_std": target_std, "seed": seed}
+
+
+# --------------------------------------------------------------------------- floors' inputs
+def count_weights(model: Any) -> dict:
+    """In the worker: parameter bytes split into routed experts (``.experts.`` rows) and the rest,
+    which every decode step reads (attention, shared experts, norms, gates, the dense first layer,
+    lm_head); the embedding table apart (a step reads only its batch's rows). vLLM's
+    ``kv_b_proj`` stands in for the absorbed decode copies of MLA (about the same bytes)."""
+    dense = expert = embedding = 0
+    expert_rows = 0
+    for name, param in model.named_parameters():
+        size = param.numel() * param.element_size()
+        if "embed_tokens" in name:
+            embedding += size
+        elif ".experts." in name:
+            expert += size
+            if name.endswith("w13_weight"):
+                expert_rows += param.shape[0]
+        else:
+            dense += size
+    return {"dense_bytes": dense, "expert_bytes": expert, "embedding_bytes": embedding, "expert_rows": expert_rows,
+            "expert_row_bytes": expert // max(1, expert_rows)}
+
+
+def copy_bandwidth(size: int = 1 << 30, reps: int = 10) -> dict:
+    """Device-to-device copy of ``size`` bytes: bytes read + written per second."""
+    src = torch.empty(size, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(reps):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    seconds = begin.elapsed_time(end) / 1e3 / reps
+    del src, dst
+    torch.cuda.empty_cache()
+    return {"bytes": size, "seconds": seconds, "bytes_per_s": 2 * size / seconds}
+
+
+# --------------------------------------------------------------------------- a timed round
+def prompts(batch: int, length: int, vocab: int, seed: int) -> list[dict]:
+    """``batch`` random token-id prompts of ``length`` tokens (the same for every engine)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(100, vocab - 100, (batch, length), generator=generator)
+    return [{"prompt_token_ids": row.tolist()} for row in ids]
+
+
+def timed_round(llm: Any, batch: int, prompt_tokens: int, output_tokens: int, vocab: int, seed: int, tag: str,
+                max_seconds: float = 180.0) -> dict:
+    """``batch`` requests at once, greedy, ``output_tokens`` each: output tokens/s over the whole
+    round (prefill included) and the decode step time (TPOT: the median time between engine
+    steps in which every request got a token). Gives up after ``max_seconds`` (``gave_up``)."""
+    from vllm import SamplingParams
+
+    from omni_passes.bench.vllm_kv_cuda import steady_tpot
+
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0.0, max_tokens=output_tokens, ignore_eos=True, detokenize=False)
+    ids = [f"{tag}{i}" for i in range(batch)]
+    for rid, prompt in zip(ids, prompts(batch, prompt_tokens, vocab, seed)):
+        engine.add_request(rid, prompt, params)
+    produced = dict.fromkeys(ids, 0)
+    returns: list[tuple[float, int]] = []
+    begin = time.perf_counter()
+    first_all = None
+    gave_up = None
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        now = time.perf_counter()
+        if now - begin > max_seconds:
+            gave_up = f"after {max_seconds:.0f} s, {sum(produced.values())} of {batch * output_tokens} tokens"
+            engine.abort_request(ids)
+            while engine.has_unfinished_requests():
+                engine.step()
+            break
+        advanced = 0
+        for out in outputs:
+            count = len(out.outputs[0].token_ids)
+            advanced += count > produced.get(out.request_id, 0)
+            produced[out.request_id] = count
+        if first_all is None:
+            if all(produced.values()):
+                first_all = now
+            continue
+        if advanced:
+            returns.append((now, advanced))
+    seconds = time.perf_counter() - begin
+    generated = sum(produced.values())
+    tpot = steady_tpot(returns, batch)
+    return {"batch": batch, "prompt_tokens": prompt_tokens, "output_tokens": generated, "seconds": seconds,
+            "tokens_per_s": generated / seconds, "prefill_s": (first_all or begin) - begin,
+            "tpot_s": tpot["tpot_s"], "tpot_steps": tpot["steps"], "tpot_mean_s": tpot.get("mean_s"),
+            "context": prompt_tokens + output_tokens // 2, "gave_up": gave_up}
+
+
+# --------------------------------------------------------------------------- the process
+def engine_main(name: str, model: str, pass_config: str | None, kwargs: dict, cache_root: str, skew: dict,
+                commands: Any, results: Any) -> None:
+    """Process target: start, skew the gates, report ``ready``, then serve commands."""
+    from omni_passes.testing.vllm_cuda_engine import prepare_env
+
+    prepare_env(pass_config, cache_root, compile_cache=True)
+    sys.stdout = sys.__stderr__  # vLLM's log to stderr: the parent's stdout stays for --json
+    try:
+        from vllm import LLM
+
+        begin = time.perf_counter()
+        llm = LLM(**kwargs)
+        ready: dict[str, Any] = {"startup_s": time.perf_counter() - begin, "device": torch.cuda.get_device_name()}
+        ready["skew"] = llm.apply_model(functools.partial(apply_skew, **skew))[0]
+        for key, measure in (("weights", lambda: llm.apply_model(count_weights)[0]), ("copy_bandwidth", copy_bandwidth)):
+            try:  # each on its own: a failing figure leaves the rounds standing
+                ready[key] = measure()
+            except Exception as exc:  # noqa: BLE001
+                ready[f"{key}_error"] = f"{type(exc).__name__}: {exc}"
+        results.put((name, "ready", ready))
+        vocab = llm.llm_engine.vllm_config.model_config.get_vocab_size()
+        while (command := commands.get()) is not None:
+            kind, payload = command
+            if kind == "round":
+                results.put((name, kind, timed_round(llm, vocab=vocab, **payload)))
+            elif kind == "status":
+                results.put((name, kind, llm.collective_rpc("omni_status")[0] if pass_config else None))
+            else:
+                raise ValueError(f"unknown command {kind!r}")
+        del llm
+        results.put((name, "stopped", None))
+    except BaseException as exc:  # noqa: BLE001  (reported to the parent, which goes on with the next engine)
+        import traceback
+
+        results.put((name, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-4000:]}"))
+
+
+def median_or_none(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
