@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 ASCEND := $(VENV)/ascend
 ASCEND_STAMP := $(ASCEND)/manifest.json
 
-.PHONY: install ascend-sources demo test test-fast test-gpu clean vllm-serve
+.PHONY: install ascend-sources demo test test-fast test-gpu test-gpu-vllm clean vllm-serve
 
 install: $(STAMP) $(ASCEND_STAMP)
 
@@ -45,6 +45,11 @@ test-fast: install
 
 test-gpu: install
 	$(PY) -m pytest -q tests/gpu
+
+# vLLM CUDA tests (a GPU and vLLM 0.26.0's CUDA build: pip install -e '.[cuda,dev]' in the Python
+# named by GPU_PY); they skip without them. On the offline GPU machine: tools/gpu_moe.sh.
+test-gpu-vllm:
+	$(or $(GPU_PY),python3) -m pytest -q tests/gpu/vllm
 
 # vLLM's OpenAI server on a generated tiny DeepSeek-V3 with the omni passes on (port 8000).
 vllm-serve: install

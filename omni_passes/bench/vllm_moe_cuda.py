@@ -408,7 +408,9 @@ def print_summary(result: dict) -> None:
     for name, engine in s["engines"].items():
         ready = result["engines"][name].get("ready", {})
         copy = ready.get("copy_bandwidth", {}).get("bytes_per_s")
+        same = engine["same_tokens_as_off"]
         print(f"  {name}: start {engine['startup_s']:.1f} s" + (f", copy {copy / 1e12:.2f} TB/s" if copy else "")
+              + (f", tokens = passes off in {same['equal']}/{same['compared']} rounds" if same["compared"] else "")
               + (f", loads max/mean {engine['load_imbalance']['max_over_mean']:.2f}" if "load_imbalance" in engine else ""))
         for batch, fig in engine["batches"].items():
             tpot = fig.get("tpot_s")

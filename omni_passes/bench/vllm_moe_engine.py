@@ -24,6 +24,8 @@ Commands (a queue): ``("round", {...})`` runs one timed round (``timed_round``),
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import statistics
 import sys
 import time
@@ -123,8 +125,9 @@ def prompts(batch: int, length: int, vocab: int, seed: int) -> list[dict]:
 def timed_round(llm: Any, batch: int, prompt_tokens: int, output_tokens: int, vocab: int, seed: int, tag: str,
                 max_seconds: float = 180.0) -> dict:
     """``batch`` requests at once, greedy, ``output_tokens`` each: output tokens/s over the whole
-    round (prefill included) and the decode step time (TPOT: the median time between engine
-    steps in which every request got a token). Gives up after ``max_seconds`` (``gave_up``)."""
+    round (prefill included), the decode step time (TPOT: the median time between engine
+    steps in which every request got a token) and a hash of the greedy tokens. Gives up after
+    ``max_seconds`` (``gave_up``)."""
     from vllm import SamplingParams
 
     from omni_passes.bench.vllm_kv_cuda import steady_tpot
@@ -135,6 +138,7 @@ def timed_round(llm: Any, batch: int, prompt_tokens: int, output_tokens: int, vo
     for rid, prompt in zip(ids, prompts(batch, prompt_tokens, vocab, seed)):
         engine.add_request(rid, prompt, params)
     produced = dict.fromkeys(ids, 0)
+    tokens: dict[str, list[int]] = {}
     returns: list[tuple[float, int]] = []
     begin = time.perf_counter()
     first_all = None
@@ -153,6 +157,8 @@ def timed_round(llm: Any, batch: int, prompt_tokens: int, output_tokens: int, vo
             count = len(out.outputs[0].token_ids)
             advanced += count > produced.get(out.request_id, 0)
             produced[out.request_id] = count
+            if out.finished:
+                tokens[out.request_id] = list(out.outputs[0].token_ids)
         if first_all is None:
             if all(produced.values()):
                 first_all = now
@@ -165,7 +171,9 @@ def timed_round(llm: Any, batch: int, prompt_tokens: int, output_tokens: int, vo
     return {"batch": batch, "prompt_tokens": prompt_tokens, "output_tokens": generated, "seconds": seconds,
             "tokens_per_s": generated / seconds, "prefill_s": (first_all or begin) - begin,
             "tpot_s": tpot["tpot_s"], "tpot_steps": tpot["steps"], "tpot_mean_s": tpot.get("mean_s"),
-            "context": prompt_tokens + output_tokens // 2, "gave_up": gave_up}
+            "context": prompt_tokens + output_tokens // 2, "gave_up": gave_up, "seed": seed,
+            # the greedy tokens of every request, hashed: engines that compute alike agree on it
+            "tokens_sha1": hashlib.sha1(json.dumps([tokens.get(r) for r in ids]).encode()).hexdigest()}
 
 
 # --------------------------------------------------------------------------- the process

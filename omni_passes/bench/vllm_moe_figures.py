@@ -125,13 +125,24 @@ def summarize(result: dict) -> dict:
                                            kv_token_bytes, top_k)
                 fig["floor_bytes"], fig["floor_s"] = floor, floor["total"] / bandwidth
                 fig["of_floor"] = fig["floor_s"] / fig["tpot_s"] if fig["tpot_s"] else None
-        summary["engines"][name] = {"batches": figures, "startup_s": ready.get("startup_s")}
+        summary["engines"][name] = {"batches": figures, "startup_s": ready.get("startup_s"),
+                                    "same_tokens_as_off": same_tokens(engine["rounds"], engines)}
         if loads:
             summary["engines"][name]["load_imbalance"] = load_imbalance(loads)
     _ratios(summary)
     _balance(summary, result)
     _goals(summary, result)
     return summary
+
+
+def same_tokens(rounds: list[dict], engines: dict) -> dict:
+    """Rounds whose greedy tokens equal passes off's for the same workload (batch and seed), out
+    of those passes off also ran."""
+    off = {(r["batch"], r.get("seed")): r.get("tokens_sha1") for n, e in engines.items() if n.startswith("off")
+           for r in e.get("rounds", []) if not r.get("gave_up")}
+    compared = [r for r in rounds if (r["batch"], r.get("seed")) in off and not r.get("gave_up")]
+    equal = sum(r.get("tokens_sha1") == off[(r["batch"], r.get("seed"))] for r in compared)
+    return {"equal": equal, "compared": len(compared)}
 
 
 def _loads(engine: dict | None) -> list | None:

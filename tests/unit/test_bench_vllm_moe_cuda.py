@@ -183,3 +183,10 @@ def test_configs_and_the_naive_start(tmp_path):
     assert config.rebalance.interval_steps == 32 and config.expert_load_path.endswith("rebalance_loads.npy")
     assert vllm_moe_cuda.moe_layers({"num_hidden_layers": 27, "first_k_dense_replace": 1}) == 26
     assert math.isclose(vllm_moe_cuda._estimate("off_warm", {"off": 100.0}), 60.0)
+
+
+def test_same_tokens_compares_rounds_of_the_same_workload():
+    off = {"rounds": [{"batch": 1, "seed": 7, "tokens_sha1": "a"}, {"batch": 64, "seed": 8, "tokens_sha1": "b"}]}
+    mine = [{"batch": 1, "seed": 7, "tokens_sha1": "a"}, {"batch": 64, "seed": 8, "tokens_sha1": "x"},
+            {"batch": 16, "seed": 9, "tokens_sha1": "c"}]  # off never ran this one
+    assert vllm_moe_figures.same_tokens(mine, {"off": off, "identity": {"rounds": mine}}) == {"equal": 1, "compared": 2}

@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# Redundant experts in vLLM 0.26 CUDA (issue 24) on the GPU machine: the op check, the GPU tests,
+# the real MoE graph fixture, then the benchmark on DeepSeek-V2-Lite (dummy weights). Every step
+# runs under `timeout`, so one failing step does not stop the next. About 17 minutes on an H100
+# (op check 2, tests 7, fixture check under 1, benchmark 8).
+#
+#   source tools/gpu_env.sh && OUT=/path/to/out bash tools/gpu_moe.sh
+#
+# Needs the vLLM bundle in /tmp/vsite (tools/gpu_env.sh sets PYTHONPATH and $PY, and makes the
+# omni_passes vLLM plugin visible: a warm start from vLLM's compile cache needs it). Writes under
+# $OUT (default ./gpu_moe_out):
+#   SUMMARY.txt        one line per step (ok / FAILED / TIMED OUT, seconds, log file), then each
+#                      step's figures: read this first
+#   env.txt            GPU, driver, torch / triton / vLLM versions, vLLM general plugins seen
+#   opcheck.log, opcheck/   one engine with vLLM's own MoE (tiny DeepSeek-V3, sm_90 dims): op_check.json
+#                      (one MoE layer, vLLM's op vs the omni op, bit for bit, 0 and 2 redundant
+#                      rows), dispatch_check.json (the Triton dispatch-and-count kernel vs the
+#                      PyTorch path, and microseconds per layer call of each, eager and in a CUDA
+#                      graph), facts.json (schemas, layer-name type), summary_none.json
+#   tests.log, tests.xml    pytest tests/gpu/vllm/test_slot_moe_cuda.py (-rA: every test's outcome)
+#   graphs/<engine>/piece_NNN.json   every graph vLLM gave the omni host (OMNI_PASSES_GRAPH_DUMP)
+#   vllm026_cuda_moe_piece.json      the first of them holding vllm::moe_forward_shared: the real
+#                      fixture; fixture.log: tests/unit/test_moe_forward_slots_pass.py run on it
+#   bench.log, vllm_moe_cuda.json (.partial.json after every engine), vllm_moe_cuda.png
+# Knobs (environment): OPCHECK_TIMEOUT (s, 300), TEST_TIMEOUT (s, 600), TEST_ARGS (extra pytest
+# options, e.g. "-k 'not fdo'"), BENCH_BUDGET (s of engines, 420), BENCH_TIMEOUT (s, BENCH_BUDGET +
+# 120), BENCH_ARGS (extra `bench vllm` options), SKIP_OPCHECK=1, SKIP_TESTS=1, SKIP_BENCH=1.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_moe_out}
+PY=${PY:-/opt/torch/.venv/bin/python3}
+OPCHECK_TIMEOUT=${OPCHECK_TIMEOUT:-300}
+TEST_TIMEOUT=${TEST_TIMEOUT:-600}
+BENCH_BUDGET=${BENCH_BUDGET:-420}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-$((BENCH_BUDGET + 120))}
+export VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1
+export PYTHONPATH=${PYTHONPATH:-/tmp/vsite:$PWD}
+mkdir -p "$OUT"
+SUMMARY="$OUT/SUMMARY.txt"
+: > "$SUMMARY"
+say() { echo "$*" | tee -a "$SUMMARY"; }
+
+# step NAME LIMIT_S LOG COMMAND...: run it under timeout, log to LOG, one summary line.
+step() {
+    local name=$1 limit=$2 log=$3
+    shift 3
+    local begin=$SECONDS
+    echo "=== $name (limit ${limit}s): $*" | tee -a "$OUT/$log" >&2
+    timeout -k 30 "$limit" "$@" >> "$OUT/$log" 2>&1
+    local rc=$? took=$((SECONDS - begin))
+    local what="ok"
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then what="TIMED OUT after ${limit}s (rc $rc)";
+    elif [ "$rc" -eq 5 ] && [ "$name" = tests ]; then what="NO TEST RAN (pytest rc 5: all skipped, reason below)";
+    elif [ "$rc" -ne 0 ]; then what="FAILED (rc $rc)"; fi
+    say "$name: $what in ${took}s; log $log"
+    return 0
+}
+
+say "redundant experts on vLLM CUDA, $(date -u +%FT%TZ), repo $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+step env 60 env.txt bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; \
+  $PY -c 'import torch, triton, vllm; print(\"torch\", torch.__version__, \"triton\", triton.__version__, \"vllm\", vllm.__version__, \"cuda\", torch.cuda.is_available())'; \
+  $PY -c 'from importlib.metadata import entry_points; print(\"vllm.general_plugins:\", [e.value for e in entry_points(group=\"vllm.general_plugins\")])'"
+
+if [ "${SKIP_OPCHECK:-0}" != 1 ]; then
+    step opcheck "$OPCHECK_TIMEOUT" opcheck.log "$PY" -m omni_passes.testing.vllm_cuda_dump --out "$OUT/opcheck" \
+        --rewrite none --hang-dump "$((OPCHECK_TIMEOUT - 20))"
+fi
+
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+    # shellcheck disable=SC2086  (TEST_ARGS is a list of options)
+    OMNI_PASSES_GRAPH_DUMP="$OUT/graphs" step tests "$TEST_TIMEOUT" tests.log "$PY" -m pytest -q -rA -p no:cacheprovider \
+        --junitxml="$OUT/tests.xml" tests/gpu/vllm/test_slot_moe_cuda.py ${TEST_ARGS:-}
+fi
+
+# The real fixture: the first graph holding vLLM's MoE op that the omni host was given (the
+# identity engine of the tests), else the op check's dump; then the CPU unit test run on it here.
+FIXTURE=""
+for candidate in $(ls "$OUT"/graphs/identity/piece_*.json 2>/dev/null) "$OUT/opcheck/vllm026_cuda_moe_piece.json"; do
+    if [ -f "$candidate" ] && grep -q "moe_forward_shared" "$candidate"; then FIXTURE=$candidate; break; fi
+done
+if [ -n "$FIXTURE" ]; then
+    cp "$FIXTURE" "$OUT/vllm026_cuda_moe_piece.json"
+    cp tests/fixtures/vllm026_cuda_moe_piece.json "$OUT/fixture_before.json"
+    cp "$FIXTURE" tests/fixtures/vllm026_cuda_moe_piece.json
+    step fixture 120 fixture.log "$PY" -m pytest -q -rA -p no:cacheprovider tests/unit/test_moe_forward_slots_pass.py
+    cp "$OUT/fixture_before.json" tests/fixtures/vllm026_cuda_moe_piece.json
+    say "fixture: $FIXTURE -> $OUT/vllm026_cuda_moe_piece.json (copy it over tests/fixtures/vllm026_cuda_moe_piece.json)"
+else
+    say "fixture: no dumped graph holds vllm::moe_forward_shared (see tests.log / opcheck.log)"
+fi
+
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+    rm -rf /tmp/omni_moe_bench  # a fresh compile cache: the first starts are cold
+    # shellcheck disable=SC2086  (BENCH_ARGS is a list of options)
+    step bench "$BENCH_TIMEOUT" bench.log "$PY" -m omni_passes.cli bench vllm --device cuda \
+        --moe-budget-s "$BENCH_BUDGET" --moe-work-dir /tmp/omni_moe_bench \
+        --out "$OUT/vllm_moe_cuda.json" --plot "$OUT" ${BENCH_ARGS:-}
+fi
+
+{
+    echo
+    echo "--- op check (opcheck/summary_none.json): omni op vs vLLM's op, dispatch kernel vs PyTorch, us per layer call"
+    cat "$OUT/opcheck/summary_none.json" 2>/dev/null || echo "(no summary: see opcheck.log)"
+    echo
+    echo "--- GPU tests (tests.log): outcome of each test"
+    grep -E "^(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) |[0-9]+ (passed|failed)|^E  " "$OUT/tests.log" 2>/dev/null | head -80
+    echo
+    echo "--- fixture check (fixture.log)"
+    grep -E "[0-9]+ (passed|failed)|^FAILED|^E  " "$OUT/fixture.log" 2>/dev/null | head -20
+    echo
+    echo "--- benchmark (bench.log): figures and goals"
+    grep -E "^(vLLM CUDA|  |starting engine|engine |skipping|work dir)|GOAL|FAILED|Error|error:" \
+        "$OUT/bench.log" 2>/dev/null | grep -v "^  File " | tail -70
+    [ -f "$OUT/vllm_moe_cuda.json" ] || echo "(no vllm_moe_cuda.json: see vllm_moe_cuda.json.partial.json for the engines that finished)"
+} >> "$SUMMARY"
+cat "$SUMMARY"
