@@ -40,7 +40,9 @@ BLOCK_I = 64
 BLOCK_J = 64
 
 
-@triton.jit
+# N (entries) varies with the batch: not specialised, so a new batch size (a CUDA-graph capture
+# size, a prefill chunk) reuses the compiled kernel instead of compiling another variant.
+@triton.jit(do_not_specialize=["N"])
 def _slot_dispatch_count_kernel(
     IDS, SLOTS, COUNT, EXPERT_LOAD, ROW_LOAD, GATE, MASK, ROWS,
     N, K, M,

