@@ -36,10 +36,6 @@ from omni_passes.bench.measure import (
 )
 from omni_passes.cli.common import UserError, emit_json, say
 
-# Names another benchmark (attn_paged) still imports from here; new code imports them from
-# omni_passes.bench.measure.
-_error_text, _time_cuda = error_text, time_cuda_graph
-
 METHODS = ("ours", "sdpa_dense", "flex", "sdpa_gathered")
 MLA_LATENT, MLA_ROPE = 512, 64
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

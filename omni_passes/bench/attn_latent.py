@@ -22,8 +22,7 @@ from typing import Callable
 
 import torch
 
-# device_ceilings: attn_paged still imports it from here; new code imports omni_passes.bench.measure.
-from omni_passes.bench.measure import cold_copies, device_ceilings, error_text, method_label, rel_err  # noqa: F401
+from omni_passes.bench.measure import cold_copies, error_text, method_label, rel_err
 
 R, DR, DN, DV = 512, 64, 128, 128
 

@@ -145,8 +145,7 @@ def run(args: argparse.Namespace) -> dict:
             raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
     if args.sink < 0 or args.recent < 1:
         raise UserError(f"--sink must be >= 0 and --recent >= 1, got {args.sink}, {args.recent}")
-    from omni_passes.bench.attn import _error_text, _time_cuda
-    from omni_passes.bench.attn_latent import device_ceilings
+    from omni_passes.bench.measure import device_ceilings, error_text, time_cuda_graph
 
     device = torch.device("cuda")
     ceilings = device_ceilings(device)
@@ -170,10 +169,10 @@ def run(args: argparse.Namespace) -> dict:
                     try:
                         calls = case.calls(**override)
                         err = case.rel_err(calls[0]())
-                        row = _row(case, override, _time_cuda(calls, args.iters), err, ceilings)
+                        row = _row(case, override, time_cuda_graph(calls, args.iters), err, ceilings)
                     except Exception as exc:  # a variant that cannot launch (shared memory, ...) is a result
                         row = dict(heads=heads, batch=batch, context=ctx, override=override, us=None,
-                                   error=_error_text(exc))
+                                   error=error_text(exc))
                     rows.append(row)
                     say(_line(row))
                 del case
