@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Redundant experts in vLLM 0.26 CUDA (issue 24) on the GPU machine: the op check, the GPU tests,
 # the real MoE graph fixture, then the benchmark on DeepSeek-V2-Lite (dummy weights). Every step
-# runs under `timeout`, so one failing step does not stop the next. About 17 minutes on an H100
-# (op check 2, tests 7, fixture check under 1, benchmark 8).
+# runs under `timeout`, so one failing step does not stop the next. About 18 minutes on an H100
+# (op check 2, tests 7-8, fixture check under 1, benchmark 8-9).
 #
 #   source tools/gpu_env.sh && OUT=/path/to/out bash tools/gpu_moe.sh
 #
@@ -17,21 +17,21 @@
 #                      rows), dispatch_check.json (the Triton dispatch-and-count kernel vs the
 #                      PyTorch path, and microseconds per layer call of each, eager and in a CUDA
 #                      graph), facts.json (schemas, layer-name type), summary_none.json
-#   tests.log, tests.xml    pytest tests/gpu/vllm/test_slot_moe_cuda.py (-rA: every test's outcome)
+#   tests.log, tests.xml    pytest -v tests/gpu/vllm/test_slot_moe_cuda.py (a line per test as it ends)
 #   graphs/<engine>/piece_NNN.json   every graph vLLM gave the omni host (OMNI_PASSES_GRAPH_DUMP)
 #   vllm026_cuda_moe_piece.json      the first of them holding vllm::moe_forward_shared: the real
 #                      fixture; fixture.log: tests/unit/test_moe_forward_slots_pass.py run on it
 #   bench.log, vllm_moe_cuda.json (.partial.json after every engine), vllm_moe_cuda.png
-# Knobs (environment): OPCHECK_TIMEOUT (s, 300), TEST_TIMEOUT (s, 600), TEST_ARGS (extra pytest
-# options, e.g. "-k 'not fdo'"), BENCH_BUDGET (s of engines, 420), BENCH_TIMEOUT (s, BENCH_BUDGET +
+# Knobs (environment): OPCHECK_TIMEOUT (s, 300), TEST_TIMEOUT (s, 660), TEST_ARGS (extra pytest
+# options, e.g. "-k 'not fdo'"), BENCH_BUDGET (s of engines, 480), BENCH_TIMEOUT (s, BENCH_BUDGET +
 # 120), BENCH_ARGS (extra `bench vllm` options), SKIP_OPCHECK=1, SKIP_TESTS=1, SKIP_BENCH=1.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_moe_out}
 PY=${PY:-/opt/torch/.venv/bin/python3}
 OPCHECK_TIMEOUT=${OPCHECK_TIMEOUT:-300}
-TEST_TIMEOUT=${TEST_TIMEOUT:-600}
-BENCH_BUDGET=${BENCH_BUDGET:-420}
+TEST_TIMEOUT=${TEST_TIMEOUT:-660}
+BENCH_BUDGET=${BENCH_BUDGET:-480}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-$((BENCH_BUDGET + 120))}
 export VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1
 export PYTHONPATH=${PYTHONPATH:-/tmp/vsite:$PWD}
@@ -68,7 +68,7 @@ fi
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
     # shellcheck disable=SC2086  (TEST_ARGS is a list of options)
-    OMNI_PASSES_GRAPH_DUMP="$OUT/graphs" step tests "$TEST_TIMEOUT" tests.log "$PY" -m pytest -q -rA -p no:cacheprovider \
+    OMNI_PASSES_GRAPH_DUMP="$OUT/graphs" step tests "$TEST_TIMEOUT" tests.log "$PY" -m pytest -v -rA -p no:cacheprovider \
         --junitxml="$OUT/tests.xml" tests/gpu/vllm/test_slot_moe_cuda.py ${TEST_ARGS:-}
 fi
 
@@ -103,7 +103,8 @@ fi
     cat "$OUT/opcheck/summary_none.json" 2>/dev/null || echo "(no summary: see opcheck.log)"
     echo
     echo "--- GPU tests (tests.log): outcome of each test"
-    grep -E "^(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) |[0-9]+ (passed|failed)|^E  " "$OUT/tests.log" 2>/dev/null | head -80
+    grep -E "::.* (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)|^(FAILED|ERROR) |[0-9]+ (passed|failed)|^E  " "$OUT/tests.log" \
+        2>/dev/null | head -90
     echo
     echo "--- fixture check (fixture.log)"
     grep -E "[0-9]+ (passed|failed)|^FAILED|^E  " "$OUT/fixture.log" 2>/dev/null | head -20

@@ -19,8 +19,8 @@ Engines, one at a time (each in its own process, engine core in-process), in thi
     off_warm       passes off again on the compile cache (warm start; a second off measurement)
     identity_warm  identity again on the compile cache (warm start)
 
-Each engine runs the same timed rounds (``--moe-rounds`` per batch, batches 1, 16 and 64 in
-turn: ``--moe-prompt-tokens`` random token ids each, ``--moe-output-tokens`` greedy tokens):
+Each engine runs the same timed rounds (``--moe-rounds`` per batch, one on a warm start;
+batches 1, 16 and 64 in turn: ``--moe-prompt-tokens`` random token ids each, ``--moe-output-tokens`` greedy tokens):
 output tokens/s of the round (prefill included) and TPOT (median decode step while every
 request decodes), each beside the HBM floor of that step (weights and KV bytes the step must
 read, over the device copy bandwidth measured in that engine: ``vllm_moe_figures``). Ratios are
@@ -206,11 +206,12 @@ def engine_kwargs(model: str, config: str | None, args: argparse.Namespace, util
 
 
 def measure(engine: Engine, record: dict, args: argparse.Namespace, save) -> None:
-    """The timed rounds: ``--moe-rounds`` per batch, batches in turn; one untimed warm-up first."""
+    """The timed rounds: ``--moe-rounds`` per batch (one on a warm start: a second measurement
+    of its configuration, not the main one), batches in turn; one untimed warm-up first."""
     batches = [int(b) for b in args.moe_batches.split(",")]
     engine.ask("round", _round(batches[-1], args, seed=0, tag="warm-"))
     record.setdefault("rounds", [])
-    for i in range(args.moe_rounds):
+    for i in range(1 if engine.name.endswith("_warm") else args.moe_rounds):
         for batch in batches:
             value = engine.ask("round", _round(batch, args, seed=1000 * (i + 1) + batch, tag=f"r{i}b{batch}-"))
             record["rounds"].append(value)

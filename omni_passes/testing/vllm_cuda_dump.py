@@ -299,7 +299,7 @@ def dispatch_check(worker=None, experts: int = 64, top_k: int = 6, slots: int = 
     hot = torch.softmax(torch.randn(experts, device=dev, generator=gen) * 1.5, 0)  # a skewed router
     results: dict = {"experts": experts, "top_k": top_k, "slots": slots, "cases": []}
     for tokens in DISPATCH_SIZES:
-        ids = torch.multinomial(hot.expand(tokens, experts), top_k, generator=gen).to(torch.int32)
+        ids = torch.multinomial(hot.expand(tokens, experts).contiguous(), top_k, generator=gen).to(torch.int32)
         mask = torch.rand(tokens + 3, device=dev, generator=gen) > 0.1
         state = {"replica_slots": table, "replica_count": count,
                  "expert_load": torch.zeros(1, experts, dtype=torch.int64, device=dev),

@@ -65,7 +65,7 @@ MAX_TOKENS = 16
 TOP_K, EXPERTS, MOE_LAYERS = 4, 16, 3          # the tiny checkpoint's (omni_passes.testing.vllm_cuda_dump)
 RANKS, SLOTS_PER_RANK = 4, 5                   # 20 slots: 4 redundant
 REBALANCE = {"interval_steps": 24, "window_steps": 24, "min_gain": 0.0, "layer_min_gain": 0.0, "max_moves": 8}
-TIMEOUT = 900
+TIMEOUT = 420  # per engine: a hung one prints every thread's stack 30 s before (vllm_cuda_engine --hang-dump)
 
 
 # ----------------------------------------------------------------------------- 1. the kernel
@@ -85,7 +85,7 @@ def test_dispatch_kernel_matches_the_pytorch_path(tokens):
     experts, top_k, slots = 64, 6, 72
     table, count = _tables(experts, 9, slots, gen)
     hot = torch.softmax(torch.randn(experts, device="cuda", generator=gen) * 1.5, 0)
-    ids = torch.multinomial(hot.expand(tokens, experts), top_k, generator=gen).to(torch.int32)
+    ids = torch.multinomial(hot.expand(tokens, experts).contiguous(), top_k, generator=gen).to(torch.int32)
     mask = torch.rand(tokens + 3, device="cuda", generator=gen) > 0.2
 
     def state():
