@@ -12,15 +12,16 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import web
-
 from proxy.server.errors import client_error
+from proxy.server.front import Answer, Request, Routes
 from proxy.server.instances import normalize_url
 from proxy.wire.openai import RequestError, parse_json_body
 
+ADMIN_BODY_BYTES = 1 << 16
 
-def _json(document: Any, status: int = 200) -> web.Response:
-    return web.Response(body=json.dumps(document).encode(), status=status, content_type="application/json")
+
+def _json(document: Any, status: int = 200) -> Answer:
+    return Answer(status, json.dumps(document).encode())
 
 
 class AdminRoutes:
@@ -32,34 +33,34 @@ class AdminRoutes:
         self.add = add
         self.remove = remove
 
-    def install(self, app: web.Application) -> None:
-        app.router.add_get("/admin/instances", self.list_instances)
-        app.router.add_post("/admin/instances", self.add_instance)
-        app.router.add_delete("/admin/instances", self.remove_instance)
+    def install(self, routes: Routes) -> None:
+        routes.add("GET", "/admin/instances", self.list_instances)
+        routes.add("POST", "/admin/instances", self.add_instance)
+        routes.add("DELETE", "/admin/instances", self.remove_instance)
 
-    def _denied(self, request: web.Request) -> web.Response | None:
+    def _denied(self, request: Request) -> Answer | None:
         if not self.token:
             return client_error("admin endpoints are disabled: start omni-proxy serve with --admin-token "
                                 "(or OMNI_PROXY_ADMIN_TOKEN)", 403, None, "permission_error")
-        given = request.headers.get("Authorization", "")
+        given = request.headers.get("authorization", "")
         if not given.startswith("Bearer ") or not hmac.compare_digest(given[7:].encode(), self.token.encode()):
             return client_error("admin endpoints need the header 'Authorization: Bearer <admin token>'", 401, None,
                                 "authentication_error")
         return None
 
-    async def _body(self, request: web.Request) -> dict[str, Any]:
+    async def _body(self, request: Request) -> dict[str, Any]:
         try:
-            body = parse_json_body(await request.read())
-        except RequestError:
+            body = parse_json_body(await request.read(ADMIN_BODY_BYTES))
+        except (RequestError, ValueError):
             body = {}
         if not body and request.query.get("url"):
             body = dict(request.query)
         return body
 
-    async def list_instances(self, request: web.Request) -> web.Response:
+    async def list_instances(self, request: Request) -> Answer:
         return self._denied(request) or _json(self.listing())
 
-    async def add_instance(self, request: web.Request) -> web.Response:
+    async def add_instance(self, request: Request) -> Answer:
         denied = self._denied(request)
         if denied:
             return denied
@@ -80,7 +81,7 @@ class AdminRoutes:
             return client_error(str(exc), 400, None, param="url")
         return _json(described, 201)
 
-    async def remove_instance(self, request: web.Request) -> web.Response:
+    async def remove_instance(self, request: Request) -> Answer:
         denied = self._denied(request)
         if denied:
             return denied

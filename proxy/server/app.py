@@ -3,7 +3,8 @@
 A completion goes: read the body (``intake``: size and time limits) -> prepare it (``prepare``:
 parse, validate, drop engine-steering fields, tokenize, hash; in a worker process when large)
 -> route (``routing``: the policy, holding the request while every instance is at its limits)
--> forward (``forward``, each attempt an ``exchange``; PD mode: ``pd`` first) -> relay (``relay``). The prober (``prober``)
+-> forward (``forward``, each attempt an ``exchange``; PD mode: ``pd`` first) -> relay (``relay``). Clients are
+served by ``front`` (an asyncio protocol over llhttp), instances reached through ``http1``. The prober (``prober``)
 and the circuit breakers (``instances``) decide which instances are usable; when one is
 declared down, its attempts in flight (``attempts``) fail over. ``admin``, ``passthrough`` and
 ``metrics`` are the other routes. This module wires the pieces together and maps outcomes to
@@ -19,14 +20,13 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import web
-
 from proxy.server.admin import AdminRoutes
 from proxy.server.attempts import Call, InFlight
 from proxy.server.config import ProxyConfig
 from proxy.server.errors import AllAttemptsFailed, NoCapacity, NoInstance, UpstreamRejected, client_error
 from proxy.server.exchange import Exchanges
 from proxy.server.forward import Forwarder
+from proxy.server.front import Answer, HttpServer, Request, Response, Routes
 from proxy.server.instances import CircuitBreaker, Instance, Registry
 from proxy.server.intake import Intake
 from proxy.server.kv_subscriber import KVEventSubscriber
@@ -80,8 +80,8 @@ class ProxyServer:
                                        c.retries, c.default_max_tokens, self._handle)
         self.admin = AdminRoutes(c.admin_token, c.mode, self._listing, self._admin_add, self.remove_instance)
         self.subscribers: dict[str, KVEventSubscriber] = {}
-        self._runner: web.AppRunner | None = None
-        self._server = None
+        self._serve_completion, self._serve_chat = self._completion(False), self._completion(True)
+        self._http: HttpServer | None = None
         self._tasks: list[asyncio.Task] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         for role, urls in (("prefill", c.prefill), ("decode", c.decode), ("collocated", c.instances)):
@@ -165,15 +165,15 @@ class ProxyServer:
         return self._describe(inst)
 
     # -- lifecycle ------------------------------------------------------------------------------------
-    def build_app(self) -> web.Application:
-        app = web.Application(client_max_size=self.config.max_body_bytes)
-        app.router.add_post("/v1/completions", self.completions)
-        app.router.add_post("/v1/chat/completions", self.chat_completions)
-        app.router.add_get("/health", self.health)
-        app.router.add_get("/metrics", self.metrics_endpoint)
-        self.passthrough.install(app)
-        self.admin.install(app)
-        return app
+    def routes(self) -> Routes:
+        routes = Routes()
+        routes.add("POST", "/v1/completions", self.completions)
+        routes.add("POST", "/v1/chat/completions", self.chat_completions)
+        routes.add("GET", "/health", self.health)
+        routes.add("GET", "/metrics", self.metrics_endpoint)
+        self.passthrough.install(routes)
+        self.admin.install(routes)
+        return routes
 
     async def start(self) -> "ProxyServer":
         self._loop = asyncio.get_running_loop()
@@ -183,14 +183,9 @@ class ProxyServer:
             self._watch(url)
         # keepalive_timeout closes a connection idle (or with an incomplete request head) that long;
         # after an answer to a body not read to its end (408, 413), the rest is drained for
-        # LINGER_S at most before the connection closes (aiohttp's default is 10 s)
-        self._runner = web.AppRunner(self.build_app(), handler_cancellation=True, access_log=None,
-                                     keepalive_timeout=c.keepalive_timeout, lingering_time=LINGER_S)
-        await self._runner.setup()
-        self._server = await self._loop.create_server(self._runner.server, c.host, c.port, reuse_address=True,
-                                                      backlog=4096)
-        if c.port == 0:
-            c.port = self._server.sockets[0].getsockname()[1]
+        # LINGER_S at most before the connection closes
+        self._http = HttpServer(self.routes(), c.keepalive_timeout, LINGER_S)
+        c.port = await self._http.start(c.host, c.port)
         self._tasks.append(self._loop.create_task(self._housekeeping(), name="proxy-housekeeping"))
         log.info("omni-proxy serve: %s mode, policy %s, listening on %s", c.mode, c.policy, self.url)
         return self
@@ -202,10 +197,9 @@ class ProxyServer:
         self._tasks.clear()
         await self.prober.stop()
         self.router.close()
-        if self._server is not None:
-            self._server.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
         for sub in self.subscribers.values():
             await sub.stop()
         await self.upstream.close()
@@ -221,14 +215,14 @@ class ProxyServer:
                 self.index.expire(self.now())
 
     # -- completions ------------------------------------------------------------------------------------
-    async def completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._handle(request, "completions", self._completion(False), "/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self._handle(request, "completions", self._serve_completion, "/v1/completions")
 
-    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._handle(request, "chat", self._completion(True), "/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._handle(request, "chat", self._serve_chat, "/v1/chat/completions")
 
-    def _completion(self, chat: bool) -> Callable[[Call], Awaitable[web.StreamResponse]]:
-        async def serve(call: Call) -> web.StreamResponse:
+    def _completion(self, chat: bool) -> Callable[[Call], Awaitable[Response]]:
+        async def serve(call: Call) -> Response:
             raw = await self.intake.read(call.request)
             if not isinstance(raw, bytes):
                 self.metrics.offloaded.inc()
@@ -243,11 +237,11 @@ class ProxyServer:
 
         return serve
 
-    async def _handle(self, request: web.Request, endpoint: str, serve: Callable[[Call], Awaitable[web.StreamResponse]],
-                      path: str | None = None) -> web.StreamResponse:
+    async def _handle(self, request: Request, endpoint: str, serve: Callable[[Call], Awaitable[Response]],
+                      path: str | None = None) -> Response:
         """Run ``serve`` and turn every outcome into an answer and a metric."""
         t0 = self.now()
-        rid = request.headers.get("X-Request-Id") or f"omni-{uuid.uuid4().hex}"
+        rid = request.headers.get("x-request-id") or f"omni-{uuid.uuid4().hex}"
         call = Call(request, rid, t0, path or request.path, endpoint)
         try:
             response = await serve(call)
@@ -261,12 +255,11 @@ class ProxyServer:
             call.outcome = "client_error"
             response = client_error(exc.message, exc.status, rid, param=exc.param)
             if exc.status in (408, 413):
-                response.force_close()  # the rest of the body may still be on its way
+                response.close = True  # the rest of the body may still be on its way
             return response
         except UpstreamRejected as exc:
             call.outcome = "upstream_4xx"
-            return web.Response(body=exc.body, status=exc.status, content_type="application/json",
-                                headers={"X-Request-Id": rid})
+            return Answer(exc.status, exc.body, headers=(("X-Request-Id", rid),))
         except NoInstance as exc:
             call.outcome = "no_instance"
             log.warning("request %s: %s (%s)", rid, exc, getattr(exc, "detail", ""))
@@ -290,14 +283,13 @@ class ProxyServer:
             self.metrics.requests.labels(endpoint, call.outcome).inc()
 
     # -- own endpoints ------------------------------------------------------------------------------------
-    async def health(self, request: web.Request) -> web.Response:
+    async def health(self, request: Request) -> Answer:
         now = self.now()
         usable = {role: len(self.registry.usable(role, now)) for role in ("prefill", "decode", "collocated")
                   if self.registry.of_role(role)}
         ok = usable.get("decode" if self.config.mode == "pd" else "collocated", 0) > 0
-        return web.Response(body=json.dumps({"status": "ok" if ok else "unavailable", "mode": self.config.mode,
-                                             "usable": usable}).encode(),
-                            status=200 if ok else 503, content_type="application/json")
+        return Answer(200 if ok else 503, json.dumps({"status": "ok" if ok else "unavailable", "mode": self.config.mode,
+                                                      "usable": usable}).encode())
 
-    async def metrics_endpoint(self, request: web.Request) -> web.Response:
-        return web.Response(body=self.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+    async def metrics_endpoint(self, request: Request) -> Answer:
+        return Answer(200, self.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")

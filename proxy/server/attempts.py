@@ -20,8 +20,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from aiohttp import web
-
+from proxy.server.front import Request
 from scheduling.policies import RequestInfo
 
 
@@ -30,7 +29,7 @@ class Call:
 
     __slots__ = ("request", "rid", "t0", "path", "endpoint", "prepared", "info", "outcome", "ttft", "served_by", "head")
 
-    def __init__(self, request: web.Request, rid: str, t0: float, path: str, endpoint: str):
+    def __init__(self, request: Request, rid: str, t0: float, path: str, endpoint: str):
         self.request = request
         self.rid = rid
         self.t0 = t0

@@ -11,8 +11,7 @@ id; the client gets an OpenAI-shaped error that carries the request id and nothi
 
 from __future__ import annotations
 
-from aiohttp import web
-
+from proxy.server.front import Answer
 from proxy.wire.openai import error_bytes
 
 __all__ = ["AttemptFailed", "UpstreamRejected", "AllAttemptsFailed", "NoInstance", "NoCapacity", "client_error"]
@@ -59,10 +58,8 @@ class AllAttemptsFailed(Exception):
 
 
 def client_error(message: str, status: int, rid: str | None, kind: str | None = None,
-                 param: str | None = None) -> web.Response:
-    """An OpenAI-style error response; the request id goes into the message and the header."""
+                 param: str | None = None) -> Answer:
+    """An OpenAI-style error answer; the request id goes into the message and the header."""
     if rid:
         message = f"{message} (request id {rid})"
-    headers = {"X-Request-Id": rid} if rid else None
-    return web.Response(body=error_bytes(message, status, kind, param), status=status,
-                        content_type="application/json", headers=headers)
+    return Answer(status, error_bytes(message, status, kind, param), headers=(("X-Request-Id", rid),) if rid else None)

@@ -23,8 +23,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import shared_memory
 
-from aiohttp import web
-
+from proxy.server.front import Request
 from proxy.server.prepare import Prepared, PrepareSpec, prepare
 from proxy.wire.openai import RequestError
 from proxy.wire.tokens import make_tokenizer
@@ -127,30 +126,44 @@ class Intake:
     def offloads(self, size: int) -> bool:
         return 0 < self.offload_bytes <= size
 
-    async def read(self, request: web.Request) -> bytes | SharedBody:
+    async def read(self, request: Request) -> bytes | SharedBody:
         """The body: bytes, or a SharedBody when it is large enough to be prepared in a worker."""
         limit = self.max_body_bytes
         length = request.content_length
         if length is not None and length > limit:
             raise RequestError(f"request body is {length} bytes, over the limit of {limit} bytes (--max-body-bytes)", 413)
+        offload = length is not None and self.offloads(length)
+        if not offload:
+            whole = request.take_complete()  # the usual case: the body came with the head
+            if whole is not None:
+                if len(whole) > limit:
+                    raise self._too_large()
+                return whole
         try:
             async with asyncio.timeout(self.body_timeout):
-                if length is None or not self.offloads(length):
-                    return await request.read()
+                if not offload:
+                    parts, size = [], 0
+                    while chunk := await request.readany():
+                        size += len(chunk)
+                        if size > limit:  # a chunked body (no Content-Length)
+                            raise self._too_large()
+                        parts.append(chunk)
+                    return b"".join(parts)
                 body = SharedBody(length)
                 try:
-                    while chunk := await request.content.readany():
+                    while chunk := await request.readany():
                         body.append(chunk)
                 except BaseException:
                     body.close()
                     raise
                 return body
-        except web.HTTPRequestEntityTooLarge:
-            raise RequestError(f"request body is over the limit of {limit} bytes (--max-body-bytes)", 413) from None
         except TimeoutError:
             raise RequestError(f"request body not received within {self.body_timeout:g} s (--body-timeout)", 408) from None
 
-    async def read_bytes(self, request: web.Request) -> bytes:
+    def _too_large(self) -> RequestError:
+        return RequestError(f"request body is over the limit of {self.max_body_bytes} bytes (--max-body-bytes)", 413)
+
+    async def read_bytes(self, request: Request) -> bytes:
         body = await self.read(request)
         if isinstance(body, SharedBody):
             try:

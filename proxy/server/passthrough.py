@@ -20,11 +20,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from aiohttp import web
-
 from proxy.server.attempts import Call
 from proxy.server.errors import AttemptFailed, UpstreamRejected, client_error
 from proxy.server.forward import Forwarder
+from proxy.server.front import Answer, Request, Response, Routes
 from proxy.server.prepare import Prepared, scrub
 from proxy.server.relay import RESPONSES
 from proxy.server.routing import Router
@@ -53,14 +52,14 @@ class Passthrough:
         self.owners: OrderedDict[str, str] = OrderedDict()  # response id -> instance
         self._turn = 0
 
-    def install(self, app: web.Application) -> None:
-        app.router.add_get("/v1/models", self.models)
-        app.router.add_get("/version", self.version)
-        app.router.add_post("/tokenize", self.tokenize)
-        app.router.add_post("/detokenize", self.detokenize)
-        app.router.add_post("/v1/responses", self.responses)
-        app.router.add_get("/v1/responses/{id}", self.response_get)
-        app.router.add_post("/v1/responses/{id}/cancel", self.response_cancel)
+    def install(self, routes: Routes) -> None:
+        routes.add("GET", "/v1/models", self.models)
+        routes.add("GET", "/version", self.version)
+        routes.add("POST", "/tokenize", self.tokenize)
+        routes.add("POST", "/detokenize", self.detokenize)
+        routes.add("POST", "/v1/responses", self.responses)
+        routes.add("GET", "/v1/responses/{id}", self.response_get)
+        routes.add("POST", "/v1/responses/{id}/cancel", self.response_cancel)
 
     # -- any instance ---------------------------------------------------------------------------
     def _any(self) -> list[str]:
@@ -73,19 +72,19 @@ class Passthrough:
             out += urls[k:] + urls[:k]
         return out
 
-    async def models(self, request: web.Request) -> web.StreamResponse:
+    async def models(self, request: Request) -> Response:
         return await self._simple(request, "GET", "/v1/models", None, self._any())
 
-    async def version(self, request: web.Request) -> web.StreamResponse:
+    async def version(self, request: Request) -> Response:
         return await self._simple(request, "GET", "/version", None, self._any())
 
-    async def tokenize(self, request: web.Request) -> web.StreamResponse:
+    async def tokenize(self, request: Request) -> Response:
         return await self._simple_post(request, "/tokenize")
 
-    async def detokenize(self, request: web.Request) -> web.StreamResponse:
+    async def detokenize(self, request: Request) -> Response:
         return await self._simple_post(request, "/detokenize")
 
-    async def _simple_post(self, request: web.Request, path: str) -> web.StreamResponse:
+    async def _simple_post(self, request: Request, path: str) -> Response:
         rid = _rid(request)
         try:
             raw = await self.intake.read_bytes(request)
@@ -95,8 +94,8 @@ class Passthrough:
         dropped = scrub(body)
         return await self._simple(request, "POST", path, json.dumps(body).encode() if dropped else raw, self._any(), rid)
 
-    async def _simple(self, request: web.Request, method: str, path: str, payload: bytes | None, urls: list[str],
-                      rid: str | None = None) -> web.StreamResponse:
+    async def _simple(self, request: Request, method: str, path: str, payload: bytes | None, urls: list[str],
+                      rid: str | None = None) -> Response:
         """One instance's JSON answer, trying the next on failure."""
         rid = rid or _rid(request)
         if not urls:
@@ -107,25 +106,23 @@ class Passthrough:
                 async with self.forwarder.exchanges.open(rid, url, "passthrough") as ex:
                     data, _ = await ex.send(method, path, payload, self.upstream.read_json, self.timeout,
                                             f"answer to {path}")
-                    return web.Response(body=data, status=ex.resp.status, content_type="application/json",
-                                        headers={"X-Request-Id": rid})
+                    return Answer(ex.resp.status, data, headers=(("X-Request-Id", rid),))
             except UpstreamRejected as exc:
-                return web.Response(body=exc.body, status=exc.status, content_type="application/json",
-                                    headers={"X-Request-Id": rid})
+                return Answer(exc.status, exc.body, headers=(("X-Request-Id", rid),))
             except AttemptFailed as failure:
                 failures += 1
                 log.warning("request %s: %s %s on %s failed: %s: %s", rid, method, path, url, failure.kind, failure.detail)
         return client_error(f"no instance answered {path} ({failures} attempt(s) failed)", 502, rid, "upstream_error")
 
     # -- responses --------------------------------------------------------------------------------
-    async def responses(self, request: web.Request) -> web.StreamResponse:
+    async def responses(self, request: Request) -> Response:
         if self.mode == "pd":
             return client_error("/v1/responses is not served in pd mode (vLLM's disaggregation protocol covers "
                                 "completions and chat completions only); use a collocated proxy", 501,
                                 _rid(request), "not_implemented")
         return await self.serve(request, "responses", self._responses, "/v1/responses")
 
-    async def _responses(self, call: Call) -> web.StreamResponse:
+    async def _responses(self, call: Call) -> Response:
         raw = await self.intake.read_bytes(call.request)
         body = parse_json_body(raw)
         text = _responses_text(body)
@@ -150,13 +147,13 @@ class Passthrough:
                     self.owners.popitem(last=False)
         return response
 
-    async def response_get(self, request: web.Request) -> web.StreamResponse:
+    async def response_get(self, request: Request) -> Response:
         return await self._owned(request, "GET", f"/v1/responses/{request.match_info['id']}")
 
-    async def response_cancel(self, request: web.Request) -> web.StreamResponse:
+    async def response_cancel(self, request: Request) -> Response:
         return await self._owned(request, "POST", f"/v1/responses/{request.match_info['id']}/cancel")
 
-    async def _owned(self, request: web.Request, method: str, path: str) -> web.StreamResponse:
+    async def _owned(self, request: Request, method: str, path: str) -> Response:
         rid = _rid(request)
         if self.mode == "pd":
             return client_error("/v1/responses is not served in pd mode", 501, rid, "not_implemented")
@@ -169,8 +166,8 @@ class Passthrough:
         return await self._simple(request, method, path, b"{}" if method == "POST" else None, [owner], rid)
 
 
-def _rid(request: web.Request) -> str:
-    return request.headers.get("X-Request-Id") or f"omni-{uuid.uuid4().hex}"
+def _rid(request: Request) -> str:
+    return request.headers.get("x-request-id") or f"omni-{uuid.uuid4().hex}"
 
 
 def _responses_text(body: dict[str, Any]) -> str:

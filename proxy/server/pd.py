@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import logging
 
-from aiohttp import web
-
 from proxy.server.attempts import Call
 from proxy.server.errors import AllAttemptsFailed, NoCapacity, NoInstance
 from proxy.server.forward import Forwarder
+from proxy.server.front import Response
 from proxy.server.metrics import ProxyMetrics
 from proxy.server.routing import Router
 from scheduling.load import Ticket
@@ -37,7 +36,7 @@ class PDFlow:
         self.prefill_timeout = prefill_timeout
         self._warned_no_kv = False
 
-    async def serve(self, call: Call) -> web.StreamResponse:
+    async def serve(self, call: Call) -> Response:
         prepared = call.prepared
         if self.router.bypass_prefill(call.info):
             return await self.forwarder.serve(call, "decode", prepared.decode_payload, None)

@@ -20,9 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
-from aiohttp import web
 
 from proxy.server.attempts import Attempt, Call, Watchdog
+from proxy.server.front import Stream
 from proxy.server.upstream import MAX_EVENT
 from proxy.wire.openai import SSE_DONE, error_body, events_end, sse_event
 
@@ -63,7 +63,7 @@ class Relayed:
     why: str | None = None
 
 
-async def relay(call: Call, attempt: Attempt, resp: aiohttp.ClientResponse, out: web.StreamResponse,
+async def relay(call: Call, attempt: Attempt, resp, out: Stream,
                 first: bytes, pending: bytes, dialect: Dialect, write_idle_s: float,
                 grow: Callable[[int], None]) -> Relayed:
     """Write ``first`` and then the rest of the upstream stream to ``out``.
@@ -84,7 +84,7 @@ async def relay(call: Call, attempt: Attempt, resp: aiohttp.ClientResponse, out:
                     attempt.waiting_since = loop.time()
                     try:
                         chunk = await resp.content.readany()
-                    except (aiohttp.ClientError, OSError) as exc:
+                    except (aiohttp.ClientError, OSError) as exc:  # aiohttp: instances not on http://
                         why = f"upstream broke: {type(exc).__name__}: {exc}"
                         break
                     attempt.waiting_since = None

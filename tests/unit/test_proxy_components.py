@@ -280,33 +280,27 @@ async def test_policy_hooks_get_what_the_proxy_saw():
 @pytest.mark.asyncio
 async def test_event_stream_sends_headers_and_first_event_in_one_segment():
     """The client's first read of a proxied stream holds the whole header block and the first
-    event (one write; a plain StreamResponse sends the headers on prepare, alone)."""
-    from aiohttp import web
-
-    from proxy.server.forward import EventStream
+    event (one write; the proxy's server sends a stream's head with its first write)."""
+    from proxy.server.front import HttpServer, Routes
 
     first = b'data: {"choices":[{"text":"a"}]}\n\n'
     prepared, sent = asyncio.Event(), asyncio.Event()
 
     async def handler(request):
-        out = EventStream(headers={"Content-Type": "text/event-stream"})
-        await out.prepare(request)
+        out = request.stream(200, ())
         prepared.set()
         await asyncio.sleep(0.2)  # the client reads meanwhile: nothing may have gone out yet
         await out.write(first)
         sent.set()
         await asyncio.sleep(0.2)
         await out.write(b"data: [DONE]\n\n")
-        await out.write_eof()
+        await out.end()
         return out
 
-    app = web.Application()
-    app.router.add_get("/s", handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
+    routes = Routes()
+    routes.add("GET", "/s", handler)
+    server = HttpServer(routes, keepalive_timeout=5, linger_s=1)
+    port = await server.start("127.0.0.1", 0)
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET /s HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -324,4 +318,4 @@ async def test_event_stream_sends_headers_and_first_event_in_one_segment():
         assert rest.startswith(b"e\r\ndata: [DONE]\n\n\r\n")
         writer.close()
     finally:
-        await runner.cleanup()
+        await server.close()
