@@ -43,7 +43,6 @@ import argparse
 import json
 import math
 import multiprocessing as mp
-import os
 import queue
 import subprocess
 import sys
@@ -188,8 +187,8 @@ class Engine:
         self.commands.put(None)
         try:
             self.receive("stopped", timeout=120)
-        except Exception:  # noqa: BLE001  (an engine that failed has said so already)
-            pass
+        except Exception as exc:  # noqa: BLE001  (an engine that failed has said so already)
+            say(f"engine {self.name} did not stop cleanly: {str(exc)[:300]}")
         self.proc.join(timeout=60)
         if self.proc.is_alive():
             self.proc.terminate()

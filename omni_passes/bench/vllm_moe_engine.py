@@ -194,9 +194,10 @@ def engine_main(name: str, model: str, pass_config: str | None, kwargs: dict, ca
         llm = LLM(**kwargs)
         ready: dict[str, Any] = {"startup_s": time.perf_counter() - begin, "device": torch.cuda.get_device_name()}
         ready["skew"] = llm.apply_model(functools.partial(apply_skew, **skew))[0]
-        for key, measure in (("weights", lambda: llm.apply_model(count_weights)[0]), ("copy_bandwidth", copy_bandwidth)):
+        for key, measure, arguments in (("weights", llm.apply_model, (count_weights,)), ("copy_bandwidth", copy_bandwidth, ())):
             try:  # each on its own: a failing figure leaves the rounds standing
-                ready[key] = measure()
+                found = measure(*arguments)
+                ready[key] = found[0] if key == "weights" else found
             except Exception as exc:  # noqa: BLE001
                 ready[f"{key}_error"] = f"{type(exc).__name__}: {exc}"
         results.put((name, "ready", ready))

@@ -286,6 +286,8 @@ def dispatch_check(worker=None, experts: int = 64, top_k: int = 6, slots: int = 
     counts (skewed ids, a padding mask), and the time of one layer call of each, eagerly and
     replayed from a CUDA graph (microseconds). DeepSeek-V2-Lite's shape: 64 experts, top-6,
     8 redundant slots. Runs in the worker or in any CUDA process (``worker`` is unused)."""
+    import functools
+
     import torch
 
     from kernels.state import register_state, unregister_state
@@ -313,8 +315,8 @@ def dispatch_check(worker=None, experts: int = 64, top_k: int = 6, slots: int = 
             case = {"tokens": tokens, "entries": tokens * top_k, "rows_equal": bool(torch.equal(got, expected)),
                     "expert_load_equal": bool(torch.equal(e_load, state["expert_load"][0])),
                     "row_load_equal": bool(torch.equal(r_load, state["row_load"][0]))}
-            triton_call = lambda: slot_dispatch_count(ids, table[0], count[0], e_load, r_load, state["gate"], mask)  # noqa: E731
-            torch_call = lambda: dispatch_and_count_reference(handle, 0, ids, mask[:tokens])  # noqa: E731
+            triton_call = functools.partial(slot_dispatch_count, ids, table[0], count[0], e_load, r_load, state["gate"], mask)
+            torch_call = functools.partial(dispatch_and_count_reference, handle, 0, ids, mask[:tokens])
             for name, call in (("triton", triton_call), ("torch", torch_call)):
                 case[f"{name}_eager_us"] = _time_us(call)
                 case[f"{name}_graph_us"] = _time_graph_us(call)

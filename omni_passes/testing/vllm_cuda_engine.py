@@ -68,8 +68,9 @@ def engine_kwargs(model: str, pass_config: str | None, *, capture_sizes: list[in
     compilation: dict[str, Any] = {"cudagraph_capture_sizes": list(capture_sizes)}
     if cudagraph_mode:
         compilation["cudagraph_mode"] = cudagraph_mode
-    kwargs: dict[str, Any] = dict(model=model, dtype="bfloat16", max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                                  seed=0, gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=False)
+    kwargs: dict[str, Any] = {"model": model, "dtype": "bfloat16", "max_model_len": max_model_len,
+                              "max_num_seqs": max_num_seqs, "seed": 0, "gpu_memory_utilization": gpu_memory_utilization,
+                              "enable_prefix_caching": False}
     if pass_config:
         compilation["inductor_passes"] = dict(COMPILE_PASS)
         kwargs["worker_extension_cls"] = WORKER_EXTENSION
