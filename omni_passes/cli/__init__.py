@@ -24,7 +24,7 @@ BENCHES = {
     "attn-paged": ("omni_passes.bench.attn_paged", "paged sink+recent MLA decode (vLLM's cache layout) vs its floors"),
     "placement": ("omni_passes.bench.placement", "expert placement: ours vs vLLM's EPLB"),
     "ep": ("omni_passes.bench.ep", "expert parallelism across GPUs with each placement"),
-    "vllm": ("omni_passes.bench.vllm", "vLLM (CPU) offline throughput with the passes on vs off"),
+    "vllm": ("omni_passes.bench.vllm", "vLLM with the passes on vs off: CPU; --device cuda placement engines; --kv sink+recent KV"),
 }
 
 
