@@ -14,9 +14,10 @@ answers: errors are OpenAI-shaped, carry the request id, and never upstream text
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
-import uuid
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -81,6 +82,9 @@ class ProxyServer:
         self.admin = AdminRoutes(c.admin_token, c.mode, self._listing, self._admin_add, self.remove_instance)
         self.subscribers: dict[str, KVEventSubscriber] = {}
         self._serve_completion, self._serve_chat = self._completion(False), self._completion(True)
+        # request ids made here: 32 hex digits as uuid4's, a random prefix per process and a
+        # counter (uuid4 reads the OS's random source for every request)
+        self._rid_prefix, self._rid_seq = os.urandom(10).hex(), itertools.count()
         self._http: HttpServer | None = None
         self._tasks: list[asyncio.Task] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -241,7 +245,7 @@ class ProxyServer:
                       path: str | None = None) -> Response:
         """Run ``serve`` and turn every outcome into an answer and a metric."""
         t0 = self.now()
-        rid = request.headers.get("x-request-id") or f"omni-{uuid.uuid4().hex}"
+        rid = request.headers.get("x-request-id") or f"omni-{self._rid_prefix}{next(self._rid_seq):012x}"
         call = Call(request, rid, t0, path or request.path, endpoint)
         try:
             response = await serve(call)

@@ -88,8 +88,8 @@ class Answer:
 
 class Stream:
     """A streamed answer. Its head leaves with the first ``write`` (one write, one TCP segment
-    fewer before the first token); ``end`` finishes it. ``write`` waits only while the client's
-    socket buffer is full."""
+    fewer before the first token); ``end``, or a ``write`` marked ``last``, finishes it.
+    ``write`` waits only while the client's socket buffer is full."""
 
     __slots__ = ("conn", "head", "chunked", "started", "ended")
 
@@ -103,32 +103,28 @@ class Stream:
         self.started = False
         self.ended = False
 
-    async def write(self, data: bytes) -> None:
-        if not data:
+    async def write(self, data: bytes, last: bool = False) -> None:
+        """Send ``data``; with ``last``, the end of the stream goes in the same write."""
+        if not data and not last:
             return
         conn = self.conn
-        if conn.closing:
+        if conn.closing or self.ended:
             raise ConnectionResetError("the client connection is closed")
-        frame = b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data
+        frame = b"%x\r\n%b\r\n" % (len(data), data) if self.chunked and data else data
         if not self.started:
             self.started = True
             frame = self.head + frame
+        if last:
+            self.ended = True
+            if self.chunked:
+                frame += b"0\r\n\r\n"
         conn.transport.write(frame)
         if conn.write_paused:
             await conn.drain()
 
     async def end(self) -> None:
-        if self.ended:
-            return
-        self.ended = True
-        conn = self.conn
-        if conn.closing:
-            raise ConnectionResetError("the client connection is closed")
-        out = b"" if self.started else self.head
-        self.started = True
-        conn.transport.write(out + b"0\r\n\r\n" if self.chunked else out)
-        if conn.write_paused:
-            await conn.drain()
+        if not self.ended:
+            await self.write(b"", last=True)
 
 
 Response = Union[Answer, Stream]

@@ -62,6 +62,10 @@ class Response:
         """The body bytes that arrived since the last call (waiting for some); b"" at its end."""
         return await self._conn.readany()
 
+    def at_eof(self) -> bool:
+        """The whole body has arrived and been read."""
+        return self._conn._complete and not self._conn._body
+
     async def read(self) -> bytes:
         parts = []
         while chunk := await self._conn.readany():

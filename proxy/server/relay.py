@@ -100,13 +100,14 @@ async def relay(call: Call, attempt: Attempt, resp, out: Stream,
                             break
                         if not chunk:
                             continue
+                    done = dialect.terminal(chunk)
                     attempt.writing_since = loop.time()
-                    await out.write(chunk)
+                    # the final event with the upstream body at its end: the stream's end goes with it
+                    await out.write(chunk, last=done and not pending and resp.content.at_eof())
                     attempt.writing_since = None
                     n = chunk.count(b"data: ")
                     events += n
                     grow(n)
-                    done = dialect.terminal(chunk)
                     before, last = last, chunk
             finally:
                 dog.stop()

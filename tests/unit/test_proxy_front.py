@@ -113,8 +113,8 @@ async def test_streams_are_chunked_on_http_1_1_and_raw_then_closed_on_http_1_0()
     async def stream(request):
         out = request.stream(200, (("X-Request-Id", "s1"),))
         await out.write(b"data: 1\n\n")
-        await out.write(b"data: [DONE]\n\n")
-        await out.end()
+        await out.write(b"data: [DONE]\n\n", last=True)  # the end in the same write
+        await out.end()  # nothing more
         return out
 
     server, port, reader, writer = await start({("GET", "/s"): stream})
@@ -125,6 +125,8 @@ async def test_streams_are_chunked_on_http_1_1_and_raw_then_closed_on_http_1_0()
                         b"Transfer-Encoding: chunked\r\n\r\n")
         body = await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 2)
         assert body == b"9\r\ndata: 1\n\n\r\ne\r\ndata: [DONE]\n\n\r\n0\r\n\r\n"
+        writer.write(b"GET /s HTTP/1.1\r\nHost: x\r\n\r\n")  # the connection is kept
+        assert (await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 2)).endswith(body)
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET /s HTTP/1.0\r\n\r\n")
         data = await asyncio.wait_for(reader.read(), 2)  # the connection closes at the end
