@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Redundant experts in vLLM 0.26 CUDA (issue 24) on the GPU machine: the op check, the GPU tests,
 # the real MoE graph fixture, then the benchmark on DeepSeek-V2-Lite (dummy weights). Every step
-# runs under `timeout`, so one failing step does not stop the next. About 18 minutes on an H100
-# (op check 2, tests 7-8, fixture check under 1, benchmark 8-9).
+# runs under `timeout`, so one failing step does not stop the next (tools/gpu_steps.sh). About
+# 18 minutes on an H100 (op check 2, tests 7-8, fixture check under 1, benchmark 8-9).
 #
 #   source tools/gpu_env.sh && OUT=/path/to/out bash tools/gpu_moe.sh
 #
@@ -28,38 +28,14 @@
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_moe_out}
-PY=${PY:-/opt/torch/.venv/bin/python3}
 OPCHECK_TIMEOUT=${OPCHECK_TIMEOUT:-300}
 TEST_TIMEOUT=${TEST_TIMEOUT:-660}
 BENCH_BUDGET=${BENCH_BUDGET:-480}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-$((BENCH_BUDGET + 120))}
-export VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1
-export PYTHONPATH=${PYTHONPATH:-/tmp/vsite:$PWD}
-mkdir -p "$OUT"
-SUMMARY="$OUT/SUMMARY.txt"
-: > "$SUMMARY"
-say() { echo "$*" | tee -a "$SUMMARY"; }
-
-# step NAME LIMIT_S LOG COMMAND...: run it under timeout, log to LOG, one summary line.
-step() {
-    local name=$1 limit=$2 log=$3
-    shift 3
-    local begin=$SECONDS
-    echo "=== $name (limit ${limit}s): $*" | tee -a "$OUT/$log" >&2
-    timeout -k 30 "$limit" "$@" >> "$OUT/$log" 2>&1
-    local rc=$? took=$((SECONDS - begin))
-    local what="ok"
-    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then what="TIMED OUT after ${limit}s (rc $rc)";
-    elif [ "$rc" -eq 5 ] && [ "$name" = tests ]; then what="NO TEST RAN (pytest rc 5: all skipped, reason below)";
-    elif [ "$rc" -ne 0 ]; then what="FAILED (rc $rc)"; fi
-    say "$name: $what in ${took}s; log $log"
-    return 0
-}
-
-say "redundant experts on vLLM CUDA, $(date -u +%FT%TZ), repo $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
-step env 60 env.txt bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; \
-  $PY -c 'import torch, triton, vllm; print(\"torch\", torch.__version__, \"triton\", triton.__version__, \"vllm\", vllm.__version__, \"cuda\", torch.cuda.is_available())'; \
-  $PY -c 'from importlib.metadata import entry_points; print(\"vllm.general_plugins:\", [e.value for e in entry_points(group=\"vllm.general_plugins\")])'"
+# shellcheck source=tools/gpu_steps.sh
+source tools/gpu_steps.sh
+steps_begin "redundant experts on vLLM CUDA"
+step_env "$PY -c 'from importlib.metadata import entry_points; print(\"vllm.general_plugins:\", [e.value for e in entry_points(group=\"vllm.general_plugins\")])'"
 
 if [ "${SKIP_OPCHECK:-0}" != 1 ]; then
     step opcheck "$OPCHECK_TIMEOUT" opcheck.log "$PY" -m omni_passes.testing.vllm_cuda_dump --out "$OUT/opcheck" \
