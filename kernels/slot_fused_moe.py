@@ -47,11 +47,23 @@ _library = torch.library.Library("omni", "FRAGMENT")
 _library.define(SCHEMA)
 
 
-def _just_extended(param: torch.Tensor, rows: torch.Tensor) -> bool:
-    """The graph's ``[E, ...]`` input is the parameter's storage from before the rows were built:
-    a graph from the compile cache calls this op before any pass ran, the host builds the rows
-    inside that first call, and only the next call passes the new view. Its contents are then
-    the rows' head exactly (a stale parameter would differ)."""
+# (state, MoE layer) whose rows were built inside the current call (a warm start: module docstring
+# of omni_passes.hosts.vllm.runtime); that one call may pass the parameter's old storage.
+_rows_built_in_call: set[tuple[int, int]] = set()
+
+
+def rows_built_in_call(state: int, layers: range) -> None:
+    """The host built the storage rows of ``layers`` inside a call of this op: a graph loaded from
+    a compile cache calls the op before any pass ran, the host extends vLLM's parameters there,
+    and only the next call passes their new views (this one passes the old storage, whose contents
+    are the rows' head)."""
+    _rows_built_in_call.update((state, layer) for layer in layers)
+
+
+def _just_extended(state: int, layer: int, param: torch.Tensor, rows: torch.Tensor) -> bool:
+    if (state, layer) not in _rows_built_in_call:
+        return False
+    _rows_built_in_call.discard((state, layer))
     return param.shape == rows[: param.shape[0]].shape and torch.equal(param, rows[: param.shape[0]])
 
 
@@ -60,7 +72,7 @@ def slot_fused_moe(output: torch.Tensor, input: torch.Tensor, w13: torch.Tensor,
                    topk_id: torch.Tensor, skip_weighted: bool, act: str, isa: str, state: int, layer: int) -> None:
     expert_load = lookup(state, "expert_load")
     w13_rows = row_tensor(state, layer, "w13_weight", None)
-    if w13_rows is not None and w13.data_ptr() != w13_rows.data_ptr() and not _just_extended(w13, w13_rows):
+    if w13_rows is not None and w13.data_ptr() != w13_rows.data_ptr() and not _just_extended(state, layer, w13, w13_rows):
         raise RuntimeError(f"omni::slot_fused_moe: the expert parameter of MoE layer {layer} is no longer a view of "
                            "its storage rows (was it replaced after compile?); the rows would be stale")
     if layer == 0:

