@@ -35,7 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omni_passes.cli.common import UserError, emit_json, say, setup_logging, write_json
+from omni_passes.bench.vllm_common import publish, start_run
+from omni_passes.cli.common import UserError, say
 
 CAPACITY_LINE = re.compile(r"KV cache size: ([\d,]+) tokens, Maximum concurrency for ([\d,]+) tokens per request: "
                            r"([\d.]+)x")
@@ -210,15 +211,11 @@ def _summary(run: dict) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    import signal
-    import sys
-
     if getattr(args, "device", "cpu") == "cuda":
         from omni_passes.bench import vllm_kv_cuda
 
         return vllm_kv_cuda.main(args)
-    setup_logging()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the engine processes too (finally below)
+    start_run()  # SIGTERM stops the engine processes too (finally below)
     if not getattr(args, "pass_config", None):
         raise UserError("the KV benchmark needs --pass-config FILE (sparse_attention with a pattern)")
     work = Path(tempfile.mkdtemp(prefix="omni-bench-vllm-kv-"))
@@ -273,12 +270,7 @@ def main(args: argparse.Namespace) -> int:
     result = _report(args, model, memory, configs, ready, short, rounds)
     if args.plot:
         result["plot"] = _plot(result, Path(args.plot))
-    if args.out:
-        write_json(args.out, result)
-    if args.json:
-        emit_json(result)
-    else:
-        _print(result)
+    publish(result, args.out, args.json, _print)
     return 0
 
 

@@ -33,22 +33,40 @@ its floor and goal.
 from __future__ import annotations
 
 import argparse
-import itertools
+import functools
 import json
 import math
 import multiprocessing as mp
 import os
-import queue
 import random
 import re
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from omni_passes.cli.common import UserError, emit_json, say, setup_logging, write_json
+from omni_passes.bench.vllm_common import (
+    DecodeSteps,
+    EngineProcess,
+    abort_all,
+    add_greedy,
+    add_plot,
+    comma_names,
+    copy_bandwidth,
+    goal,
+    gpu_total_bytes,
+    measure_each,
+    partial_saver,
+    print_failure,
+    print_goals,
+    publish,
+    reported_errors,
+    serve,
+    start_run,
+    work_dir,
+)
+from omni_passes.cli.common import UserError, say
 
 # DeepSeek-V2-Lite's config.json (huggingface.co/deepseek-ai/DeepSeek-V2-Lite), without its
 # auto_map (transformers and vLLM have the architecture built in).
@@ -106,18 +124,6 @@ def auto_utilization(total_bytes: int, weight_bytes: int, kv_bytes: float, overh
     return round(min(0.92, max(0.3, (weight_bytes + overhead_bytes + kv_bytes) / total_bytes)), 3)
 
 
-def _gpu_total_bytes() -> int | None:
-    """Total memory of GPU 0 from nvidia-smi (the parent process never touches CUDA)."""
-    import subprocess
-
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits", "-i", "0"],
-                             capture_output=True, text=True, timeout=30, check=True).stdout
-        return int(float(out.strip().splitlines()[0]) * 2**20)
-    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
-        return None
-
-
 def half_pattern(num_layers: int) -> list[int]:
     """The odd decoder layers: half of them (13 of DeepSeek-V2-Lite's 27), spread over the depth."""
     return list(range(1, num_layers, 2))
@@ -149,16 +155,6 @@ def decode_step_bytes(weights: dict, batch: int, context: int, kv_row_bytes: int
     weight_bytes = weights["dense_bytes"] + weights["expert_bytes"] * fraction
     kv = batch * kv_row_bytes * (dense_layers * context + compressed_layers * min(context, window))
     return {"weights": int(weight_bytes), "kv": int(kv), "total": int(weight_bytes + kv)}
-
-
-def steady_tpot(returns: list[tuple[float, int]], batch: int) -> dict:
-    """TPOT from the engine's step returns [(time, requests that got a token)]: the median time
-    between consecutive returns in which every one of the ``batch`` requests got one token."""
-    gaps = [t1 - t0 for (t0, n0), (t1, n1) in itertools.pairwise(returns) if n0 == batch and n1 == batch]
-    if not gaps:
-        return {"tpot_s": None, "steps": 0}
-    return {"tpot_s": statistics.median(gaps), "mean_s": statistics.fmean(gaps), "min_s": min(gaps),
-            "max_s": max(gaps), "steps": len(gaps)}
 
 
 def parse_capacity(lines: list[str]) -> dict:
@@ -233,7 +229,7 @@ def _engine(name: str, model: str, pass_config: str | None, engine_kwargs: dict,
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model with a local function
     os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")  # FlashInfer is not in the offline bundle
     tap = sys.stdout = _LogTap(sys.__stderr__)
-    try:
+    with reported_errors(name, results):
         from omni_passes.hosts.vllm import kv_probe
 
         begin = time.perf_counter()
@@ -242,27 +238,20 @@ def _engine(name: str, model: str, pass_config: str | None, engine_kwargs: dict,
         startup_s = time.perf_counter() - begin
         ready: dict[str, Any] = {"startup_s": startup_s, "layout": kv_probe.kv_layout(llm),
                                  "logged": parse_capacity(tap.lines)}
-        for key, measure in (("capacity_32k", lambda: kv_probe.capacity_at(llm, 32768)),
-                             ("weights", lambda: _weights(llm)), ("copy_bandwidth", _copy_bandwidth)):
-            try:  # each figure on its own: one that fails leaves the others (and the stages) standing
-                ready[key] = measure()
-            except Exception as exc:  # noqa: BLE001
-                ready[f"{key}_error"] = f"{type(exc).__name__}: {exc}"
+        measure_each(ready, {"capacity_32k": functools.partial(kv_probe.capacity_at, llm, 32768),
+                             "weights": functools.partial(_weights, llm), "copy_bandwidth": copy_bandwidth})
         results.put((name, "ready", ready))
-        while (command := commands.get()) is not None:
-            kind, payload = command
-            if kind == "tokens":
-                run = kv_probe.run(llm, payload["prompts"], payload["max_tokens"], trace=False, tag=payload["tag"],
-                                   logprobs=2)
-                results.put((name, kind, {k: run[k] for k in ("token_ids", "top_logprobs", "seconds")}))
-            elif kind == "tpot":
-                results.put((name, kind, _tpot(llm, **payload)))
-            elif kind == "long":
-                results.put((name, kind, _long(llm, **payload)))
-    except BaseException as exc:  # noqa: BLE001  (reported to the parent, which goes on or stops)
-        import traceback
+        serve(name, commands, results, {"tokens": functools.partial(_tokens, llm),
+                                        "tpot": functools.partial(_tpot, llm), "long": functools.partial(_long, llm)})
+        results.put((name, "stopped", None))
 
-        results.put((name, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-4000:]}"))
+
+def _tokens(llm: Any, prompts: list[dict], max_tokens: int, tag: str) -> dict:
+    """Greedy tokens of short prompts, with the top-2 log-probabilities of each."""
+    from omni_passes.hosts.vllm import kv_probe
+
+    run = kv_probe.run(llm, prompts, max_tokens, trace=False, tag=tag, logprobs=2)
+    return {k: run[k] for k in ("token_ids", "top_logprobs", "seconds")}
 
 
 def _weights(llm: Any) -> dict:
@@ -291,36 +280,9 @@ def _weights(llm: Any) -> dict:
     return found
 
 
-def _copy_bandwidth(size: int = 1 << 30, reps: int = 10) -> dict:
-    """Device-to-device copy of ``size`` bytes: bytes read + written per second."""
-    import torch
-
-    src = torch.empty(size, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    torch.cuda.synchronize()
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    for _ in range(reps):
-        dst.copy_(src)
-    end.record()
-    torch.cuda.synchronize()
-    seconds = begin.elapsed_time(end) / 1e3 / reps
-    del src, dst
-    torch.cuda.empty_cache()
-    return {"bytes": size, "seconds": seconds, "bytes_per_s": 2 * size / seconds}
-
-
 def _random_prompts(count: int, lengths: list[int], vocab: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     return [{"prompt_token_ids": [rng.randrange(100, vocab - 100) for _ in range(n)]} for n in lengths[:count]]
-
-
-def _step_all(llm: Any, core: Any, on_return: Any) -> None:
-    engine = llm.llm_engine
-    while engine.has_unfinished_requests():
-        outputs = engine.step()
-        on_return(time.perf_counter(), outputs, core.scheduler)
 
 
 def _tpot(llm: Any, context: int, batch: int, steps: int, tag: str, vocab: int, seed: int,
@@ -328,50 +290,32 @@ def _tpot(llm: Any, context: int, batch: int, steps: int, tag: str, vocab: int, 
     """Decode step time with ``batch`` requests of ``context`` tokens: prefill them all, time
     ``steps`` decode steps in which every request gets a token, then abort them. Gives up (TPOT
     None, ``gave_up`` says why) if they do not all run at once within ``max_seconds``."""
-    from vllm import SamplingParams
-
     from omni_passes.hosts.vllm.kv_probe import _engine_core
 
     engine, core = llm.llm_engine, _engine_core(llm)
     max_tokens = llm.llm_engine.vllm_config.model_config.max_model_len - context
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
-    ids = [f"{tag}{i}" for i in range(batch)]
-    for rid, prompt in zip(ids, _random_prompts(batch, [context] * batch, vocab, seed)):
-        engine.add_request(rid, prompt, params)
-    produced = dict.fromkeys(ids, 0)
-    returns: list[tuple[float, int]] = []
+    ids = add_greedy(engine, tag, _random_prompts(batch, [context] * batch, vocab, seed), max_tokens)
+    decode = DecodeSteps(ids)
     begin = time.perf_counter()
-    prefilled_at = None
     max_running = preempted = 0
     gave_up = None
     while engine.has_unfinished_requests():
         outputs = engine.step()
         now = time.perf_counter()
         if now - begin > max_seconds:
-            gave_up = (f"after {max_seconds:.0f} s: {sum(map(bool, produced.values()))} of {batch} requests had a "
-                       f"token, {sum(n == batch for _, n in returns)} steady steps")
+            gave_up = (f"after {max_seconds:.0f} s: {sum(map(bool, decode.produced.values()))} of {batch} requests "
+                       f"had a token, {decode.steady_steps()} steady steps")
             break
-        advanced = 0
-        for out in outputs:
-            count = len(out.outputs[0].token_ids)
-            advanced += count > produced.get(out.request_id, 0)
-            produced[out.request_id] = count
+        decode.add(now, outputs)
         scheduler = core.scheduler
         max_running = max(max_running, len(scheduler.running))
         preempted = max(preempted, sum(r.num_preemptions for r in scheduler.requests.values()))
-        if prefilled_at is None:
-            if all(produced.values()):
-                prefilled_at = now
-            continue
-        if advanced:
-            returns.append((now, advanced))
-        if sum(n == batch for _, n in returns) > steps:
+        if decode.steady_steps() > steps:
             break
-    engine.abort_request(ids)
-    while engine.has_unfinished_requests():
-        engine.step()
-    result = steady_tpot(returns, batch)
-    result.update({"context": context, "batch": batch, "prefill_s": (prefilled_at or time.perf_counter()) - begin,
+    abort_all(engine, ids)
+    result = decode.tpot()
+    result.update({"context": context, "batch": batch,
+                   "prefill_s": (decode.prefilled_at or time.perf_counter()) - begin,
                    "max_running": max_running, "preemptions": preempted, "gave_up": gave_up})
     return result
 
@@ -380,16 +324,12 @@ def _long(llm: Any, prompt_range: list[int], output: int, requests: int, tag: st
           max_seconds: float = 400.0) -> dict:
     """All requests at once; output tokens/s over the whole run, requests running per step
     (aborted after ``max_seconds``, ``gave_up`` set)."""
-    from vllm import SamplingParams
-
     from omni_passes.hosts.vllm.kv_probe import _engine_core
 
     engine, core = llm.llm_engine, _engine_core(llm)
     rng = random.Random(seed)
     lengths = [rng.randint(*prompt_range) for _ in range(requests)]
-    params = SamplingParams(temperature=0.0, max_tokens=output, ignore_eos=True, detokenize=False)
-    for i, prompt in enumerate(_random_prompts(requests, lengths, vocab, seed)):
-        engine.add_request(f"{tag}{i}", prompt, params)
+    ids = add_greedy(engine, tag, _random_prompts(requests, lengths, vocab, seed), output)
     trace: list[list[float]] = []
     generated = preempted = 0
     begin = time.perf_counter()
@@ -397,9 +337,7 @@ def _long(llm: Any, prompt_range: list[int], output: int, requests: int, tag: st
     while engine.has_unfinished_requests():
         if time.perf_counter() - begin > max_seconds:
             gave_up = f"after {max_seconds:.0f} s with {len(core.scheduler.requests)} requests unfinished"
-            engine.abort_request([f"{tag}{i}" for i in range(requests)])
-            while engine.has_unfinished_requests():
-                engine.step()
+            abort_all(engine, ids)
             break
         for out in engine.step():
             if out.finished:
@@ -433,59 +371,14 @@ def _pass_config(args: argparse.Namespace, work: Path, num_layers: int) -> tuple
     return str(path), data
 
 
-class _Engine:
-    """One engine process and its command queue."""
-
-    def __init__(self, ctx: Any, name: str, model: str, pass_config: str | None, kwargs: dict, results: Any):
-        self.name, self.results = name, results
-        self.commands = ctx.Queue()
-        self.proc = ctx.Process(target=_engine, args=(name, model, pass_config, kwargs, self.commands, results))
-        self.proc.start()
-
-    def receive(self, kind: str, timeout: float = 3600) -> Any:
-        while True:
-            try:
-                who, got, value = self.results.get(timeout=30)
-            except queue.Empty:  # is the process still there?
-                if not self.proc.is_alive():
-                    raise RuntimeError(f"engine {self.name} exited (code {self.proc.exitcode}) without a result; "
-                                       "see its log above") from None
-                timeout -= 30
-                if timeout <= 0:
-                    raise TimeoutError(f"engine {self.name}: no {kind} result in time") from None
-                continue
-            if got == "error":
-                raise RuntimeError(f"engine {who} failed: {value}")
-            if (who, got) != (self.name, kind):
-                raise RuntimeError(f"expected {kind} from engine {self.name}, got {got} from {who}")
-            return value
-
-    def ask(self, kind: str, payload: dict) -> Any:
-        self.commands.put((kind, payload))
-        return self.receive(kind)
-
-    def stop(self) -> None:
-        self.commands.put(None)
-        self.proc.join(timeout=120)
-        if self.proc.is_alive():
-            self.proc.terminate()
-            self.proc.join(timeout=30)
-
-
 def main(args: argparse.Namespace) -> int:
-    import signal
-
-    setup_logging()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    stages = [s.strip() for s in args.kv_stages.split(",") if s.strip()]
-    if unknown := [s for s in stages if s not in STAGES]:
-        raise UserError(f"--kv-stages: unknown stage(s) {unknown}; known: {', '.join(STAGES)}")
+    start_run()
+    stages = comma_names("--kv-stages", args.kv_stages, STAGES, "stage")
     contexts = [int(x) for x in args.kv_contexts.split(",") if x.strip()]
     prompt_range = [int(x) for x in args.kv_long_prompts.split(",")]
     if len(prompt_range) != 2 or prompt_range[0] > prompt_range[1]:
         raise UserError(f"--kv-long-prompts must be LOW,HIGH, got {args.kv_long_prompts!r}")
-    work = Path(args.kv_work_dir or tempfile.mkdtemp(prefix="omni-bench-vllm-kv-cuda-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_dir(args.kv_work_dir, "omni-bench-vllm-kv-cuda-")
     os.environ.setdefault("VLLM_CACHE_ROOT", str(work / "vllm-cache"))  # both engines share compiled graphs
     model = args.model or str(write_v2_lite(work / "deepseek-v2-lite"))
     model_config = json.loads((Path(model) / "config.json").read_text())
@@ -495,7 +388,7 @@ def main(args: argparse.Namespace) -> int:
     sink, recent, pattern = attn.get("sink", 128), attn.get("recent", 384), attn["pattern"]
     utilization = args.kv_gpu_memory_utilization
     if not utilization:
-        total = _gpu_total_bytes()
+        total = gpu_total_bytes()
         if total is None:
             utilization = 0.7
             say("could not read the GPU's memory (nvidia-smi); gpu_memory_utilization 0.7")
@@ -517,10 +410,7 @@ def main(args: argparse.Namespace) -> int:
         "pass_config": compressed, "sink": sink, "recent": recent, "pattern": pattern,
         "engine_kwargs": {k: v for k, v in engine_kwargs.items() if k != "compilation_config"},
         "capture_sizes": CAPTURE_SIZES, "stages": stages, "engines": {}}
-    partial = Path(str(args.out) + ".partial.json") if args.out else work / "vllm_kv_cuda.partial.json"
-
-    def save() -> None:
-        write_json(partial, result)
+    save = partial_saver(args.out, work / "vllm_kv_cuda.partial.json", result)
 
     begin = time.perf_counter()
     budget = args.kv_budget_s or math.inf
@@ -529,7 +419,7 @@ def main(args: argparse.Namespace) -> int:
     plan: list[tuple[str, dict]] = []  # the stages dense ran, replayed on the compressed engine
     for name, config in (("dense", None), ("compressed", compressed_path)):
         say(f"starting engine {name} ({'sparse_attention on layers ' + str(pattern) if config else 'vLLM as it is'})")
-        engine = _Engine(ctx, name, model, config, engine_kwargs, results)
+        engine = EngineProcess(ctx, name, _engine, (model, config, engine_kwargs), results, timeout=3600)
         record: dict[str, Any] = result["engines"].setdefault(name, {})
         try:
             record["ready"] = ready = engine.receive("ready")
@@ -568,17 +458,9 @@ def main(args: argparse.Namespace) -> int:
     result["wall_s"] = time.perf_counter() - begin
     result["summary"] = summarize(result)
     if args.plot:
-        try:
-            result["plot"] = _plot(result, Path(args.plot))
-        except Exception as exc:  # noqa: BLE001
-            result["plot_error"] = repr(exc)
-    if args.out:
-        write_json(args.out, result)
+        add_plot(result, _plot, args.plot)
     save()
-    if args.json:
-        emit_json(result)
-    else:
-        print_summary(result)
+    publish(result, args.out, args.json, print_summary)
     return 0 if all("error" not in e for e in result["engines"].values()) else 1
 
 
@@ -641,8 +523,8 @@ def summarize(result: dict) -> dict:
             summary["capacity_logged_ratio"] = c["logged"]["max_concurrency"] / d["logged"]["max_concurrency"]
         ratio = c["capacity_32k"]["max_concurrency"] / d["capacity_32k"]["max_concurrency"]
         summary["capacity_32k"] = {"dense": d["capacity_32k"], "compressed": c["capacity_32k"], "ratio": ratio}
-        summary["goals"].append(_goal("max concurrency at 32k (vLLM's figure), compressed / dense", ratio, ">=",
-                                      GOALS["capacity"], _capacity_reason(result, c)))
+        summary["goals"].append(goal("max concurrency at 32k (vLLM's figure), compressed / dense", ratio, ">=",
+                                     GOALS["capacity"], _capacity_reason(result, c)))
     for name in ("dense", "compressed"):
         engine = engines.get(name, {})
         if "weights" not in engine.get("ready", {}) or "copy_bandwidth" not in engine["ready"]:
@@ -677,19 +559,19 @@ def summarize(result: dict) -> dict:
         else:
             why = (f"the floors are in ratio {p['floor_ratio']:.3f}, but the compressed step runs at "
                    f"{_pct(p['compressed_of_floor'])}, dense at {_pct(p['dense_of_floor'])}")
-        summary["goals"].append(_goal("TPOT at 32k, same batch, compressed / dense", p["ratio"], "<=", GOALS["tpot"],
-                                      why))
-        summary["goals"].append(_goal("compressed TPOT at 32k: floor / measured", p["compressed_of_floor"], ">=",
-                                      GOALS["tpot_floor"], "the step does more than move its bytes (kernel "
-                                      "efficiency, MoE compute, launch gaps); dense runs at "
-                                      f"{_pct(p['dense_of_floor'])}"))
+        summary["goals"].append(goal("TPOT at 32k, same batch, compressed / dense", p["ratio"], "<=", GOALS["tpot"],
+                                     why))
+        summary["goals"].append(goal("compressed TPOT at 32k: floor / measured", p["compressed_of_floor"], ">=",
+                                     GOALS["tpot_floor"], "the step does more than move its bytes (kernel "
+                                     "efficiency, MoE compute, launch gaps); dense runs at "
+                                     f"{_pct(p['dense_of_floor'])}"))
     d_long, c_long = dense.get("long", []), comp.get("long", [])
     if d_long and c_long:
         ratio = c_long[0]["output_tokens_per_s"] / d_long[0]["output_tokens_per_s"]
         summary["long"] = {"dense": {k: v for k, v in d_long[0].items() if k != "running_trace"},
                            "compressed": {k: v for k, v in c_long[0].items() if k != "running_trace"},
                            "ratio": ratio}
-        summary["goals"].append(_goal(
+        summary["goals"].append(goal(
             "long-context output tokens/s, compressed / dense", ratio, ">=", GOALS["long"],
             f"requests running at once: {c_long[0]['mean_running']:.1f} vs {d_long[0]['mean_running']:.1f} on average; "
             "every request's 16k-32k-token prefill costs the same on both engines (one token of output per "
@@ -704,11 +586,6 @@ def summarize(result: dict) -> dict:
             "note": "dummy (random) weights give near-flat logits: greedy ties part the sequences; the GPU "
                     "tests compare tokens on a real random checkpoint"}
     return summary
-
-
-def _goal(what: str, value: float | None, op: str, target: float, why: str) -> dict:
-    met = value is not None and (value >= target if op == ">=" else value <= target)
-    return {"goal": what, "value": value, "target": f"{op} {target}", "met": met, "why_not": None if met else why}
 
 
 def _capacity_reason(result: dict, compressed_ready: dict) -> str:
@@ -727,8 +604,7 @@ def print_summary(result: dict) -> None:
           f"max_model_len {kw['max_model_len']}; compressed: sink {result['sink']} recent {result['recent']} on "
           f"{len(result['pattern'])} of {result['model_config']['num_hidden_layers']} layers; {result['wall_s']:.0f} s")
     for name, engine in result["engines"].items():
-        if "error" in engine:
-            print(f"  {name}: FAILED: {engine['error'].splitlines()[0] if engine['error'] else ''}")
+        print_failure(name, engine)
         if "ready" in engine:
             r = engine["ready"]
             at_32k = r.get("capacity_32k", {}).get("max_concurrency", float("nan"))
@@ -752,10 +628,7 @@ def print_summary(result: dict) -> None:
     if "tokens_within_window" in s:
         t = s["tokens_within_window"]
         print(f"  short prompts within the window: {t['equal_sequences']}/{t['sequences']} identical sequences")
-    for goal in s["goals"]:
-        value = "n/a" if goal["value"] is None else f"{goal['value']:.3f}"
-        print(f"  GOAL {'met' if goal['met'] else 'NOT met'}: {goal['goal']} = {value} (target {goal['target']})"
-              + ("" if goal["met"] else f" - {goal['why_not']}"))
+    print_goals(s["goals"], digits=3)
 
 
 def _pct(value: float | None) -> str:

@@ -43,10 +43,8 @@ import argparse
 import json
 import math
 import multiprocessing as mp
-import queue
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -54,7 +52,20 @@ from typing import Any
 import numpy as np
 
 from omni_passes.bench import vllm_moe_figures as figures
-from omni_passes.cli.common import UserError, emit_json, say, setup_logging, write_json
+from omni_passes.bench.vllm_common import (
+    EngineProcess,
+    add_plot,
+    comma_names,
+    gpu_name,
+    gpu_total_bytes,
+    partial_saver,
+    print_failure,
+    print_goals,
+    publish,
+    start_run,
+    work_dir,
+)
+from omni_passes.cli.common import UserError, say
 
 ENGINES = ("off", "identity", "redundant", "rebalance", "off_warm", "identity_warm")
 RANKS, REDUNDANT = 8, 8
@@ -148,53 +159,6 @@ def recorded_loads(work: Path, status: dict) -> Path:
 
 
 # --------------------------------------------------------------------------- engines
-class Engine:
-    """One engine process and its command queue (``vllm_moe_engine.engine_main``)."""
-
-    def __init__(self, ctx: Any, name: str, model: str, pass_config: str | None, kwargs: dict, cache_root: str,
-                 skew: dict, results: Any):
-        from omni_passes.bench.vllm_moe_engine import engine_main
-
-        self.name, self.results = name, results
-        self.commands = ctx.Queue()
-        self.proc = ctx.Process(target=engine_main, args=(name, model, pass_config, kwargs, cache_root, skew,
-                                                          self.commands, results))
-        self.proc.start()
-
-    def receive(self, kind: str, timeout: float = 1200) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                who, got, value = self.results.get(timeout=15)
-            except queue.Empty:
-                if not self.proc.is_alive():
-                    raise RuntimeError(f"engine {self.name} exited (code {self.proc.exitcode}) without a result; "
-                                       "see its log above") from None
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"engine {self.name}: no {kind} in {timeout:.0f} s") from None
-                continue
-            if got == "error":
-                raise RuntimeError(f"engine {who} failed: {value}")
-            if (who, got) != (self.name, kind):
-                raise RuntimeError(f"expected {kind} from engine {self.name}, got {got} from {who}")
-            return value
-
-    def ask(self, kind: str, payload: dict | None = None) -> Any:
-        self.commands.put((kind, payload or {}))
-        return self.receive(kind)
-
-    def stop(self) -> None:
-        self.commands.put(None)
-        try:
-            self.receive("stopped", timeout=120)
-        except Exception as exc:  # noqa: BLE001  (an engine that failed has said so already)
-            say(f"engine {self.name} did not stop cleanly: {str(exc)[:300]}")
-        self.proc.join(timeout=60)
-        if self.proc.is_alive():
-            self.proc.terminate()
-            self.proc.join(timeout=30)
-
-
 def engine_kwargs(model: str, config: str | None, args: argparse.Namespace, utilization: float) -> dict:
     from omni_passes.testing.vllm_cuda_engine import engine_kwargs as base
 
@@ -204,7 +168,7 @@ def engine_kwargs(model: str, config: str | None, args: argparse.Namespace, util
                 max_num_batched_tokens=8192)
 
 
-def measure(engine: Engine, record: dict, args: argparse.Namespace, save) -> None:
+def measure(engine: EngineProcess, record: dict, args: argparse.Namespace, save) -> None:
     """The timed rounds: ``--moe-rounds`` per batch (one on a warm start: a second measurement
     of its configuration, not the main one), batches in turn; one untimed warm-up first."""
     batches = [int(b) for b in args.moe_batches.split(",")]
@@ -225,7 +189,7 @@ def _round(batch: int, args: argparse.Namespace, seed: int, tag: str) -> dict:
             "seed": seed, "tag": tag}
 
 
-def balance_rounds(engine: Engine, record: dict, args: argparse.Namespace, slots_per_rank: int, save) -> None:
+def balance_rounds(engine: EngineProcess, record: dict, args: argparse.Namespace, slots_per_rank: int, save) -> None:
     """Rounds at batch 64 with online rebalancing: each round's slot loads (status deltas) give
     its balancedness over the emulated ranks."""
     previous = engine.ask("status")
@@ -247,24 +211,18 @@ def balance_rounds(engine: Engine, record: dict, args: argparse.Namespace, slots
 
 # --------------------------------------------------------------------------- driver
 def main(args: argparse.Namespace) -> int:
-    import signal
-
-    setup_logging()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    names = [n.strip() for n in args.moe_engines.split(",") if n.strip()]
-    if unknown := [n for n in names if n not in ENGINES]:
-        raise UserError(f"--moe-engines: unknown engine(s) {unknown}; known: {', '.join(ENGINES)}")
+    start_run()
+    names = comma_names("--moe-engines", args.moe_engines, ENGINES, "engine")
     if "redundant" in names and "identity" not in names:
         raise UserError("--moe-engines: 'redundant' plans on the loads the 'identity' engine records; add identity")
-    work = Path(args.moe_work_dir or tempfile.mkdtemp(prefix="omni-bench-vllm-moe-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_dir(args.moe_work_dir, "omni-bench-vllm-moe-")
     model = args.model or str(write_model(work / "deepseek-v2-lite"))
     config = json.loads((Path(model) / "config.json").read_text())
     experts, layers = config["n_routed_experts"], moe_layers(config)
     utilization = args.moe_gpu_memory_utilization or _auto_utilization(config)
     skew = {"alpha": args.moe_skew_alpha, "seed": 0, "target_std": 1.0}
     result: dict[str, Any] = {
-        "device": "cuda", "gpu": _gpu_name(), "model": model,
+        "device": "cuda", "gpu": gpu_name(), "model": model,
         "model_config": {k: config[k] for k in ("num_hidden_layers", "n_routed_experts", "num_experts_per_tok",
                                                 "n_shared_experts", "kv_lora_rank", "qk_rope_head_dim")},
         "moe_layers": layers, "ranks": RANKS, "redundant_per_layer": REDUNDANT, "capture_sizes": CAPTURE_SIZES,
@@ -274,10 +232,7 @@ def main(args: argparse.Namespace) -> int:
         "slots_per_rank": {"identity": experts // RANKS, "redundant": (experts + REDUNDANT) // RANKS,
                            "rebalance": (experts + REDUNDANT) // RANKS},
         "engines": {}, "skipped": {}}
-    partial = Path(str(args.out) + ".partial.json") if args.out else work / "vllm_moe_cuda.partial.json"
-
-    def save() -> None:
-        write_json(partial, result)
+    save = partial_saver(args.out, work / "vllm_moe_cuda.partial.json", result)
 
     say(f"work dir {work}; gpu_memory_utilization {utilization}; engines {names}")
     begin = time.perf_counter()
@@ -285,6 +240,9 @@ def main(args: argparse.Namespace) -> int:
     took: dict[str, float] = {}
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
+    # the engine processes' module imports torch: only once the arguments are checked
+    from omni_passes.bench.vllm_moe_engine import engine_main
+
     for name in names:
         elapsed = time.perf_counter() - begin
         estimate = _estimate(name, took)
@@ -302,7 +260,8 @@ def main(args: argparse.Namespace) -> int:
             # one compile cache per configuration (a warm start shares its cold start's): Inductor's
             # cache must not serve one configuration's graph to another (vllm_cuda_engine.prepare_env)
             cache_root = str(work / f"cache-{name.removesuffix('_warm')}")
-            engine = Engine(ctx, name, model, path, engine_kwargs(model, path, args, utilization), cache_root, skew, results)
+            engine = EngineProcess(ctx, name, engine_main, (model, path, engine_kwargs(model, path, args, utilization),
+                                                            cache_root, skew), results, timeout=1200)
             try:
                 record["ready"] = ready = engine.receive("ready")
                 save()
@@ -331,17 +290,9 @@ def main(args: argparse.Namespace) -> int:
     result["wall_s"] = time.perf_counter() - begin
     result["summary"] = figures.summarize(result)
     if args.plot:
-        try:
-            result["plot"] = plot(result, Path(args.plot))
-        except Exception as exc:  # noqa: BLE001
-            result["plot_error"] = repr(exc)
+        add_plot(result, plot, args.plot)
     save()
-    if args.out:
-        write_json(args.out, result)
-    if args.json:
-        emit_json(result)
-    else:
-        print_summary(result)
+    publish(result, args.out, args.json, print_summary)
     return 0 if all("error" not in e for e in result["engines"].values()) else 1
 
 
@@ -366,33 +317,11 @@ def _estimate(name: str, took: dict[str, float]) -> float:
 def _auto_utilization(config: dict) -> float:
     from omni_passes.bench.vllm_kv_cuda import auto_utilization, deepseek_weight_bytes
 
-    total = _gpu_total_bytes()
+    total = gpu_total_bytes()
     if total is None:
         return 0.8
     rows = moe_layers(config) * REDUNDANT * 3 * config["hidden_size"] * config["moe_intermediate_size"] * 2
     return auto_utilization(total, deepseek_weight_bytes(config) + rows, KV_TARGET_BYTES, overhead_bytes=6 * 2**30)
-
-
-def _nvidia_smi(query: str) -> str | None:
-    try:
-        out = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits", "-i", "0"],
-                             capture_output=True, text=True, timeout=30, check=True).stdout
-        return out.strip().splitlines()[0]
-    except (OSError, subprocess.SubprocessError, IndexError):
-        return None
-
-
-def _gpu_total_bytes() -> int | None:
-    """GPU 0's memory (the parent never touches CUDA: the engines own the device)."""
-    found = _nvidia_smi("memory.total")
-    try:
-        return int(float(found) * 2**20) if found else None
-    except ValueError:
-        return None
-
-
-def _gpu_name() -> str | None:
-    return _nvidia_smi("name")
 
 
 # --------------------------------------------------------------------------- report
@@ -403,8 +332,7 @@ def print_summary(result: dict) -> None:
           f"{w['batches']}, {w['rounds']} rounds of {w['prompt_tokens']} prompt + {w['output_tokens']} output tokens; "
           f"{result.get('wall_s', 0):.0f} s")
     for name, engine in result["engines"].items():
-        if "error" in engine:
-            print(f"  {name}: FAILED: {engine['error'].splitlines()[0] if engine['error'] else ''}")
+        print_failure(name, engine)
     for name, skipped in result.get("skipped", {}).items():
         print(f"  {name}: skipped ({skipped})")
     for name, engine in s["engines"].items():
@@ -434,10 +362,7 @@ def print_summary(result: dict) -> None:
             + (f"; per rebalancing round {[round(x, 4) for x in balance['rebalance_rounds']]}" if "rebalance_rounds" in balance else ""))
     if "plan" in result:
         print(f"  plan: {result['plan']['command']}: {result['plan']['balance']}")
-    for goal in s["goals"]:
-        value = "n/a" if goal["value"] is None else f"{goal['value']:.4f}"
-        print(f"  GOAL {'met' if goal['met'] else 'NOT met'}: {goal['goal']} = {value} (target {goal['target']})"
-              + ("" if goal["met"] else f" - {goal['why_not']}"))
+    print_goals(s["goals"], digits=4)
 
 
 def plot(result: dict, out_dir: Path) -> str:

@@ -33,6 +33,16 @@ from typing import Any
 
 import torch
 
+from omni_passes.bench.vllm_common import (
+    DecodeSteps,
+    abort_all,
+    add_greedy,
+    copy_bandwidth,
+    measure_each,
+    reported_errors,
+    serve,
+)
+
 
 # --------------------------------------------------------------------------- skewed gates (pure)
 def zipf_scales(experts: int, alpha: float, generator: torch.Generator) -> torch.Tensor:
@@ -99,24 +109,6 @@ def count_weights(model: Any) -> dict:
             "expert_row_bytes": expert // max(1, expert_rows)}
 
 
-def copy_bandwidth(size: int = 1 << 30, reps: int = 10) -> dict:
-    """Device-to-device copy of ``size`` bytes: bytes read + written per second."""
-    src = torch.empty(size, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    torch.cuda.synchronize()
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    for _ in range(reps):
-        dst.copy_(src)
-    end.record()
-    torch.cuda.synchronize()
-    seconds = begin.elapsed_time(end) / 1e3 / reps
-    del src, dst
-    torch.cuda.empty_cache()
-    return {"bytes": size, "seconds": seconds, "bytes_per_s": 2 * size / seconds}
-
-
 # --------------------------------------------------------------------------- a timed round
 def prompts(batch: int, length: int, vocab: int, seed: int) -> list[dict]:
     """``batch`` random token-id prompts of ``length`` tokens (the same for every engine)."""
@@ -131,48 +123,28 @@ def timed_round(llm: Any, batch: int, prompt_tokens: int, output_tokens: int, vo
     round (prefill included), the decode step time (TPOT: the median time between engine
     steps in which every request got a token) and a hash of the greedy tokens. Gives up after
     ``max_seconds`` (``gave_up``)."""
-    from vllm import SamplingParams
-
-    from omni_passes.bench.vllm_kv_cuda import steady_tpot
-
     engine = llm.llm_engine
-    params = SamplingParams(temperature=0.0, max_tokens=output_tokens, ignore_eos=True, detokenize=False)
-    ids = [f"{tag}{i}" for i in range(batch)]
-    for rid, prompt in zip(ids, prompts(batch, prompt_tokens, vocab, seed)):
-        engine.add_request(rid, prompt, params)
-    produced = dict.fromkeys(ids, 0)
+    ids = add_greedy(engine, tag, prompts(batch, prompt_tokens, vocab, seed), output_tokens)
+    decode = DecodeSteps(ids)
     tokens: dict[str, list[int]] = {}
-    returns: list[tuple[float, int]] = []
     begin = time.perf_counter()
-    first_all = None
     gave_up = None
     while engine.has_unfinished_requests():
         outputs = engine.step()
         now = time.perf_counter()
         if now - begin > max_seconds:
-            gave_up = f"after {max_seconds:.0f} s, {sum(produced.values())} of {batch * output_tokens} tokens"
-            engine.abort_request(ids)
-            while engine.has_unfinished_requests():
-                engine.step()
+            gave_up = f"after {max_seconds:.0f} s, {sum(decode.produced.values())} of {batch * output_tokens} tokens"
+            abort_all(engine, ids)
             break
-        advanced = 0
+        decode.add(now, outputs)
         for out in outputs:
-            count = len(out.outputs[0].token_ids)
-            advanced += count > produced.get(out.request_id, 0)
-            produced[out.request_id] = count
             if out.finished:
                 tokens[out.request_id] = list(out.outputs[0].token_ids)
-        if first_all is None:
-            if all(produced.values()):
-                first_all = now
-            continue
-        if advanced:
-            returns.append((now, advanced))
     seconds = time.perf_counter() - begin
-    generated = sum(produced.values())
-    tpot = steady_tpot(returns, batch)
+    generated = sum(decode.produced.values())
+    tpot = decode.tpot()
     return {"batch": batch, "prompt_tokens": prompt_tokens, "output_tokens": generated, "seconds": seconds,
-            "tokens_per_s": generated / seconds, "prefill_s": (first_all or begin) - begin,
+            "tokens_per_s": generated / seconds, "prefill_s": (decode.prefilled_at or begin) - begin,
             "tpot_s": tpot["tpot_s"], "tpot_steps": tpot["steps"], "tpot_mean_s": tpot.get("mean_s"),
             "context": prompt_tokens + output_tokens // 2, "gave_up": gave_up, "seed": seed,
             # the greedy tokens of every request, hashed: engines that compute alike agree on it
@@ -187,35 +159,30 @@ def engine_main(name: str, model: str, pass_config: str | None, kwargs: dict, ca
 
     prepare_env(pass_config, cache_root, compile_cache=True)
     sys.stdout = sys.__stderr__  # vLLM's log to stderr: the parent's stdout stays for --json
-    try:
+    with reported_errors(name, results):
         from vllm import LLM
 
         begin = time.perf_counter()
         llm = LLM(**kwargs)
         ready: dict[str, Any] = {"startup_s": time.perf_counter() - begin, "device": torch.cuda.get_device_name()}
         ready["skew"] = llm.apply_model(functools.partial(apply_skew, **skew))[0]
-        for key, measure, arguments in (("weights", llm.apply_model, (count_weights,)), ("copy_bandwidth", copy_bandwidth, ())):
-            try:  # each on its own: a failing figure leaves the rounds standing
-                found = measure(*arguments)
-                ready[key] = found[0] if key == "weights" else found
-            except Exception as exc:  # noqa: BLE001
-                ready[f"{key}_error"] = f"{type(exc).__name__}: {exc}"
+        measure_each(ready, {"weights": functools.partial(_first_worker, llm, count_weights),
+                             "copy_bandwidth": copy_bandwidth})
         results.put((name, "ready", ready))
         vocab = llm.llm_engine.vllm_config.model_config.get_vocab_size()
-        while (command := commands.get()) is not None:
-            kind, payload = command
-            if kind == "round":
-                results.put((name, kind, timed_round(llm, vocab=vocab, **payload)))
-            elif kind == "status":
-                results.put((name, kind, llm.collective_rpc("omni_status")[0] if pass_config else None))
-            else:
-                raise ValueError(f"unknown command {kind!r}")
+        serve(name, commands, results, {"round": functools.partial(timed_round, llm, vocab=vocab),
+                                        "status": functools.partial(_status, llm, bool(pass_config))})
         del llm
         results.put((name, "stopped", None))
-    except BaseException as exc:  # noqa: BLE001  (reported to the parent, which goes on with the next engine)
-        import traceback
 
-        results.put((name, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-4000:]}"))
+
+def _first_worker(llm: Any, function: Any) -> Any:
+    return llm.apply_model(function)[0]
+
+
+def _status(llm: Any, omni: bool) -> dict | None:
+    """The worker's ``omni_status`` (None with the passes off)."""
+    return llm.collective_rpc("omni_status")[0] if omni else None
 
 
 def median_or_none(values: list[float | None]) -> float | None:

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from omni_passes.bench import vllm_common
+
 GOALS = {"identity_ratio": 0.99, "redundant_cost_b64": 0.03, "balancedness_after": 0.95, "warm_start_ratio": 1.10}
 
 
@@ -192,8 +194,7 @@ def _goals(summary: dict, result: dict) -> None:
     engines = summary["engines"]
 
     def goal(what: str, value: float | None, op: str, target: float, why: str) -> None:
-        met = value is not None and (value >= target if op == ">=" else value <= target)
-        goals.append({"goal": what, "value": value, "target": f"{op} {target}", "met": met, "why_not": None if met else why})
+        goals.append(vllm_common.goal(what, value, op, target, why))
 
     identity = engines.get("identity", {}).get("batches", {})
     for batch, fig in sorted(identity.items()):

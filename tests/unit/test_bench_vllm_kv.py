@@ -102,15 +102,6 @@ def test_decode_floor_counts_touched_experts_and_visible_kv_rows():
     assert short["kv"] == 1152 * 27 * 300
 
 
-def test_steady_tpot_uses_only_steps_where_every_request_got_a_token():
-    from omni_passes.bench.vllm_kv_cuda import steady_tpot
-
-    returns = [(0.0, 3), (1.0, 1), (1.5, 3), (1.51, 3), (1.53, 3), (1.6, 2), (1.7, 3)]
-    result = steady_tpot(returns, 3)
-    assert result["steps"] == 2 and result["tpot_s"] == pytest.approx(0.015)
-    assert steady_tpot([(0.0, 1), (1.0, 2)], 3) == {"tpot_s": None, "steps": 0}
-
-
 def test_cuda_capacity_lines_are_read_from_vllm_026():
     from omni_passes.bench.vllm_kv_cuda import parse_capacity
 
