@@ -10,15 +10,11 @@ omni_passes.testing.vllm_cuda_dump's op check and tests/gpu/vllm/test_slot_moe_c
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from omni_passes.testing.triton_interpret import run_interpreted
 
 _SCRIPT = textwrap.dedent(
     """
@@ -88,11 +84,7 @@ _SCRIPT = textwrap.dedent(
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 def test_slot_dispatch_kernel_in_interpreter_mode():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    result = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, cwd=ROOT, capture_output=True, text=True,
-                            timeout=600, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip() == "ok 8"
+    assert run_interpreted(_SCRIPT).strip() == "ok 8"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
