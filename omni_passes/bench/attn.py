@@ -32,7 +32,7 @@ import torch
 
 from omni_passes.bench import attn_latent
 from omni_passes.bench.measure import (
-    cold_copies, device_ceilings, error_text, method_label, rel_err, time_cpu, time_cuda_graph,
+    cold_copies, device_ceilings, error_text, method_label, parse_tune, rel_err, time_cpu, time_cuda_graph,
 )
 from omni_passes.cli.common import UserError, emit_json, say
 
@@ -175,17 +175,13 @@ def _flex_for(case: DecodeCase, compiled: bool):
     return lambda q, k, v, **kw: fn(q, k, v, block_mask=mask, **kw)
 
 
+def _flag(value: str) -> bool:
+    return value.strip().lower() == "true"
+
+
 def _parse_tune(items: list[str]) -> list[dict]:
-    out = []
-    for item in items:
-        override = {}
-        for pair in item.split(","):
-            key, sep, value = pair.partition("=")
-            if not sep:
-                raise UserError(f"--tune {item!r}: expected KEY=VALUE pairs separated by commas")
-            override[key.strip()] = (value.strip().lower() == "true") if key.strip() == "use_dot" else int(value)
-        out.append(override)
-    return out
+    """``--tune``: ints, and ``use_dot`` true/false."""
+    return parse_tune(items, {"use_dot": _flag})
 
 
 def _decode_cases(args, device):

@@ -63,19 +63,6 @@ def sweep_variants(heads: int) -> list[dict]:
                          dict(block_h=16, num_warps=4)]          # the older kernel's per-head-block layout
 
 
-def _parse_tune(items: list[str]) -> list[dict]:
-    out = []
-    for item in items:
-        override = {}
-        for pair in item.split(","):
-            key, sep, value = pair.partition("=")
-            if not sep:
-                raise UserError(f"--tune {item!r}: expected KEY=VALUE pairs separated by commas")
-            override[key.strip()] = float(value) if key.strip() == "programs_per_sm" else int(value)
-        out.append(override)
-    return out
-
-
 def visible_rows(length: int, sink: int, recent: int) -> int:
     return min(sink, length) + max(0, length - max(sink, length - recent))
 
@@ -145,12 +132,17 @@ def run(args: argparse.Namespace) -> dict:
             raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
     if args.sink < 0 or args.recent < 1:
         raise UserError(f"--sink must be >= 0 and --recent >= 1, got {args.sink}, {args.recent}")
-    from omni_passes.bench.measure import device_ceilings, error_text, time_cuda_graph
+    from omni_passes.bench.measure import (
+        device_ceilings,
+        error_text,
+        parse_tune,
+        time_cuda_graph,
+    )
 
     device = torch.device("cuda")
     ceilings = device_ceilings(device)
     l2 = torch.cuda.get_device_properties(device).L2_cache_size
-    extra = _parse_tune(args.tune)
+    extra = parse_tune(args.tune, {"programs_per_sm": float})
     rows = []
     for heads in args.heads:
         for batch in args.batches:

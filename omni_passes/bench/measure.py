@@ -13,6 +13,7 @@ here, not from another benchmark:
     interleaved_rounds(timers, rounds) samples of several timers, round by round, order rotated
     ratio_stats(samples, base)         per-round ratios of two timers: median and spread
     rel_err(out, ref), error_text(exc), method_label(row)
+    parse_tune(items, parsers)         --tune KEY=V[,KEY=V] values as launch-override dicts
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import time
 from typing import Callable, Hashable
 
 import torch
+
+from omni_passes.cli.common import UserError
 
 
 # --------------------------------------------------------------------------- timing
@@ -157,6 +160,21 @@ def error_text(exc: BaseException) -> str:
     if len(lines) > 1:
         text += " ... " + lines[-1]
     return f"{type(exc).__name__}: {text[:500]}"
+
+
+def parse_tune(items: list[str], parsers: dict[str, Callable[[str], object]] | None = None) -> list[dict]:
+    """``--tune`` values, each ``KEY=V[,KEY=V]``, as launch-override dicts: a value is an ``int``
+    unless ``parsers`` names its key's parser."""
+    out = []
+    for item in items:
+        override = {}
+        for pair in item.split(","):
+            key, sep, value = pair.partition("=")
+            if not sep:
+                raise UserError(f"--tune {item!r}: expected KEY=VALUE pairs separated by commas")
+            override[key.strip()] = (parsers or {}).get(key.strip(), int)(value)
+        out.append(override)
+    return out
 
 
 def method_label(row: dict) -> str:

@@ -102,3 +102,18 @@ def test_ratio_stats_spread_and_errors():
     assert stats["q1"] == 2.75 and stats["q3"] == 5.5 and stats["rounds"] == 4 and stats["of_minima"] == 2.0
     with pytest.raises(ValueError, match="3 samples against 2"):
         ratio_stats([1.0, 2.0, 3.0], [1.0, 1.0])
+
+
+def test_tune_values_parse_per_key_and_bad_ones_name_the_item():
+    from omni_passes.bench import attn
+    from omni_passes.bench.measure import parse_tune
+    from omni_passes.cli.common import UserError
+
+    assert parse_tune(["num_splits=4,programs_per_sm=1.5", "block_n= 64"], {"programs_per_sm": float}) == [
+        {"num_splits": 4, "programs_per_sm": 1.5}, {"block_n": 64}]
+    assert attn._parse_tune(["use_dot=True,block_h=32", "use_dot=no"]) == [{"use_dot": True, "block_h": 32},
+                                                                           {"use_dot": False}]
+    with pytest.raises(UserError, match=r"--tune 'block_n=16,num_warps': expected KEY=VALUE pairs"):
+        parse_tune(["block_n=16,num_warps"])
+    with pytest.raises(ValueError, match="invalid literal for int"):
+        parse_tune(["programs_per_sm=1.5"])  # an int key unless a parser is named
