@@ -220,6 +220,21 @@ def test_spec_has_the_mla_page_layout_and_a_bounded_footprint(vllm_config):
         vllm_config.scheduler_config.enable_chunked_prefill = False
 
 
+def test_only_a_plain_mla_spec_is_compressed_naming_the_layer_otherwise():
+    from vllm.v1.kv_cache_interface import HiddenStateCacheSpec
+
+    from omni_passes.hosts.vllm.kv_checks import SinkRecentKVError
+    from omni_passes.hosts.vllm.kv_spec import plain_mla_spec
+
+    spec = mla_spec()
+    assert plain_mla_spec(spec, "model.layers.1.self_attn.attn") is spec
+    subclass = HiddenStateCacheSpec(block_size=BS, num_kv_heads=1, max_tp_shards=1, head_size=576,
+                                    dtype=torch.float32, cache_dtype_str="auto")
+    with pytest.raises(SinkRecentKVError, match=r"^model.layers.3.self_attn.attn: KV cache spec HiddenStateCacheSpec; "
+                                                r"sink\+recent KV needs a plain MLAAttentionSpec"):
+        plain_mla_spec(subclass, "model.layers.3.self_attn.attn")
+
+
 @pytest.mark.parametrize("pattern, groups", [
     ([1, 3], [("MLAAttentionSpec", [0, 2]), ("SinkRecentMLASpec", [1, 3])]),
     ([1], [("MLAAttentionSpec", [0]), ("MLAAttentionSpec", [2]), ("MLAAttentionSpec", [3]), ("SinkRecentMLASpec", [1])]),

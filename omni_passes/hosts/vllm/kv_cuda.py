@@ -250,18 +250,13 @@ def compress_layer_cuda(attn: Any, sink: int, recent: int, free_kv: bool) -> Non
 
 
 def _give_sink_recent_spec(attn: Any, impl: SinkRecentMLAImpl, sink: int, recent: int, vllm_backend: str) -> None:
-    from vllm.v1.kv_cache_interface import MLAAttentionSpec
-
-    from omni_passes.hosts.vllm.kv_spec import SinkRecentMLASpec
+    from omni_passes.hosts.vllm.kv_spec import SinkRecentMLASpec, plain_mla_spec
 
     mla_spec = attn.get_kv_cache_spec
     name = attn.layer_name
 
     def get_kv_cache_spec(vllm_config: Any):
-        spec = mla_spec(vllm_config)
-        if type(spec) is not MLAAttentionSpec:
-            raise SinkRecentKVError(f"{name}: KV cache spec {type(spec).__name__}; sink+recent KV needs a plain "
-                                    "MLAAttentionSpec (no sliding window, no sparse indexer)")
+        spec = plain_mla_spec(mla_spec(vllm_config), name)
         # The block size is final here (vLLM sets it from the dense layers' backend after the
         # model is built); freeing works on whole blocks of it.
         if problem := block_multiple_problem(sink, recent, spec.block_size):

@@ -106,9 +106,7 @@ def _on_cuda() -> bool:
 
 def compress_layer(attn: Any, sink: int, recent: int, block_size: int) -> None:
     """Give one ``MLAAttention`` module the sink+recent spec, masked writes and the dense guard."""
-    from vllm.v1.kv_cache_interface import MLAAttentionSpec
-
-    from omni_passes.hosts.vllm.kv_spec import SinkRecentMLASpec
+    from omni_passes.hosts.vllm.kv_spec import SinkRecentMLASpec, plain_mla_spec
 
     mla_spec: Callable = attn.get_kv_cache_spec
     update: Callable = attn.update_kv_cache
@@ -116,11 +114,7 @@ def compress_layer(attn: Any, sink: int, recent: int, block_size: int) -> None:
     name = attn.layer_name
 
     def get_kv_cache_spec(vllm_config: Any):
-        spec = mla_spec(vllm_config)
-        if type(spec) is not MLAAttentionSpec:
-            raise SinkRecentKVError(f"{name}: KV cache spec {type(spec).__name__}; sink+recent KV needs a plain "
-                                    "MLAAttentionSpec (no sliding window, no sparse indexer)")
-        return SinkRecentMLASpec.from_mla_spec(spec, sink, recent)
+        return SinkRecentMLASpec.from_mla_spec(plain_mla_spec(mla_spec(vllm_config), name), sink, recent)
 
     def update_kv_cache(kv_c_normed, k_pe, kv_cache, slot_mapping, *args, **kwargs):
         if slot_mapping is not None:

@@ -26,7 +26,18 @@ from typing import Any
 import torch
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheSpec, MLAAttentionSpec
 
+from omni_passes.hosts.vllm.kv_checks import SinkRecentKVError
 from omni_passes.kvcache.window import SinkRecentWindow
+
+
+def plain_mla_spec(spec: KVCacheSpec, layer: str) -> MLAAttentionSpec:
+    """``spec``, the KV cache spec vLLM gave ``layer``, if it is a plain ``MLAAttentionSpec`` (what
+    ``SinkRecentMLASpec.from_mla_spec`` copies); a subclass (sliding window, sparse indexer) raises
+    ``SinkRecentKVError`` naming the layer and the spec."""
+    if type(spec) is not MLAAttentionSpec:
+        raise SinkRecentKVError(f"{layer}: KV cache spec {type(spec).__name__}; sink+recent KV needs a plain "
+                                "MLAAttentionSpec (no sliding window, no sparse indexer)")
+    return spec
 
 
 @dataclass(frozen=True, kw_only=True)
