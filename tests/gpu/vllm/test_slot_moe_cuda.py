@@ -41,14 +41,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.gpu
-if not torch.cuda.is_available():
-    pytest.skip("needs CUDA", allow_module_level=True)
-vllm = pytest.importorskip("vllm")
-from vllm.platforms import current_platform
-
-if not current_platform.is_cuda():
-    pytest.skip("needs vLLM's CUDA build", allow_module_level=True)
+pytestmark = pytest.mark.gpu  # skipped without CUDA and vLLM's CUDA build: conftest.py
 
 from omni_passes.placement.placement import Placement
 from omni_passes.testing.placements import permuted, redundant_permuted
