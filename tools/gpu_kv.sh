@@ -42,13 +42,8 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
 fi
 
 {
-    echo
-    echo "--- GPU tests (tests.log): outcome of each test"
-    grep -E "^(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) |[0-9]+ (passed|failed)|^E  " "$OUT/tests.log" 2>/dev/null | head -60
-    echo
-    echo "--- benchmark (bench.log): figures and goals"
-    grep -E "^(vLLM CUDA|  |starting engine|engine |gpu_memory_utilization|time budget)|GOAL|FAILED|Error|error:" \
-        "$OUT/bench.log" 2>/dev/null | grep -v "^  File " | tail -60
-    [ -f "$OUT/vllm_kv_cuda.json" ] || echo "(no vllm_kv_cuda.json: see vllm_kv_cuda.json.partial.json for the stages that finished)"
+    tests_excerpt "^(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) |[0-9]+ (passed|failed)|^E  " 60
+    bench_excerpt "^(vLLM CUDA|  |starting engine|engine |gpu_memory_utilization|time budget)|GOAL|FAILED|Error|error:" \
+        60 vllm_kv_cuda.json stages
 } >> "$SUMMARY"
 cat "$SUMMARY"

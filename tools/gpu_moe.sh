@@ -77,17 +77,11 @@ fi
     echo
     echo "--- op check (opcheck/summary_none.json): omni op vs vLLM's op, dispatch kernel vs PyTorch, us per layer call"
     cat "$OUT/opcheck/summary_none.json" 2>/dev/null || echo "(no summary: see opcheck.log)"
-    echo
-    echo "--- GPU tests (tests.log): outcome of each test"
-    grep -E "::.* (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)|^(FAILED|ERROR) |[0-9]+ (passed|failed)|^E  " "$OUT/tests.log" \
-        2>/dev/null | head -90
+    tests_excerpt "::.* (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)|^(FAILED|ERROR) |[0-9]+ (passed|failed)|^E  " 90
     echo
     echo "--- fixture check (fixture.log)"
     grep -E "[0-9]+ (passed|failed)|^FAILED|^E  " "$OUT/fixture.log" 2>/dev/null | head -20
-    echo
-    echo "--- benchmark (bench.log): figures and goals"
-    grep -E "^(vLLM CUDA|  |starting engine|engine |skipping|work dir)|GOAL|FAILED|Error|error:" \
-        "$OUT/bench.log" 2>/dev/null | grep -v "^  File " | tail -70
-    [ -f "$OUT/vllm_moe_cuda.json" ] || echo "(no vllm_moe_cuda.json: see vllm_moe_cuda.json.partial.json for the engines that finished)"
+    bench_excerpt "^(vLLM CUDA|  |starting engine|engine |skipping|work dir)|GOAL|FAILED|Error|error:" 70 \
+        vllm_moe_cuda.json engines
 } >> "$SUMMARY"
 cat "$SUMMARY"

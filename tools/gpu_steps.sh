@@ -5,6 +5,7 @@
 #   step NAME LIMIT_S LOG COMMAND...      run it under timeout, log to $OUT/LOG, one summary line
 #   step_env [EXTRA_SHELL_COMMAND]       env.txt: GPU, driver, torch / triton / vLLM versions
 #   say TEXT                             a line on stdout and in $OUT/SUMMARY.txt
+#   tests_excerpt ERE N, bench_excerpt ERE N JSON WHAT    sections of the summary's second part
 #
 # Every step runs under `timeout` and `step` always returns 0, so one failing step does not stop
 # the next; SUMMARY.txt gets one line per step: ok / FAILED (rc N) / TIMED OUT after LIMIT s /
@@ -39,6 +40,22 @@ step() {
     elif [ "$rc" -ne 0 ]; then what="FAILED (rc $rc)"; fi
     say "$name: $what in ${took}s; log $log"
     return 0
+}
+
+# tests_excerpt ERE N: a section "--- GPU tests", the first N lines of tests.log matching ERE.
+tests_excerpt() {
+    echo
+    echo "--- GPU tests (tests.log): outcome of each test"
+    grep -E "$1" "$OUT/tests.log" 2>/dev/null | head -"$2"
+}
+
+# bench_excerpt ERE N JSON WHAT: a section "--- benchmark", the last N lines of bench.log matching
+# ERE (traceback lines left out), and where $OUT/JSON is missing, the partial file (of WHAT) to read.
+bench_excerpt() {
+    echo
+    echo "--- benchmark (bench.log): figures and goals"
+    grep -E "$1" "$OUT/bench.log" 2>/dev/null | grep -v "^  File " | tail -"$2"
+    [ -f "$OUT/$3" ] || echo "(no $3: see $3.partial.json for the $4 that finished)"
 }
 
 # step_env [EXTRA]: the `env` step (60 s): nvidia-smi, the versions, then EXTRA (a shell command line).
