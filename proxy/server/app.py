@@ -68,7 +68,7 @@ class ProxyServer:
         self.metrics = ProxyMetrics(self.snapshot)
         stages = ("prefill", "decode") if c.mode == "pd" else ("collocated",)
         self.router = Router(self.policy, self.registry, self.loads, self.index, c.block_size, stages,
-                             c.queue_timeout, self.metrics, self.now)
+                             c.queue_timeout, self.metrics, self.now, refresh=self._apply_kv_events)
         self.queues = self.router.queues
         self.upstream = Upstream(c.connect_timeout, UPSTREAM_KEEPALIVE_S)
         self.prober = HealthProber(self.registry, lambda: self.upstream.session, c.health_interval, c.health_timeout,
@@ -127,6 +127,10 @@ class ProxyServer:
         self.index.remove_instance(url)
         self.loads.remove(url)  # tickets in flight keep their own reference
         return inst
+
+    def _apply_kv_events(self) -> None:
+        for sub in self.subscribers.values():
+            sub.drain()
 
     def _on_kv_event(self, instance: str, kind: str) -> None:
         self.metrics.kv_events.labels(instance, kind).inc()
@@ -214,6 +218,7 @@ class ProxyServer:
         while True:
             await asyncio.sleep(0.1)
             ticks += 1
+            self._apply_kv_events()
             self.router.kick()
             if ticks % 10 == 0:
                 self.index.expire(self.now())

@@ -293,6 +293,7 @@ class _Connection(asyncio.Protocol):
         self._queue: deque[Request] = deque()   # complete heads waiting for their turn
         self._task: asyncio.Task | None = None  # the handler of the request being answered
         self._timer: asyncio.TimerHandle | None = None
+        self._deadline: float | None = None     # close if still idle then (None: a request is served)
         self._lingering = False
 
     # -- asyncio protocol ----------------------------------------------------------------------
@@ -410,9 +411,7 @@ class _Connection(asyncio.Protocol):
 
     # -- serving ---------------------------------------------------------------------------------
     def _start(self, request: Request) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadline = None  # the timer, if any, finds nothing to do when it fires
         self._task = self.loop.create_task(self._serve(request))
 
     async def _serve(self, request: Request) -> None:
@@ -466,9 +465,23 @@ class _Connection(asyncio.Protocol):
         self.resume_reading()
 
     def _arm(self, seconds: float) -> None:
-        if self._timer is not None:
+        """Close after ``seconds`` unless a request starts. One timer per connection, moved
+        lazily: it re-checks the deadline when it fires (no timer made and cancelled per request)."""
+        self._deadline = deadline = self.loop.time() + seconds
+        if self._timer is not None and self._timer.when() > deadline:
             self._timer.cancel()
-        self._timer = self.loop.call_later(seconds, self._close)
+            self._timer = None
+        if self._timer is None:
+            self._timer = self.loop.call_at(deadline, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        if self._deadline is None:
+            return
+        if self.loop.time() < self._deadline:
+            self._timer = self.loop.call_at(self._deadline, self._expire)
+            return
+        self._close()
 
     def _close(self) -> None:
         if self._timer is not None:

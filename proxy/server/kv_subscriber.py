@@ -5,12 +5,13 @@ messages; sequence gaps are counted (events published before the socket connecte
 dropped at the publisher's high-water mark, are lost; the index then corrects itself through
 later events and the expiry of routing-time guesses).
 
-The socket is a plain (synchronous) ZMQ socket read from a reader callback on its file
-descriptor, which drains every waiting message in one go (at most ``DRAIN`` per loop turn).
-``zmq.asyncio`` made a future and a poll round per message: with events after every engine
-step, that was a tenth of the proxy's event loop at 200 req/s (docs/serving_bench.md). ZMQ's
-descriptor is edge-triggered: it signals that the socket's state changed, not that a message
-waits, so each wake-up reads until ``EVENTS`` shows nothing more.
+Events are applied when a decision needs them and on a timer, not as they arrive: the
+socket is a plain (synchronous) ZMQ socket that :meth:`KVEventSubscriber.drain` empties
+without waiting, called by the router before every decision (``Router.state``) and by the
+server's housekeeping every 0.1 s. So every decision sees every event received until then,
+and the event loop is not woken once per engine step: on this project's 2-core VM a wake-up
+costs tens of microseconds of CPU, and with ``zmq.asyncio`` (a future and a poll round per
+message) KV events were a tenth of the proxy's loop at 200 req/s (docs/serving_bench.md).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from scheduling.prefix_index import PrefixIndex
 
 log = logging.getLogger("omni_proxy")
 
-DRAIN = 256  # messages applied per loop turn at most; the rest on the next turn
+DRAIN = 4096  # messages applied per drain at most (a flood waits for the next one)
+RCVHWM = 100_000  # messages ZMQ keeps for us between drains
 _zmq = None  # imported by the first start(): the proxy imports without pyzmq
 
 
@@ -44,8 +46,6 @@ class KVEventSubscriber:
         self.batches = 0
         self._warned_block_size = False
         self._socket = None
-        self._fd: int | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
         global _zmq
@@ -54,44 +54,37 @@ class KVEventSubscriber:
         _zmq = zmq
         self._socket = zmq.Context.instance().socket(zmq.SUB)
         self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.RCVHWM, RCVHWM)
         self._socket.setsockopt(zmq.SUBSCRIBE, self.topic)
         self._socket.connect(self.endpoint)
         self.index.set_events(self.instance, True)
-        self._loop = asyncio.get_running_loop()
-        self._fd = self._socket.getsockopt(zmq.FD)
-        self._loop.add_reader(self._fd, self._drain)
-        self._loop.call_soon(self._drain)  # messages may be waiting already: the edge has passed
 
     async def stop(self) -> None:
-        if self._fd is not None:
-            self._loop.remove_reader(self._fd)
-            self._fd = None
         if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = None
 
-    def _drain(self) -> None:
-        zmq = _zmq
+    def drain(self) -> int:
+        """Apply the messages waiting on the socket (none: one cheap check); how many."""
         sock = self._socket
         if sock is None:
-            return
-        for _ in range(DRAIN):
+            return 0
+        zmq = _zmq
+        for n in range(DRAIN):
             try:
-                if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                    return
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return
+                return n
             except zmq.ZMQError as exc:  # the socket was closed under us
                 log.warning("KV events from %s (%s): %s", self.instance, self.endpoint, exc)
-                return
+                return n
             try:
                 self.handle(frames)
             except kv.KVEventDecodeError as exc:
                 self.bad_messages += 1
                 if self.bad_messages <= 3:
                     log.warning("KV events from %s (%s): %s", self.instance, self.endpoint, exc)
-        self._loop.call_soon(self._drain)  # more may wait: go on after the others had their turn
+        return DRAIN
 
     def handle(self, frames: list[bytes]) -> None:
         """Apply one message (exposed for tests: no socket needed)."""

@@ -28,8 +28,10 @@ GUESS_SLICE = 512  # block keys inserted into the prefix index per loop turn
 
 class Router:
     def __init__(self, policy: Policy, registry: Registry, loads: LoadModel, index: PrefixIndex, block_size: int,
-                 stages: tuple[str, ...], queue_timeout: float, metrics: ProxyMetrics, now: Callable[[], float]):
+                 stages: tuple[str, ...], queue_timeout: float, metrics: ProxyMetrics, now: Callable[[], float],
+                 refresh: Callable[[], None] = lambda: None):
         self.policy = policy
+        self.refresh = refresh  # brings the prefix index up to date (applies waiting KV events)
         self.registry = registry
         self.loads = loads
         self.index = index
@@ -46,6 +48,8 @@ class Router:
                        if getattr(type(policy), h) is not getattr(Policy, h)}
 
     def state(self) -> ClusterState:
+        """What a decision sees, the KV events received until now applied."""
+        self.refresh()
         return ClusterState(self.loads, self.index, self.block_size, self.now())
 
     def usable(self, stage: str) -> list[str]:

@@ -16,7 +16,11 @@ DEFAULT_CHARS_PER_TOKEN = 4
 
 def char_block_ids(text: str, chars_per_token: int = DEFAULT_CHARS_PER_TOKEN) -> list[int]:
     step = chars_per_token
-    return [zlib.crc32(text[i : i + step].encode("utf-8")) for i in range(0, len(text), step)]
+    data = text.encode("utf-8")
+    crc32 = zlib.crc32
+    if len(data) == len(text):  # ASCII: character slices are byte slices, encoded once
+        return [crc32(data[i : i + step]) for i in range(0, len(data), step)]
+    return [crc32(text[i : i + step].encode("utf-8")) for i in range(0, len(text), step)]
 
 
 def content_text(content: Any) -> str:
