@@ -82,20 +82,21 @@ class OnlineLinearFit:
     def observe(self, x: Sequence[float], y: float) -> None:
         if len(x) != len(self.theta):
             raise ValueError(f"expected {len(self.theta)} features, got {len(x)}")
-        if not math.isfinite(y) or not all(math.isfinite(v) for v in x):
+        isfinite = math.isfinite
+        if not isfinite(y):
             return
+        for v in x:
+            if not isfinite(v):
+                return
         d = self.decay
         error = y - self.predict(x)
         if self.samples:  # the first prediction is the prior's: no evidence about the fit
             self._res_sq = self._res_sq * d + error * error
             self._res_w = self._res_w * d + 1.0
-        k = len(x)
-        for i in range(k):
-            row = self._xx[i]
-            xi = x[i]
-            for j in range(k):
-                row[j] = row[j] * d + xi * x[j]
-            self._xy[i] = self._xy[i] * d + xi * y
+        xx = self._xx  # rows rebuilt whole: per element the same arithmetic as in place, fewer steps
+        for i, xi in enumerate(x):
+            xx[i] = [r * d + xi * xj for r, xj in zip(xx[i], x)]
+        self._xy = [s * d + xi * y for s, xi in zip(self._xy, x)]
         self.weight = self.weight * d + 1.0
         self.samples += 1
         if self.samples <= 32 or self.samples % self.refit_every == 0:

@@ -84,9 +84,11 @@ def forecast(load: InstanceLoad, loads: Mapping[str, InstanceLoad], *, prompt_to
              tpot: bool = True) -> Forecast:
     """Predict TTFT and TPOT of a request (``uncached`` = 0: its KV arrives from a prefill;
     ``tpot`` False: TTFT only, the TPOT fields are NaN and True)."""
-    pm = prefill_model_of(load, loads)
+    # the bodies of prefill_seconds and tpot_seconds, with each model looked up once (this runs
+    # per candidate per request)
     if uncached > 0:
-        ttft = prefill_seconds(load, loads, load.prefill_tokens + uncached)
+        pm = prefill_model_of(load, loads)
+        ttft = pm.predict_loaded(load.prefill_tokens + uncached, load.running + 1) * load.prefill_ratio.value
         ttft_ok = load.prefill_tokens == 0 or ttft + margin_z * pm.residual_std <= ttft_budget_s
     else:
         ttft, ttft_ok = 0.0, True
@@ -94,7 +96,7 @@ def forecast(load: InstanceLoad, loads: Mapping[str, InstanceLoad], *, prompt_to
         return Forecast(load.instance, matched_blocks, uncached, ttft, math.nan, ttft_ok, True)
     dm = decode_model_of(load, loads)
     rate = load.prefill_rate(now) + uncached / RATE_WINDOW_S
-    tpot_s = tpot_seconds(load, loads, load.running + 1, load.kv_tokens + prompt_tokens, rate)
+    tpot_s = dm.predict(load.running + 1, load.kv_tokens + prompt_tokens, rate) * load.decode_ratio.value
     tpot_ok = load.running == 0 or tpot_s + margin_z * dm.residual_std <= slo.tpot or unattainable(dm, slo, margin_z)
     return Forecast(load.instance, matched_blocks, uncached, ttft, tpot_s, ttft_ok, tpot_ok)
 
