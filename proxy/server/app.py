@@ -133,7 +133,7 @@ class ProxyServer:
             sub.drain()
 
     def _on_kv_event(self, instance: str, kind: str) -> None:
-        self.metrics.kv_events.labels(instance, kind).inc()
+        self.metrics.labelled(self.metrics.kv_events, instance, kind).inc()
 
     def _on_down(self, url: str, reason: str) -> None:
         over, streams = self.inflight.abandon(url, reason, self.config.health_timeout)
@@ -289,7 +289,7 @@ class ProxyServer:
             log.exception("request %s: unexpected error", rid)
             return client_error("the proxy failed on this request", 500, rid)
         finally:
-            self.metrics.requests.labels(endpoint, call.outcome).inc()
+            self.metrics.labelled(self.metrics.requests, endpoint, call.outcome).inc()
 
     # -- own endpoints ------------------------------------------------------------------------------------
     async def health(self, request: Request) -> Answer:

@@ -86,6 +86,16 @@ class ProxyMetrics:
         self.tpot = Histogram("omni_proxy_tpot_seconds", "time per output chunk after the first (streams)", buckets=TPOT_BUCKETS, registry=r)
         self.e2e = Histogram("omni_proxy_e2e_seconds", "request latency", buckets=LATENCY_BUCKETS, registry=r)
         r.register(_SnapshotCollector(snapshot))
+        self._children: dict[tuple, object] = {}
+
+    def labelled(self, metric, *values: str):
+        """``metric.labels(*values)``, kept: ``labels`` checks and locks on every call, and the
+        per-request counters take the same few label sets over and over."""
+        key = (metric, values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

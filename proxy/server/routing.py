@@ -99,7 +99,7 @@ class Router:
         if inst is not None:
             inst.breaker.dispatched()
         m = self.metrics
-        m.decisions.labels(stage, choice.instance, choice.reason).inc()
+        m.labelled(m.decisions, stage, choice.instance, choice.reason).inc()
         if info.block_keys:
             self._guess(choice.instance, info.block_keys)
         if stage != "decode" or prefill_work:
