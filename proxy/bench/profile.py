@@ -1,14 +1,17 @@
 """Where the proxy's event loop spends its time: a py-spy profile summed into named parts.
 
-    py-spy record --pid PID --duration 15 --rate 250 --format raw --output omni.raw
+    py-spy record --pid PID --duration 12 --rate 200 --native --format raw --output omni.raw
     python -m proxy.bench.profile omni.raw      # or a .gz of it
 
 ``--format raw`` writes one line per distinct stack, ``frame;frame;... COUNT`` (outermost
 first, frames ``function (file:line)``). Only the event loop's thread counts (stacks through
 ``Runner.run``): the other threads of the proxy (the prompt workers' pool managers) wait.
-Each stack goes to the first part whose markers one of its frames contains; a stack that
-ends in ``Runner.run`` itself is uvloop's own C work (epoll, socket reads and writes,
-callback dispatch), which py-spy sees without a Python frame of its own.
+Each stack goes to the first part whose markers one of its frames contains. With
+``--native`` (as measured for issue 26's server-side change) a stack that ends in
+``epoll_wait``/``epoll_pwait`` is the loop waiting and is left out (on this project's VM
+py-spy's own idle detection counts those waits as busy), and the kernel's socket writes show
+as ``write``/``writev`` leaves; without it, a stack that ends in ``Runner.run`` itself is
+uvloop's own C work and waiting, which py-spy sees without a Python frame of its own.
 """
 
 from __future__ import annotations
@@ -21,18 +24,22 @@ from pathlib import Path
 LOOP = "Runner.run"
 PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("prepare: parse, validate, tokenize, hash blocks", ("Intake.prepare",)),
+    # before placement: the router applies waiting KV events before each decision
+    ("KV events: ZMQ receive, decode, prefix index", ("KVEventSubscriber", "zmq/")),
     ("placement: policy choice, load, hold queue", ("Router.place",)),
     ("policy observation hooks (learning)", ("Router.observe",)),
-    ("KV events: ZMQ receive, decode, prefix index", ("KVEventSubscriber", "zmq/")),
     ("metrics (prometheus_client)", ("prometheus_client",)),
-    ("upstream HTTP client (aiohttp: request, body writer, response)", (
-        "Upstream.", "ClientRequest.", "client_proto", "client_reqrep", "aiohttp/client.py", "connector.py")),
+    ("upstream HTTP client (request, reading the answer)", (
+        "Upstream.", "ClientRequest.", "client_proto", "client_reqrep", "aiohttp/client.py", "connector.py",
+        "proxy/server/http1.py")),
     ("response headers to the client", ("StreamResponse.prepare",)),
-    ("relaying events to the client", ("relay (", "StreamResponse.write", "Forwarder._stream")),
+    ("relaying events to the client", ("relay (", "StreamResponse.write", "Forwarder._stream", "Stream.write")),
     ("rest of the handler: body read, request id, retries", ("ProxyServer._handle", "Forwarder")),
-    ("aiohttp server: HTTP parsing, connections", ("web_protocol", "web_app", "web_server")),
+    ("HTTP server: parsing requests, connections (aiohttp, or proxy/server/front.py)", (
+        "web_protocol", "web_app", "web_server", "proxy/server/front.py")),
 )
 UVLOOP = "event loop itself (uvloop: epoll, socket I/O, callbacks)"
+IDLE = ("epoll_wait", "epoll_pwait")
 
 
 def shares(lines: list[str]) -> tuple[int, dict[str, float]]:
@@ -44,13 +51,16 @@ def shares(lines: list[str]) -> tuple[int, dict[str, float]]:
         if not stack or LOOP not in stack:
             continue
         frames = stack.split(";")
+        if frames[-1].startswith(IDLE):  # --native: the loop waiting for something to do
+            continue
         total += int(n)
         for name, markers in PARTS:
             if any(m in f for f in frames for m in markers):
                 counts[name] += int(n)
                 break
         else:
-            counts[UVLOOP if frames[-1].startswith(LOOP) else "other"] += int(n)
+            native = ".py:" not in frames[-1]  # --native: uvloop, libuv, the kernel's socket calls
+            counts[UVLOOP if frames[-1].startswith(LOOP) or native else "other"] += int(n)
     names = [p for p, _ in PARTS] + [UVLOOP, "other"]
     return total, {k: counts[k] / total for k in names if counts[k]} if total else {}
 
