@@ -26,15 +26,20 @@ def solve(a: list[list[float]], b: list[float]) -> list[float] | None:
     n = len(b)
     m = [row[:] + [b[i]] for i, row in enumerate(a)]
     for col in range(n):
-        pivot = max(range(col, n), key=lambda r: abs(m[r][col]))
-        if abs(m[pivot][col]) < 1e-300:
+        pivot, largest = col, abs(m[col][col])
+        for r in range(col + 1, n):  # the first row of largest magnitude
+            size = abs(m[r][col])
+            if size > largest:
+                pivot, largest = r, size
+        if largest < 1e-300:
             return None
         m[col], m[pivot] = m[pivot], m[col]
+        top = m[col]
         for r in range(col + 1, n):
-            f = m[r][col] / m[col][col]
-            if f:
-                for c in range(col, n + 1):
-                    m[r][c] -= f * m[col][c]
+            row = m[r]
+            f = row[col] / top[col]
+            if f:  # row minus f times the pivot row, from this column on
+                row[col:] = [v - f * t for v, t in zip(row[col:], top[col:])]
     x = [0.0] * n
     for r in range(n - 1, -1, -1):
         x[r] = (m[r][n] - sum(m[r][c] * x[c] for c in range(r + 1, n))) / m[r][r]
