@@ -131,21 +131,30 @@ class Forwarder:
                 return Answer(ex.resp.status, data, headers=(("X-Request-Id", call.rid),))
             call.head = first
             call.ttft = now - call.t0
-            self.metrics.ttft.observe(call.ttft)
-            self.router.observe("on_first_byte", call.info, instance, stage, ex.attempt.sent_at, ticket=ticket)
-            out, ex.clean = await self._stream(call, stage, ex.attempt, ex.resp, first, pending, ticket, dialect)
+
+            def first_byte() -> None:  # after the first event left: off the client's TTFT path
+                self.metrics.ttft.observe(call.ttft)
+                self.router.observe("on_first_byte", call.info, instance, stage, ex.attempt.sent_at, ticket=ticket)
+
+            out, ex.clean = await self._stream(call, stage, ex.attempt, ex.resp, first, pending, ticket, dialect,
+                                               first_byte)
             return out
 
     async def _stream(self, call: Call, stage: str, attempt: Attempt, resp, first: bytes, pending: bytes,
-                      ticket: Ticket, dialect: Dialect) -> tuple[Stream, bool]:
+                      ticket: Ticket, dialect: Dialect, first_byte: Callable[[], None]) -> tuple[Stream, bool]:
         """Relay a stream that has its first event; (response, whether it completed). The
-        answer's head leaves with the first event, in one write."""
+        answer's head leaves with the first event, in one write; ``first_byte`` runs right
+        after that write (before the task yields, unless the client's socket buffer is full), whatever
+        the write gave."""
         attempt.client_started = True
         if attempt.down_reason is not None:  # declared down between the first event and now
             attempt.idle_s = min(attempt.idle_s, self.config.health_timeout)
         out = call.request.stream(200, (("Cache-Control", "no-cache"), ("X-Request-Id", call.rid)))
         try:
-            await out.write(first)
+            try:
+                await out.write(first)
+            finally:
+                first_byte()
             result = await relay(call, attempt, resp, out, first, pending, dialect, self.config.idle_timeout, ticket.grow)
             await out.end()
         except ConnectionResetError:
