@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 
@@ -138,6 +139,10 @@ def main(args: argparse.Namespace) -> int:
     async def start():
         await server.start()
         server.intake.warm()
+        # what start-up made (modules, configuration: tens of thousands of objects) stays for the
+        # process's life: out of the collector's sight, a full collection no longer walks it
+        # (about 40 ms on this project's VM, a pause every request in flight would wait out)
+        gc.freeze()
         print(f"omni-proxy serve: ready on {server.url} ({config.mode}, policy {config.policy})", file=sys.stderr, flush=True)
 
     try:
