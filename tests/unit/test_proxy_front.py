@@ -81,6 +81,7 @@ async def test_unknown_route_wrong_method_bad_head_and_huge_head():
         head, body = await read_answer(reader)
         assert head.startswith(b"HTTP/1.1 400") and b"Connection: close" in head
         assert await asyncio.wait_for(reader.read(), 2) == b""
+        writer.close()
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET /e HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * MAX_HEAD_BYTES + b"\r\n\r\n")
         head, body = await read_answer(reader)
@@ -127,6 +128,7 @@ async def test_streams_are_chunked_on_http_1_1_and_raw_then_closed_on_http_1_0()
         assert body == b"9\r\ndata: 1\n\n\r\ne\r\ndata: [DONE]\n\n\r\n0\r\n\r\n"
         writer.write(b"GET /s HTTP/1.1\r\nHost: x\r\n\r\n")  # the connection is kept
         assert (await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 2)).endswith(body)
+        writer.close()
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET /s HTTP/1.0\r\n\r\n")
         data = await asyncio.wait_for(reader.read(), 2)  # the connection closes at the end
