@@ -25,7 +25,9 @@ Connections (one :class:`_Connection` each):
 * a client that goes away (EOF or reset) cancels its handler, which closes the upstream
   attempt, so the instance aborts the request;
 * a head that llhttp refuses, or one over ``MAX_HEAD_BYTES``, gets 400 / 431 and the
-  connection closes.
+  connection closes;
+* ``close`` stops listening, closes idle connections and gives answers in progress a grace
+  period (60 s, as aiohttp's server did) before cancelling them.
 
 Answers carry ``Content-Length``; streams use chunked transfer encoding (HTTP/1.0 clients: the
 raw bytes, then the connection closes).
@@ -434,9 +436,9 @@ class _Connection(asyncio.Protocol):
                 self._close()
                 return
             reuse = response.chunked and request.keep_alive
-            close_now = not reuse
+            close_now = not reuse or self.server.stopping
         else:
-            reuse = request.keep_alive and not response.close
+            reuse = request.keep_alive and not response.close and not self.server.stopping
             self.transport.write(response.encode(reuse and request.complete))
             close_now = not reuse
         if not request.complete:
@@ -504,6 +506,7 @@ class HttpServer:
         self.keepalive_timeout = keepalive_timeout
         self.linger_s = linger_s
         self.connections: set[_Connection] = set()
+        self.stopping = False  # closing: connections close after their answer
         self.loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.AbstractServer | None = None
 
@@ -514,14 +517,22 @@ class HttpServer:
                                                      backlog=backlog)
         return self._server.sockets[0].getsockname()[1]
 
-    async def close(self) -> None:
-        """Stop listening and close every connection (their handlers are cancelled)."""
+    async def close(self, grace_s: float = 60.0) -> None:
+        """Stop listening, close idle connections, give the requests being answered ``grace_s``
+        seconds to finish (as aiohttp's server did), then close the rest (their handlers are
+        cancelled)."""
+        self.stopping = True
         if self._server is not None:
             self._server.close()
-        tasks = []
+        await asyncio.sleep(0)  # requests whose head has just arrived start being answered
         for conn in list(self.connections):
-            if conn._task is not None:
-                tasks.append(conn._task)
+            if conn._task is None:
+                conn._close()
+        tasks = [conn._task for conn in self.connections if conn._task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace_s)
+        tasks = [conn._task for conn in self.connections if conn._task is not None]
+        for conn in list(self.connections):
             conn._close()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)

@@ -165,3 +165,39 @@ async def test_a_client_that_leaves_cancels_its_handler_and_idle_connections_clo
     finally:
         writer.close()
         await server.close()
+
+
+async def test_close_lets_answers_in_progress_finish_within_the_grace_then_cancels():
+    started = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    async def slow(request):
+        started.set()
+        try:
+            await asyncio.sleep(float(request.query["s"]))
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return Answer(200, b"done", None)
+
+    server, port, reader, writer = await start({("GET", "/slow"): slow})
+    idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /slow?s=0.3 HTTP/1.1\r\nHost: x\r\n\r\n")
+    await asyncio.wait_for(started.wait(), 2)
+    await server.close(grace_s=5)  # returns once the answer in progress is given
+    head, body = await read_answer(reader)
+    assert head.startswith(b"HTTP/1.1 200") and b"Connection: close" in head and body == b"done"
+    assert await asyncio.wait_for(reader.read(), 2) == b"" and await asyncio.wait_for(idle_reader.read(), 2) == b""
+    writer.close()
+    idle_writer.close()
+
+    started.clear()
+    server, port, reader, writer = await start({("GET", "/slow"): slow})
+    writer.write(b"GET /slow?s=30 HTTP/1.1\r\nHost: x\r\n\r\n")
+    await asyncio.wait_for(started.wait(), 2)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    await server.close(grace_s=0.2)  # past the grace: cancelled, the connection closed
+    assert cancelled.is_set() and loop.time() - t0 < 1.0
+    assert await asyncio.wait_for(reader.read(), 2) == b""
+    writer.close()
