@@ -13,12 +13,15 @@ routing around it (C++ loops on CPU, Triton on CUDA) and no Python runs per call
 The state's tensors enter the graph as Inductor constants bound by reference
 (``V.graph.add_tensor_constant`` keeps the tensor object, it does not copy), so an in-place
 placement update is read by the next call, and the counters are mutated in place by the
-graph. So a compiled graph must not come from Inductor's FX graph cache (a hit loads pickled
-copies of those constants, and counts would go nowhere): ``omni_passes.compile`` turns that
-cache off, the vLLM pass's ``uuid()`` is unique per process, and a raw ``torch.compile`` of
-the ops needs ``torch._inductor.config.fx_graph_cache = False`` (seen on the H200: a second
-process counted nothing). The FX graph keeps the omni op nodes (reports, renderers and other backends see
-them); only Inductor's lowering differs.
+graph. Such code must never reach a compile cache: a cache hit in another process loads
+pickled *copies* of those constants, so it would dispatch by the placement the first process
+had and count into tensors nobody reads (seen on the H200, and in CI where a later process hit
+an earlier one's entry). So the lowering binds constants only while Inductor's FX graph cache
+is off for this compile (``omni_passes.compile`` turns it off); wherever the compiled code may
+be cached (a raw ``torch.compile`` with the default settings, vLLM's compile cache) the ops stay
+calls of their eager kernels, which look the state up by handle on every call, so a cached
+graph reads the live tables of the process that loads it. The FX graph keeps the omni op nodes
+(reports, renderers and other backends see them); only Inductor's lowering differs.
 
 ``OMNI_OPS_LOWERING=0`` makes both ops fall back to their eager kernels (to measure one
 against the other); ``register()`` is idempotent and runs when the omni pass manager first
@@ -50,7 +53,16 @@ _registered = False
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV, "1") != "0"
+    """Lower the ops for the compile in progress: not turned off by ``OMNI_OPS_LOWERING=0``,
+    and the compiled code cannot land in a compile cache (see the module docstring)."""
+    return os.environ.get(ENV, "1") != "0" and not compile_may_be_cached()
+
+
+def compile_may_be_cached() -> bool:
+    """True when Inductor may store the code it is generating for reuse by another process."""
+    from torch._inductor import config
+
+    return bool(config.fx_graph_cache) and not config.force_disable_caches
 
 
 def register() -> bool:

@@ -204,3 +204,69 @@ def test_occurrence_index_formulations_agree():
     assert torch.equal(onehot, sorted_path)
     expected = torch.tensor([int((flat[:i] == flat[i]).sum()) for i in range(200)])
     assert torch.equal(onehot[:200], expected)
+
+
+def test_the_ops_are_lowered_only_where_the_compiled_code_cannot_be_cached(monkeypatch):
+    """Lowered code holds the state's tensors as constants; a cache would keep copies of them."""
+    from torch._inductor.utils import run_and_get_code
+
+    from kernels import inductor_lowerings
+
+    assert inductor_lowerings.register()
+    monkeypatch.setenv(inductor_lowerings.ENV, "1")
+    state = PlacementController(placement([[0, 1, 2, 3, 3, 2, 1, 0]], experts=4), layout="slot")
+    ids = torch.tensor([[0, 0], [1, 1], [2, 3], [3, 2]])
+
+    def code_with_cache(on: bool) -> str:
+        torch._dynamo.reset()
+        with torch._inductor.config.patch(fx_graph_cache=on):
+            compiled = torch.compile(lambda x: torch.ops.omni.expert_dispatch(x, state.handle, 0) * 1, fullgraph=True)
+            out, code = run_and_get_code(compiled, ids)
+        assert torch.equal(out, expert_dispatch_reference(ids, *dispatch_tables(state.placement), 0))
+        return "\n".join(code)
+
+    assert "omni.expert_dispatch" not in code_with_cache(False)  # lowered into the graph's loops
+    assert "omni.expert_dispatch" in code_with_cache(True)  # a call that looks the state up
+    state.close()
+
+
+_CACHED_PROCESS = """
+import sys, torch
+import kernels
+from kernels import inductor_lowerings
+from kernels.expert_dispatch import expert_dispatch_reference
+from omni_passes.placement.controller import PlacementController
+from omni_passes.placement.placement import Placement
+from omni_passes.placement.tables import dispatch_tables
+from torch._dynamo.utils import counters
+row = [[0, 1, 2, 3, 0, 1, 2, 3]] if sys.argv[1] == "a" else [[0, 1, 2, 3, 3, 2, 1, 0]]
+p = Placement(num_layers=1, num_logical_experts=4, num_ranks=1, num_nodes=1, slots_per_rank=8,
+              phy2log=torch.tensor(row))
+state = PlacementController(p, layout="slot")
+assert inductor_lowerings.register()  # as an omni pass manager does when Inductor first runs it
+def route(ids):
+    torch.ops.omni.record_expert_load(ids, state.handle, 0)
+    return torch.ops.omni.expert_dispatch(ids, state.handle, 0) * 1
+ids = torch.tensor([[0, 0], [1, 1], [2, 3], [3, 2]])
+out = torch.compile(route, fullgraph=True)(ids)
+print(torch.equal(out, expert_dispatch_reference(ids, *dispatch_tables(p), 0)),
+      state.expert_load[0].tolist(), counters["inductor"]["fxgraph_cache_hit"])
+"""
+
+
+def test_a_cached_graph_reads_the_tables_and_counters_of_the_process_that_loads_it(tmp_path):
+    """Two processes, one Inductor cache, the same graph (same handle literal) and other
+    placements: the second is served from the cache and must still dispatch by its own tables
+    and count into its own counters."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "PYTHONPATH": str(root),
+           "TORCHINDUCTOR_FX_GRAPH_CACHE": "1"}
+    lines = [subprocess.run([sys.executable, "-c", _CACHED_PROCESS, which], env=env, cwd=root, check=True,
+                            capture_output=True, text=True).stdout.split("\n")[-2] for which in ("a", "b")]
+    assert lines[0] == "True [2, 2, 2, 2] 0"
+    assert lines[1] == "True [2, 2, 2, 2] 1", "a cache hit must use the loading process's state"
