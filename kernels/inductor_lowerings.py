@@ -62,7 +62,9 @@ def compile_may_be_cached() -> bool:
     """True when Inductor may store the code it is generating for reuse by another process."""
     from torch._inductor import config
 
-    return bool(config.fx_graph_cache) and not config.force_disable_caches
+    # vLLM's standalone AOT artifacts bundle the compiled code whatever the FX cache setting
+    bundled = bool(getattr(torch._functorch.config, "bundled_autograd_cache", False))
+    return bundled or (bool(config.fx_graph_cache) and not config.force_disable_caches)
 
 
 def register() -> bool:
