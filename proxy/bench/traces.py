@@ -32,7 +32,7 @@ import math
 from datetime import datetime
 from pathlib import Path
 
-from .workload import WorkloadError, WorkloadRequest, load_jsonl
+from .workload import WorkloadError, WorkloadRequest, json_lines, load_jsonl, read_workload_text
 
 MOONCAKE_BLOCK = 512  # real tokens per hash id in the Mooncake traces
 DEFAULT_SCALE = 16
@@ -93,16 +93,7 @@ def load_mooncake(path: str | Path, token_scale: float = DEFAULT_SCALE, block_to
     """A Mooncake-format JSONL trace (module docstring); requests sorted by arrival, first at 0."""
     path = Path(path)
     block = _block_tokens(token_scale, block_tokens)
-    out = []
-    for number, line in enumerate(_read(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path} line {number}"
-        try:
-            doc = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise WorkloadError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-        out.append(mooncake_request(doc, where, token_scale, block, max_len))
+    out = [mooncake_request(doc, where, token_scale, block, max_len) for doc, where in json_lines(path)]
     return _from_zero(out, path)
 
 
@@ -121,7 +112,7 @@ def _timestamp(text: str, where: str) -> float:
 def load_azure(path: str | Path, token_scale: float = DEFAULT_SCALE, max_len: int | None = None) -> list[WorkloadRequest]:
     """An Azure LLM inference CSV trace (module docstring); requests sorted by arrival, first at 0."""
     path = Path(path)
-    reader = csv.reader(io.StringIO(_read(path)))
+    reader = csv.reader(io.StringIO(read_workload_text(path)))
     header = next(reader, None)
     if header is None or tuple(h.strip() for h in header) != AZURE_COLUMNS:
         raise WorkloadError(f"{path} line 1: expected the header {','.join(AZURE_COLUMNS)}, got "
@@ -155,7 +146,7 @@ def load_workload(path: str | Path, token_scale: float = DEFAULT_SCALE, block_to
     path = Path(path)
     if path.suffix.lower() == ".csv":
         return load_azure(path, token_scale, max_len)
-    first = next((line for line in _read(path).splitlines() if line.strip()), "")
+    first = next((line for line in read_workload_text(path).splitlines() if line.strip()), "")
     try:
         doc = json.loads(first)
     except json.JSONDecodeError:
@@ -163,15 +154,6 @@ def load_workload(path: str | Path, token_scale: float = DEFAULT_SCALE, block_to
     if isinstance(doc, dict) and "hash_ids" in doc and "timestamp" in doc:
         return load_mooncake(path, token_scale, block_tokens, max_len)
     return load_jsonl(path)
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text()
-    except FileNotFoundError:
-        raise WorkloadError(f"workload file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise WorkloadError(f"workload file {path} cannot be read: {exc}") from None
 
 
 def _from_zero(requests: list[WorkloadRequest], path: Path) -> list[WorkloadRequest]:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -119,25 +119,33 @@ def _hash_blocks(doc: dict, where: str) -> tuple[tuple[int, ...], int]:
     return tuple(ids), block
 
 
-def load_jsonl(path: str | Path) -> list[WorkloadRequest]:
-    """Read and check a workload file; requests sorted by arrival (stable)."""
-    path = Path(path)
+def read_workload_text(path: Path) -> str:
+    """A workload file's text; a missing or unreadable file is a WorkloadError naming it."""
     try:
-        text = path.read_text()
+        return path.read_text()
     except FileNotFoundError:
         raise WorkloadError(f"workload file {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise WorkloadError(f"workload file {path} cannot be read: {exc}") from None
-    out = []
-    for number, line in enumerate(text.splitlines(), start=1):
+
+
+def json_lines(path: Path) -> Iterator[tuple[dict, str]]:
+    """Each non-blank line of a JSON-lines file, parsed, with where it is ("FILE line N") for
+    errors; a line that is not JSON is a WorkloadError naming it."""
+    for number, line in enumerate(read_workload_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path} line {number}"
         try:
-            doc = json.loads(line)
+            yield json.loads(line), where
         except json.JSONDecodeError as exc:
             raise WorkloadError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-        out.append(parse_request(doc, where))
+
+
+def load_jsonl(path: str | Path) -> list[WorkloadRequest]:
+    """Read and check a workload file; requests sorted by arrival (stable)."""
+    path = Path(path)
+    out = [parse_request(doc, where) for doc, where in json_lines(path)]
     if not out:
         raise WorkloadError(f"workload file {path} holds no requests")
     out.sort(key=lambda r: r.arrival_s)
