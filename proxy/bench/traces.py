@@ -32,7 +32,13 @@ import math
 from datetime import datetime
 from pathlib import Path
 
-from .workload import WorkloadError, WorkloadRequest, json_lines, load_jsonl, read_workload_text
+from .workload import (
+    WorkloadError,
+    WorkloadRequest,
+    json_lines,
+    load_jsonl,
+    read_workload_text,
+)
 
 MOONCAKE_BLOCK = 512  # real tokens per hash id in the Mooncake traces
 DEFAULT_SCALE = 16
