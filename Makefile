@@ -38,7 +38,7 @@ demo: install
 	$(VENV)/bin/omni-passes demo
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 test-fast: install
 	$(PY) -m pytest -q tests -m "not vllm and not slow"
