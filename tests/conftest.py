@@ -2,9 +2,36 @@
 
 from __future__ import annotations
 
+import getpass
+import hashlib
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
+
+
+def _inductor_cache_of_this_ops_code() -> None:
+    """Give the tests an Inductor cache of their own per version of the omni ops' code.
+
+    Inductor keys a compiled graph by the graph, its config and torch, never by a custom op's
+    code, and its cache (default ``/tmp/torchinductor_$USER``) outlives a run and is shared by
+    every process on the machine. Code compiled by an older version of ``kernels/`` (whose
+    lowering bound the placement tables as constants) was served to a newer one there: a test
+    got the dispatch of a placement a run an hour earlier had compiled. A directory named by
+    the hash of ``kernels/*.py`` reuses entries across runs of the same ops code and never
+    across versions. A cache directory set by the caller is kept."""
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return
+    digest = hashlib.sha256()
+    for path in sorted((Path(__file__).resolve().parents[1] / "kernels").glob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
+    user = getpass.getuser()
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(
+        Path(tempfile.gettempdir()) / f"torchinductor_{user}_omni_ops_{digest.hexdigest()[:12]}")
+
+
+_inductor_cache_of_this_ops_code()
 
 
 @pytest.fixture(scope="session")
