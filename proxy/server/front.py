@@ -46,6 +46,8 @@ from urllib.parse import parse_qsl, unquote
 
 import httptools
 
+from proxy.server.http1 import take_buffered
+
 log = logging.getLogger("omni_proxy")
 
 BODY_HIGH = 1 << 20      # unread request body bytes at which reading from the socket pauses
@@ -185,8 +187,7 @@ class Request:
         """The body bytes that arrived since the last call (waiting for some); b"" at its end."""
         while True:
             if self._body:
-                data = self._body[0] if len(self._body) == 1 else b"".join(self._body)
-                self._body.clear()
+                data = take_buffered(self._body)
                 self._buffered = 0
                 self.conn.resume_reading()
                 return data
@@ -207,8 +208,7 @@ class Request:
         """The whole body if it has all arrived (no waiting), else None."""
         if not self.complete:
             return None
-        data = self._body[0] if len(self._body) == 1 else b"".join(self._body)
-        self._body.clear()
+        data = take_buffered(self._body)
         self._buffered = 0
         return data
 

@@ -31,6 +31,14 @@ import httptools
 BUFFER_HIGH = 1 << 20  # stop reading a connection whose unread body passes this
 
 
+def take_buffered(parts: list[bytes]) -> bytes:
+    """The body bytes buffered in ``parts``, as one (the single part itself when there is one:
+    no copy), leaving ``parts`` empty. Both sides of the proxy's HTTP/1.1 buffer a body this way."""
+    data = parts[0] if len(parts) == 1 else b"".join(parts)
+    parts.clear()
+    return data
+
+
 class UpstreamError(ConnectionError):
     """The exchange with the instance failed (connect, lost connection, unparseable answer)."""
 
@@ -167,8 +175,7 @@ class _Connection(asyncio.Protocol):
     async def readany(self) -> bytes:
         while True:
             if self._body:
-                data = self._body[0] if len(self._body) == 1 else b"".join(self._body)
-                self._body.clear()
+                data = take_buffered(self._body)
                 self._buffered = 0
                 if self._paused:
                     self._paused = False
