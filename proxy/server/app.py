@@ -14,15 +14,13 @@ answers: errors are OpenAI-shaped, carry the request id, and never upstream text
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from proxy.server.admin import AdminRoutes
-from proxy.server.attempts import Call, InFlight
+from proxy.server.attempts import Call, InFlight, request_id
 from proxy.server.config import ProxyConfig
 from proxy.server.errors import AllAttemptsFailed, NoCapacity, NoInstance, UpstreamRejected, client_error
 from proxy.server.exchange import Exchanges
@@ -82,9 +80,6 @@ class ProxyServer:
         self.admin = AdminRoutes(c.admin_token, c.mode, self._listing, self._admin_add, self.remove_instance)
         self.subscribers: dict[str, KVEventSubscriber] = {}
         self._serve_completion, self._serve_chat = self._completion(False), self._completion(True)
-        # request ids made here: 32 hex digits as uuid4's, a random prefix per process and a
-        # counter (uuid4 reads the OS's random source for every request)
-        self._rid_prefix, self._rid_seq = os.urandom(10).hex(), itertools.count()
         self._http: HttpServer | None = None
         self._tasks: list[asyncio.Task] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -250,7 +245,7 @@ class ProxyServer:
                       path: str | None = None) -> Response:
         """Run ``serve`` and turn every outcome into an answer and a metric."""
         t0 = self.now()
-        rid = request.headers.get("x-request-id") or f"omni-{self._rid_prefix}{next(self._rid_seq):012x}"
+        rid = request_id(request)
         call = Call(request, rid, t0, path or request.path, endpoint)
         try:
             response = await serve(call)

@@ -18,10 +18,22 @@ the client (a client that stopped reading).
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
 from typing import Any
 
 from proxy.server.front import Request
 from scheduling.policies import RequestInfo
+
+# Request ids made here: 32 hex digits as uuid4's, a random prefix per process and a counter
+# (uuid4 reads the OS's random source for every request).
+_RID_PREFIX = os.urandom(10).hex()
+_rid_seq = itertools.count()
+
+
+def request_id(request: Request) -> str:
+    """The client's ``X-Request-Id``, else a new ``omni-<32 hex>`` id unique to this process."""
+    return request.headers.get("x-request-id") or f"omni-{_RID_PREFIX}{next(_rid_seq):012x}"
 
 
 class Call:

@@ -142,13 +142,10 @@ class Intake:
         try:
             async with asyncio.timeout(self.body_timeout):
                 if not offload:
-                    parts, size = [], 0
-                    while chunk := await request.readany():
-                        size += len(chunk)
-                        if size > limit:  # a chunked body (no Content-Length)
-                            raise self._too_large()
-                        parts.append(chunk)
-                    return b"".join(parts)
+                    try:
+                        return await request.read(limit)
+                    except ValueError:  # a chunked body (no Content-Length) past the limit
+                        raise self._too_large() from None
                 body = SharedBody(length)
                 try:
                     while chunk := await request.readany():

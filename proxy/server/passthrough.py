@@ -15,12 +15,11 @@ from __future__ import annotations
 import json
 import logging
 import re
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from proxy.server.attempts import Call
+from proxy.server.attempts import Call, request_id
 from proxy.server.errors import AttemptFailed, UpstreamRejected, client_error
 from proxy.server.forward import Forwarder
 from proxy.server.front import Answer, Request, Response, Routes
@@ -85,7 +84,7 @@ class Passthrough:
         return await self._simple_post(request, "/detokenize")
 
     async def _simple_post(self, request: Request, path: str) -> Response:
-        rid = _rid(request)
+        rid = request_id(request)
         try:
             raw = await self.intake.read_bytes(request)
             body = parse_json_body(raw)
@@ -97,7 +96,7 @@ class Passthrough:
     async def _simple(self, request: Request, method: str, path: str, payload: bytes | None, urls: list[str],
                       rid: str | None = None) -> Response:
         """One instance's JSON answer, trying the next on failure."""
-        rid = rid or _rid(request)
+        rid = rid or request_id(request)
         if not urls:
             return client_error(f"no usable instance to answer {path}", 503, rid, "service_unavailable")
         failures = 0
@@ -119,7 +118,7 @@ class Passthrough:
         if self.mode == "pd":
             return client_error("/v1/responses is not served in pd mode (vLLM's disaggregation protocol covers "
                                 "completions and chat completions only); use a collocated proxy", 501,
-                                _rid(request), "not_implemented")
+                                request_id(request), "not_implemented")
         return await self.serve(request, "responses", self._responses, "/v1/responses")
 
     async def _responses(self, call: Call) -> Response:
@@ -154,7 +153,7 @@ class Passthrough:
         return await self._owned(request, "POST", f"/v1/responses/{request.match_info['id']}/cancel")
 
     async def _owned(self, request: Request, method: str, path: str) -> Response:
-        rid = _rid(request)
+        rid = request_id(request)
         if self.mode == "pd":
             return client_error("/v1/responses is not served in pd mode", 501, rid, "not_implemented")
         owner = self.owners.get(request.match_info["id"])
@@ -164,10 +163,6 @@ class Passthrough:
         if owner not in self.router.usable("collocated"):
             return client_error("the instance holding this response is not usable now", 503, rid, "service_unavailable")
         return await self._simple(request, method, path, b"{}" if method == "POST" else None, [owner], rid)
-
-
-def _rid(request: Request) -> str:
-    return request.headers.get("x-request-id") or f"omni-{uuid.uuid4().hex}"
 
 
 def _responses_text(body: dict[str, Any]) -> str:
