@@ -49,22 +49,9 @@ def decode_model_of(load: InstanceLoad, loads: Mapping[str, InstanceLoad]) -> De
     return best.decode if best.decode.observations > load.decode.observations else load.decode
 
 
-def prefill_seconds(load: InstanceLoad, loads: Mapping[str, InstanceLoad], tokens: float,
-                    running: float | None = None) -> float:
-    """Predicted dispatch -> first token with ``tokens`` of prefill queued (own included), on
-    the instance running ``running`` requests then (its own included; default: as now + 1)."""
-    running = load.running + 1 if running is None else running
-    return prefill_model_of(load, loads).predict_loaded(tokens, running) * load.prefill_ratio.value
-
-
 def step_seconds(load: InstanceLoad, loads: Mapping[str, InstanceLoad], running: float, kv_tokens: float) -> float:
     """Predicted decode step time (no prefill chunks) at that load."""
     return decode_model_of(load, loads).step_seconds(running, kv_tokens) * load.decode_ratio.value
-
-
-def tpot_seconds(load: InstanceLoad, loads: Mapping[str, InstanceLoad], running: float, kv_tokens: float,
-                 prefill_tokens_per_s: float) -> float:
-    return decode_model_of(load, loads).predict(running, kv_tokens, prefill_tokens_per_s) * load.decode_ratio.value
 
 
 class Forecast(NamedTuple):
@@ -84,8 +71,9 @@ def forecast(load: InstanceLoad, loads: Mapping[str, InstanceLoad], *, prompt_to
              tpot: bool = True) -> Forecast:
     """Predict TTFT and TPOT of a request (``uncached`` = 0: its KV arrives from a prefill;
     ``tpot`` False: TTFT only, the TPOT fields are NaN and True)."""
-    # the bodies of prefill_seconds and tpot_seconds, with each model looked up once (this runs
-    # per candidate per request)
+    # each model looked up once: this runs per candidate per request. TTFT: dispatch -> first
+    # token with the queued prefill and this prompt's uncached part, the request running too;
+    # TPOT: one decode step with it added, at the instance's prefill rate plus its own.
     if uncached > 0:
         pm = prefill_model_of(load, loads)
         ttft = pm.predict_loaded(load.prefill_tokens + uncached, load.running + 1) * load.prefill_ratio.value
