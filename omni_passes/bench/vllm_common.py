@@ -212,25 +212,13 @@ def serve(name: str, commands: Any, results: Any, handlers: dict[str, Callable[.
         results.put((name, kind, handlers[kind](**payload)))
 
 
-def copy_bandwidth(size: int = 1 << 30, reps: int = 10) -> dict:
-    """Device-to-device copy of ``size`` bytes: bytes read + written per second (``reps`` copies
-    between two CUDA events)."""
-    import torch
+def copy_bandwidth(size: int = 1 << 30) -> dict:
+    """The device's copy bandwidth as the engines report it (``omni_passes.bench.measure``'s
+    measurement: bytes read + written per second copying ``size`` bytes, median of 10)."""
+    from omni_passes.bench.measure import copy_bandwidth as measured
 
-    src = torch.empty(size, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    torch.cuda.synchronize()
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    for _ in range(reps):
-        dst.copy_(src)
-    end.record()
-    torch.cuda.synchronize()
-    seconds = begin.elapsed_time(end) / 1e3 / reps
-    del src, dst
-    torch.cuda.empty_cache()
-    return {"bytes": size, "seconds": seconds, "bytes_per_s": 2 * size / seconds}
+    rate = measured("cuda", size)
+    return {"bytes": size, "seconds": 2 * size / rate, "bytes_per_s": rate}
 
 
 def add_greedy(engine: Any, tag: str, prompts: list[dict], max_tokens: int) -> list[str]:
