@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import getpass
-import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -23,12 +22,10 @@ def _inductor_cache_of_this_ops_code() -> None:
     across versions. A cache directory set by the caller is kept."""
     if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
         return
-    digest = hashlib.sha256()
-    for path in sorted((Path(__file__).resolve().parents[1] / "kernels").glob("*.py")):
-        digest.update(path.name.encode() + path.read_bytes())
-    user = getpass.getuser()
+    from omni_passes.pass_manager import source_hash  # of no pass: the omni ops' code alone
+
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(
-        Path(tempfile.gettempdir()) / f"torchinductor_{user}_omni_ops_{digest.hexdigest()[:12]}")
+        Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}_omni_ops_{source_hash([])}")
 
 
 _inductor_cache_of_this_ops_code()
