@@ -151,3 +151,28 @@ def test_slot_fused_moe_on_rows_equals_vllm_kernel_on_experts():
     hot_slots = (p.phy2log[0] == 3).nonzero().flatten()
     assert int(slots.sum()) == T * K and int(slots[hot_slots].min()) >= T // 4  # 4 replicas share expert 3
     controller.close()
+
+
+def test_vllm_runtime_built_in_inference_mode_takes_writes_outside_it(tmp_path, monkeypatch):
+    """vLLM builds the runtime inside its first forward (inference mode); the worker's step
+    wrapper and placement RPCs write the state outside that mode (on the H100 a warm start died
+    at its first step: "Inplace update to inference tensor outside InferenceMode")."""
+    from omni_passes.hosts.vllm.runtime import VllmRuntime
+    from omni_passes.hosts.vllm.settings import process_config
+    from omni_passes.placement.placement import Placement
+
+    config = tmp_path / "passes.json"
+    config.write_text(json.dumps({"passes": ["redundant_experts"], "report_path": str(tmp_path / "r.json")}))
+    monkeypatch.setenv("OMNI_PASSES_CONFIG", str(config))
+    with torch.inference_mode():
+        runtime = VllmRuntime.create(routed_graph().graph, process_config())
+    try:
+        controller = runtime.controller
+        assert not controller.gate.is_inference() and not controller.replica_slots.is_inference()
+        controller.gate.fill_(1)
+        swapped = Placement(num_layers=1, num_logical_experts=4, num_ranks=1, num_nodes=1, slots_per_rank=4,
+                            phy2log=torch.tensor([[1, 0, 3, 2]]))
+        runtime.apply_placement(swapped)  # writes the tables in place
+        assert torch.equal(controller.placement.phy2log, swapped.phy2log) and controller.gate.item() == 1
+    finally:
+        runtime.close()

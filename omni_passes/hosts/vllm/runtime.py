@@ -67,7 +67,19 @@ class VllmRuntime:
 
     @classmethod
     def create(cls, graph: fx.Graph | None, config: PassConfig) -> "VllmRuntime":
-        """Build this process's runtime; ``graph`` is None on a warm start (module docstring)."""
+        """Build this process's runtime; ``graph`` is None on a warm start (module docstring).
+
+        Both places run inside vLLM's first forward, under ``torch.inference_mode``; tensors made
+        there are inference tensors, which refuse in-place writes outside that mode. The state is
+        written outside it: the worker's step wrapper (``steps``) opens the gate and sets the token
+        mask before ``execute_model`` enters inference mode, and placements arrive over RPC. So
+        the state is built as normal tensors (seen on the H100: a warm start died at its first
+        step, "Inplace update to inference tensor outside InferenceMode")."""
+        with torch.inference_mode(False):
+            return cls._create(graph, config)
+
+    @classmethod
+    def _create(cls, graph: fx.Graph | None, config: PassConfig) -> "VllmRuntime":
         from kernels.state import stable_handle
         from omni_passes.hosts.vllm import model as vllm_model
         from omni_passes.registry import build_runtime
