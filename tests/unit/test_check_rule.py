@@ -142,3 +142,45 @@ def test_more_noise_takes_the_largest_sample():
     assert alone["ok"] is False and alone["compile_noise"] == pytest.approx(0.01, abs=1e-6)
     assert pooled["compile_noise"] == pytest.approx(0.2, abs=1e-6) and pooled["ok"] is True
     assert pooled["compile_noise_samples"] == [pytest.approx(0.01, abs=1e-6), pytest.approx(0.2, abs=1e-6)]
+
+
+def test_bf16_bench_verdict_is_float32_exact_rewrite_ok_wrong_window_not_ok():
+    """A bf16 `bench graph` run takes its verdict from float32 copies (bench/graph/exactness.py):
+    in bf16 the compile noise of DeepSeek-V2-Lite-sized graphs (0.2-0.5 on the H100) is as large
+    as a wrong attention function's error. The exact sink+recent rewrite is ok there; the same
+    rewrite with the wrong window (recent 12 instead of 16) is not, in every token."""
+    import argparse
+
+    import omni_passes
+    from omni_passes.bench.graph import cli, exactness
+    from omni_passes.models import build_model
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    s = cli.settings(parser.parse_args(["--device", "cpu", "--shape", "tiny", "--dtype", "bf16", "--passes", "sparse",
+                                        "--context", "48", "--sink", "4", "--recent", "16", "--pattern", "1"]))
+    assert exactness.needed(s) and not exactness.needed(cli.settings(parser.parse_args(["--device", "cpu"])))
+
+    def sparse(window):
+        config = {"passes": ["sparse_attention"], "sparse_attention": window}
+        return lambda model: omni_passes.compile(model, config, dynamic=False)
+
+    planned = [("compiled", [48], lambda model: omni_passes.compile(model, {"passes": []}, dynamic=False)),
+               ("compiled+sparse@48", [48], sparse(s.window)),
+               ("compiled+all@48", [48], sparse(dict(s.window, recent=12)))]  # named as a windowed kind: same peer
+    ids = torch.randint(0, s.hf_config.vocab_size, (s.batch, 1), generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    verdicts = exactness.float32_checks(s, ids, planned,
+                                        lambda dtype: build_model(s.hf_config, dtype=dtype, device="cpu", seed=0))
+    exact, wrong = verdicts["compiled+sparse@48"]["48"], verdicts["compiled+all@48"]["48"]
+    assert exact["ok"] is True and exact["vs"] == "compiled+masked", exact
+    assert exact["pass_error"] < 1e-4 * max(1.0, exact["output_scale"])
+    assert wrong["ok"] is False and wrong["rows_over_tolerance"] == wrong["rows"] == s.batch, wrong
+    assert verdicts["compiled"]["48"]["ok"] is True and verdicts["compiled"]["48"]["pass_error"] == 0
+    # the run's entry: its bf16 checks become drift (no verdict), the float32 ones its checks
+    entry = {"check_by_context": {"48": {"max_abs_diff": 0.3, "ok": False}}}
+    exactness.as_drift(entry, torch.bfloat16)
+    assert entry == {"drift_by_context": {"48": {"max_abs_diff": 0.3, "dtype": "bfloat16"}},
+                     "drift": {"max_abs_diff": 0.3, "dtype": "bfloat16"}}
+    exactness.set_verdict(entry, verdicts["compiled+sparse@48"])
+    assert entry["check"]["ok"] is True and entry["check"]["dtype"] == "float32"

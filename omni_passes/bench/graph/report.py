@@ -38,9 +38,10 @@ def _ratio_text(ratio: dict | None) -> str:
 
 def table(result: dict) -> str:
     """One line per variant and context: median step, ratio to compiled with its quartiles
-    over the rounds, % of the HBM floor, the check, prefill and compile time."""
+    over the rounds, % of the HBM floor, the check (float32: ``exactness``), the low-precision
+    drift (bf16 runs), prefill and compile time."""
     lines = [f"{'variant':<34}{'context':>8}{'decode (us)':>13}{'vs compiled [q1-q3]':>26}{'% floor':>9}"
-             f"{'check':>16}{'prefill (ms)':>13}{'compile (s)':>12}"]
+             f"{'check':>16}{'drift':>8}{'prefill (ms)':>13}{'compile (s)':>12}"]
     for name, entry in result["variants"].items():
         if "skipped" in entry:
             lines.append(f"{name:<34}  skipped: {entry['skipped']}")
@@ -50,10 +51,12 @@ def table(result: dict) -> str:
             floor = entry.get("floor_by_context", {}).get(context)
             check = entry.get("check_by_context", {}).get(context)
             check_text = f"{check['max_abs_diff']:.2g} {'ok' if check['ok'] else 'FAIL'}" if check else "-"
+            drift = entry.get("drift_by_context", {}).get(context)
+            drift_text = f"{drift['max_abs_diff']:.2g}" if drift else "-"
             pct = f"{floor['pct_of_floor']:.0f}" if floor else "-"
             prefill, compile_s = entry.get("prefill_ms"), entry.get("compile_s")
             lines.append(f"{name:<34}{context:>8}{us:>13.1f}{_ratio_text(ratio):>26}{pct:>9}{check_text:>16}"
-                         f"{(f'{prefill:.2f}' if prefill is not None else '-'):>13}"
+                         f"{drift_text:>8}{(f'{prefill:.2f}' if prefill is not None else '-'):>13}"
                          f"{(f'{compile_s:.1f}' if compile_s else '-'):>12}")
         for key, over in (("amdahl", "compiled"), ("amdahl_vs_latent", "compiled+latent")):
             if key in entry:
@@ -126,4 +129,6 @@ def summary_line(name: str, entry: dict[str, Any]) -> str:
     return (f"  {name}: decode {', '.join(f'{c}: {us:.1f} us' for c, us in entry['decode_step_us_by_context'].items())}"
             + (f", prefill {entry['prefill_ms']:.2f} ms" if "prefill_ms" in entry else "")
             + (f", compile {entry['compile_s']:.1f} s" if "compile_s" in entry else "")
-            + (f", check {entry['check']['max_abs_diff']:.3g} (ok {entry['check']['ok']})" if "check" in entry else ""))
+            + (f", check {entry['check']['max_abs_diff']:.3g} (ok {entry['check']['ok']})" if "check" in entry else "")
+            + (f", {entry['drift']['dtype']} drift {entry['drift']['max_abs_diff']:.3g} (float32 check at the end)"
+               if "drift" in entry else ""))

@@ -7,7 +7,9 @@
     3. time         each variant in interleaved rounds against its bases (compiled; also
                     compiled+latent for latent+sparse), then freed: at most the bases and one
                     variant are alive at once, so large shapes fit on one GPU
-    4. summarise    medians, per-round ratios with their spread, Amdahl bounds, floors
+    4. exactness    a bf16 run's verdict: every variant again in float32, not timed
+                    (exactness.py); the bf16 comparisons stay as each variant's drift
+    5. summarise    medians, per-round ratios with their spread, Amdahl bounds, floors
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any, Iterator
 import torch
 
 from omni_passes.bench.graph import check as checks
-from omni_passes.bench.graph import report
+from omni_passes.bench.graph import exactness, report
 from omni_passes.bench.graph.cli import Settings, settings
 from omni_passes.bench.graph.floor import StepFloor
 from omni_passes.bench.graph.model import DecodeSteps, hot_placement, kv_bytes
@@ -61,17 +63,18 @@ class Bench:
         generator = torch.Generator().manual_seed(0)
         config = s.hf_config
         self.prompt = torch.randint(0, config.vocab_size, (1, s.prefill_len or 1), generator=generator).to(s.device)
-        step_ids = torch.randint(0, config.vocab_size, (s.batch, 1), generator=generator).to(s.device)
-        self.steps = DecodeSteps(config, step_ids, s.device, s.dtype)
+        self.step_ids = torch.randint(0, config.vocab_size, (s.batch, 1), generator=generator).to(s.device)
+        self.steps = DecodeSteps(config, self.step_ids, s.device, s.dtype)
         self.logits: dict[tuple[str, int], torch.Tensor] = {}
         self.references: dict[int, dict[str, torch.Tensor]] = {}
         self.samples: dict[tuple[str, str], list[float]] = {}
         self.variants: dict[str, dict[str, Any]] = {}
+        self.planned: list[exactness.Planned] = []  # every compiled variant, for the float32 verdict
 
-    def fresh_model(self):
+    def fresh_model(self, dtype: torch.dtype | None = None):
         from omni_passes.models import build_model
 
-        return build_model(self.s.hf_config, dtype=self.s.dtype, device=self.s.device, seed=0)
+        return build_model(self.s.hf_config, dtype=dtype or self.s.dtype, device=self.s.device, seed=0)
 
     def compile(self, model, passes: list[str], placement=None):
         import omni_passes
@@ -129,6 +132,8 @@ def build(bench: Bench, name: str, module, contexts: list[int], compiled: bool, 
         entry["kv_bytes_by_context"][str(context)] = kv_bytes(cache)
     if compiled:
         entry["check"] = entry["check_by_context"][str(contexts[-1])]
+        if exactness.needed(s):
+            exactness.as_drift(entry, s.dtype)
     entry["kv_bytes"] = entry["kv_bytes_by_context"][str(contexts[-1])]
     if s.device == "cuda":  # this variant's own memory (the bases alive beside it not counted)
         entry["peak_mem_bytes"] = torch.cuda.max_memory_allocated() - allocated
@@ -144,6 +149,7 @@ def build(bench: Bench, name: str, module, contexts: list[int], compiled: bool, 
 
 def build_compiled(bench: Bench, name: str, passes: list[str], contexts: list[int], placement=None) -> Variant:
     model = bench.fresh_model()
+    bench.planned.append((name, list(contexts), lambda m: bench.compile(m, passes, placement)))
     start = time.perf_counter()
     module = bench.compile(model, passes, placement)
     variant = build(bench, name, module, contexts, True, start)
@@ -227,6 +233,8 @@ def dynamo_room(s: Settings) -> Iterator[None]:
     (one graph per context, plus prefill, per variant) and restored after."""
     per_variant = len(s.all_contexts) + 1
     entries = 8 + per_variant * (3 + len(s.kinds)) + len(s.contexts) * (1 + 2 * len(s.kinds))
+    if exactness.needed(s):  # every compiled graph again in float32 (exactness.py)
+        entries *= 2
     config = torch._dynamo.config
     names = [n for n in ("recompile_limit", "cache_size_limit") if hasattr(config, n)]
     before = {n: getattr(config, n) for n in names}
@@ -300,13 +308,20 @@ def _run(s: Settings) -> dict[str, Any]:
     compiled.close()
     if latent is not None:
         latent.close()
+    if exactness.needed(s):
+        say(f"exactness: every variant again in float32 (the {s.dtype} comparisons above are drift) ...")
+        verdicts = exactness.float32_checks(s, bench.step_ids, bench.planned, bench.fresh_model)
+        for name, by_context in verdicts.items():
+            exactness.set_verdict(bench.variants[name], by_context)
     return {
         "device": s.device if s.device == "cpu" else torch.cuda.get_device_name(),
         "shape": s.shape, "dtype": str(s.dtype).replace("torch.", ""), "layers": config.num_hidden_layers,
         "batch": s.batch, "contexts": s.contexts, "short_context": s.short, "pattern": s.pattern,
         "sink": s.sink, "recent": s.recent, "redundant_slots": s.extra_slots, "prefill_len": s.prefill_len,
         "rounds": s.rounds, "steps_per_round": s.steps, "torch": torch.__version__,
-        "check_rule": checks.CHECK_RULE, "timing_rule": TIMING_RULE,
+        "check_rule": checks.CHECK_RULE + (f" Verdict in float32 ({exactness.__name__}); the {s.dtype} comparisons "
+                                           "are each variant's drift." if exactness.needed(s) else ""),
+        "timing_rule": TIMING_RULE,
         "agreement_by_context": {str(c): checks.agreement(bench.logits, bench.references, c) for c in s.all_contexts},
         **({"floor": floor.describe(s.contexts)} if floor is not None else {}),
         "variants": _ordered(bench.variants, s),
