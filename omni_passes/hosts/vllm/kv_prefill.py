@@ -140,6 +140,19 @@ def sink_recent_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start
     return merge_by_lse(out_w, lse_w, out_s, lse_s).to(v.dtype)
 
 
+# FA3's sliding window (vLLM 0.26's build, H100, head dims 192 / 128, varlen) matched masked
+# attention at window_size [127, 0] and differed by 5.2e-2 (relative, against 1e-2 for bf16 rounding)
+# at [383, 0], where this module's merge with the PyTorch window instead of FA3's matched to 3.7e-7
+# (tests/gpu/vllm/test_sink_recent_kv_cuda.py, 2026-12-07). Until the edge is found, FA3 runs the
+# window only where it was seen right; longer windows take ``window_attention_chunked``.
+FA3_WINDOW_MAX_RECENT = 128
+
+
+def fa3_window_usable(recent: int) -> bool:
+    """Whether the prefill may run a ``recent``-token window through FA3 (see above)."""
+    return recent <= FA3_WINDOW_MAX_RECENT
+
+
 def window_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: list[int], recent: int,
                              scale: float, block: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """The same as ``window_attention_reference`` in float32 with memory bounded by ``block``

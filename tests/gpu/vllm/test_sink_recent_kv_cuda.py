@@ -1,9 +1,11 @@
 """Sink+recent KV in vLLM 0.26 CUDA (skipped without CUDA and vLLM's CUDA build).
 
-1. The prefill path on the GPU without an engine: FA3's sliding window over the new tokens plus
-   the side keys (sink, visible cached rows), merged by log-sum-exp
-   (``omni_passes.hosts.vllm.kv_prefill`` as ``kv_cuda`` calls it), against masked attention over
-   every visible key in float32; and it asks the cache only for visible rows.
+1. The prefill path on the GPU without an engine: the sliding window over the new tokens (FA3
+   where ``kv_prefill.fa3_window_usable``, else the PyTorch window) plus the side keys (sink,
+   visible cached rows), merged by log-sum-exp (``omni_passes.hosts.vllm.kv_prefill`` as
+   ``kv_cuda`` calls it), against masked attention over every visible key in float32; and it
+   asks the cache only for visible rows. FA3 at a 384-token window is kept as a strict xfail: it
+   differed on the H100.
 2. Real engines (``omni_passes.hosts.vllm.kv_probe`` in a child process each, bf16, CUDA graphs,
    chunked prefill with a 256-token budget so long prompts get cached context, a 128-token
    window tail so some chunks take the decode path) on a tiny random DeepSeek-V3 with sm_90 MLA
@@ -40,6 +42,7 @@ pytestmark = pytest.mark.gpu  # skipped without CUDA and vLLM's CUDA build: conf
 
 from omni_passes.hosts.vllm.kv_prefill import (
     context_positions,
+    fa3_window_usable,
     sink_recent_prefill,
     sink_recent_prefill_reference,
     window_attention_chunked,
@@ -69,8 +72,10 @@ def _fa3_window(q, k, v, starts, recent, scale):
     return out, lse
 
 
-@pytest.mark.parametrize("sink, recent", [(64, 128), (128, 384), (0, 128)])
-def test_prefill_with_fa3_window_matches_masked_attention(sink, recent):
+def _prefill_case(sink, recent, window_fn):
+    """The prefill of four requests (two with cached context) through ``window_fn`` against
+    masked attention over every visible key (float32): (relative error, rows asked per request,
+    contexts)."""
     torch.manual_seed(0)
     dev, heads, dqk, dv, scale = torch.device("cuda"), 16, 192, 128, 192 ** -0.5
     lens, contexts = [700, 33, 1500, 300], [0, 0, 900, 5000]
@@ -90,18 +95,32 @@ def test_prefill_with_fa3_window_matches_masked_attention(sink, recent):
     def everything(r, positions):
         return cache_k[r][positions.to(dev)], cache_v[r][positions.to(dev)]
 
-    ours = sink_recent_prefill(q, k, v, starts, contexts, sink, recent, scale,
-                               lambda *x: _fa3_window(*x, starts, recent, scale), context_kv)
+    window = {"fa3": lambda *x: _fa3_window(*x, starts, recent, scale),
+              "chunked": lambda *x: window_attention_chunked(*x, starts, recent, scale)}[window_fn]
+    ours = sink_recent_prefill(q, k, v, starts, contexts, sink, recent, scale, window, context_kv)
     ref = sink_recent_prefill_reference(q, k, v, starts, contexts, sink, recent, scale, everything)
     rel = ((ours.double() - ref.double()).norm() / ref.double().norm()).item()
-    assert rel < 1e-2, f"FA3 window + side keys vs masked attention: relative error {rel:.2e}"
-    for r, context in enumerate(contexts):
-        assert sorted(set(asked.get(r, []))) == context_positions(context, sink, recent).tolist()
-    # The PyTorch fallback of the window (used if an FA3 build lacks local attention) is exact too.
-    fallback = sink_recent_prefill(q, k, v, starts, contexts, sink, recent, scale,
-                                   lambda *x: window_attention_chunked(*x, starts, recent, scale), everything)
-    rel = ((fallback.double() - ref.double()).norm() / ref.double().norm()).item()
-    assert rel < 1e-2, f"chunked window fallback: relative error {rel:.2e}"
+    return rel, {r: sorted(set(asked.get(r, []))) for r in range(len(contexts))}, contexts
+
+
+@pytest.mark.parametrize("sink, recent", [(64, 128), (128, 384), (0, 128), (16, 2048)])
+def test_prefill_as_the_engine_runs_it_matches_masked_attention(sink, recent):
+    """The window the engine picks (FA3 where ``fa3_window_usable``, else the PyTorch window)
+    plus the side keys, merged by log-sum-exp; the cache is asked only for visible rows."""
+    for window_fn in ["fa3", "chunked"] if fa3_window_usable(recent) else ["chunked"]:
+        rel, asked, contexts = _prefill_case(sink, recent, window_fn)
+        assert rel < 1e-2, f"{window_fn} window + side keys vs masked attention: relative error {rel:.2e}"
+        for r, context in enumerate(contexts):
+            assert asked[r] == context_positions(context, sink, recent).tolist()
+
+
+@pytest.mark.xfail(strict=True, reason="FA3's window at window_size [383, 0] (head dims 192 / 128) differed from "
+                                       "masked attention by 5.2e-2 on the H100 (2026-12-07); if it passes, FA3 can "
+                                       "run longer windows: raise kv_prefill.FA3_WINDOW_MAX_RECENT")
+def test_fa3_window_beyond_the_verified_length_matches_masked_attention():
+    assert not fa3_window_usable(384)
+    rel, _, _ = _prefill_case(128, 384, "fa3")
+    assert rel < 1e-2, f"FA3 window at recent 384: relative error {rel:.2e}"
 
 
 # ----------------------------------------------------------------------------- 2. engines
