@@ -73,8 +73,9 @@ class VllmRuntime:
         there are inference tensors, which refuse in-place writes outside that mode. The state is
         written outside it: the worker's step wrapper (``steps``) opens the gate and sets the token
         mask before ``execute_model`` enters inference mode, and placements arrive over RPC. So
-        the state is built as normal tensors (seen on the H100: a warm start died at its first
-        step, "Inplace update to inference tensor outside InferenceMode")."""
+        the state is built as normal tensors (seen on the H100: an engine with vLLM's compile
+        cache on died at its first step, "Inplace update to inference tensor outside
+        InferenceMode")."""
         with torch.inference_mode(False):
             return cls._create(graph, config)
 
