@@ -155,8 +155,9 @@ def test_slot_fused_moe_on_rows_equals_vllm_kernel_on_experts():
 
 def test_vllm_runtime_built_in_inference_mode_takes_writes_outside_it(tmp_path, monkeypatch):
     """vLLM builds the runtime inside its first forward (inference mode); the worker's step
-    wrapper and placement RPCs write the state outside that mode (on the H100 a warm start died
-    at its first step: "Inplace update to inference tensor outside InferenceMode")."""
+    wrapper and placement RPCs write the state outside that mode (on the H100 an engine with
+    vLLM's compile cache on died at its first step: "Inplace update to inference tensor outside
+    InferenceMode")."""
     from omni_passes.hosts.vllm.runtime import VllmRuntime
     from omni_passes.hosts.vllm.settings import process_config
     from omni_passes.placement.placement import Placement

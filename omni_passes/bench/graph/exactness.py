@@ -41,10 +41,11 @@ def float32_checks(s: Settings, step_ids: torch.Tensor, planned: list[Planned],
                    fresh_model: Callable[[torch.dtype], Any]) -> dict[str, dict[str, dict]]:
     """name -> context (str) -> the check of that variant in float32.
 
-    ``planned`` holds the run's compiled variants (``compiled`` first); ``step_ids`` the run's
-    decode tokens; ``fresh_model(dtype)`` builds the run's model (same seed) in that dtype.
-    The peers (``compiled``, and ``compiled+masked`` at every windowed context) are computed
-    here too, in float32."""
+    ``planned`` holds the run's compiled variants, ``compiled`` (no omni pass) among them;
+    ``step_ids`` the run's decode tokens; ``fresh_model(dtype)`` builds the run's model (same
+    seed) in that dtype. The peers (``compiled``, and ``compiled+masked`` at every windowed
+    context: the masked model compiled as ``compiled`` is) are computed here too, in float32."""
+    compile_plain = next(fn for name, _, fn in planned if name == "compiled")
     steps = DecodeSteps(s.hf_config, step_ids, s.device, torch.float32)
     eager = fresh_model(torch.float32)
     references = checks.reference_logits(eager, steps, s.all_contexts, s.window if s.windowed else None, s.contexts)
@@ -52,7 +53,7 @@ def float32_checks(s: Settings, step_ids: torch.Tensor, planned: list[Planned],
     if s.windowed:
         for context in s.contexts:
             logits[(MASKED_PEER, context)] = checks.masked_peer_logits(
-                eager, _compile_plain(s), steps, [context], s.window)[context]
+                eager, compile_plain, steps, [context], s.window)[context]
     del eager
     results: dict[str, dict[str, dict]] = {}
     for name, contexts, compile_fn in planned:
@@ -65,12 +66,6 @@ def float32_checks(s: Settings, step_ids: torch.Tensor, planned: list[Planned],
         if s.device == "cuda":
             torch.cuda.empty_cache()
     return results
-
-
-def _compile_plain(s: Settings) -> Callable[[Any], Any]:
-    import omni_passes
-
-    return lambda model: omni_passes.compile(model, {"passes": []}, dynamic=False)
 
 
 def as_drift(entry: dict[str, Any], dtype: torch.dtype) -> None:
