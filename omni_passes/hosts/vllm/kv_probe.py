@@ -243,11 +243,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-memory-utilization", type=float, help="CUDA: vLLM's gpu_memory_utilization")
     parser.add_argument("--cudagraph-capture-sizes", help="CUDA: comma list of batch sizes to capture")
     parser.add_argument("--enforce-eager", action="store_true", help="no compile, no CUDA graphs")
+    parser.add_argument("--attention-backend", help="CUDA: vLLM's attention backend for the dense layers, e.g. TRITON_MLA")
     args = parser.parse_args(argv)
     extra: dict[str, Any] = {}
     if args.enable_prefix_caching or args.no_prefix_caching:
         extra["enable_prefix_caching"] = bool(args.enable_prefix_caching)
-    for key in ("dtype", "block_size", "gpu_memory_utilization"):
+    for key in ("dtype", "block_size", "gpu_memory_utilization", "attention_backend"):
         if getattr(args, key) is not None:
             extra[key] = getattr(args, key)
     if args.cudagraph_capture_sizes:

@@ -1,11 +1,9 @@
 """Sink+recent KV in vLLM 0.26 CUDA (skipped without CUDA and vLLM's CUDA build).
 
-1. The prefill path on the GPU without an engine: the sliding window over the new tokens (FA3
-   where ``kv_prefill.fa3_window_usable``, else the PyTorch window) plus the side keys (sink,
-   visible cached rows), merged by log-sum-exp (``omni_passes.hosts.vllm.kv_prefill`` as
-   ``kv_cuda`` calls it), against masked attention over every visible key in float32; and it
-   asks the cache only for visible rows. FA3 at a 384-token window is kept as a strict xfail: it
-   differed on the H100.
+1. The prefill kernel on the GPU without an engine (``kernels.triton_sink_recent_prefill``, one
+   pass over the new tokens and the visible cached rows), bf16, 16 and 128 heads, against masked
+   attention over every visible key in float32. (Which cached rows it gets, never a freed one,
+   is tested on CPU: tests/unit/test_sink_recent_prefill_triton_interpret.py.)
 2. Real engines (``omni_passes.hosts.vllm.kv_probe`` in a child process each, bf16, CUDA graphs,
    chunked prefill with a 256-token budget so long prompts get cached context, a 128-token
    window tail so some chunks take the decode path) on a tiny random DeepSeek-V3 with sm_90 MLA
@@ -16,19 +14,18 @@
      long generation (and every block is accounted for in the pool);
    * tokens of ``compressed`` equal ``nofree`` exactly (same kernels, bf16), for prompts within
      and far beyond the window;
-   * within the window ``compressed`` equals ``dense`` up to bf16 near-ties: the chosen tokens'
-     log-probabilities agree within ``LOGPROB_TOL`` while the sequences agree, and where they
-     part, dense's top-2 gap is below ``NEAR_TIE`` (float32 is not available there: FA3 MLA
-     takes bf16/fp16 only);
+   * within the window ``compressed`` stays as close to ``dense`` as vLLM's own TRITON_MLA decode
+     does (``dense_triton``): chosen tokens' log-probabilities within twice that drift (at least
+     ``LOGPROB_TOL``) while the sequences agree, and where they part, dense's top-2 gap is below
+     it (float32 is not available there: vLLM 0.26's MLA backends take bf16/fp16 only);
    * refusals name the setting: prefix caching (vLLM's default on CUDA) stops the engine;
      sink/recent that are not multiples of the real block size name the nearest values.
 
-Runtime on an H100: about two minutes (three engine starts sharing one compile cache).
+Runtime on an H100: about four minutes (four engine starts sharing one compile cache).
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import subprocess
@@ -40,18 +37,12 @@ import torch
 
 pytestmark = pytest.mark.gpu  # skipped without CUDA and vLLM's CUDA build: conftest.py
 
-from omni_passes.hosts.vllm.kv_prefill import (
-    context_positions,
-    fa3_window_usable,
-    sink_recent_prefill,
-    sink_recent_prefill_reference,
-    window_attention_chunked,
-)
+from kernels.triton_sink_recent_prefill import prefill_plan, sink_recent_prefill_attention
+from omni_passes.hosts.vllm.kv_prefill import context_positions, sink_recent_prefill_reference
 
 SINK, RECENT, BS = 64, 128, 16
 PATTERN = [1, 3]
-LOGPROB_TOL = 0.25    # bf16: the chosen token's log-probability, compressed vs dense, within the window
-NEAR_TIE = 0.25       # where greedy sequences part, dense's top-2 gap must be a near-tie
+LOGPROB_TOL = 0.25    # bf16: least bound on the chosen token's log-probability, compressed vs dense, in the window
 CHUNK = 256
 SHORT = [20, 33, 47]          # prompts that stay within sink + recent with SHORT_NEW tokens
 SHORT_NEW = 96
@@ -60,67 +51,33 @@ LONG_NEW = 400
 TIMEOUT = 900
 
 
-# ----------------------------------------------------------------------------- 1. prefill math
-def _fa3_window(q, k, v, starts, recent, scale):
-    from vllm.vllm_flash_attn import flash_attn_varlen_func
-
-    cu = torch.tensor(starts, dtype=torch.int32, device=q.device)
-    longest = max(b - a for a, b in itertools.pairwise(starts))
-    out, lse = flash_attn_varlen_func(q=q, k=k, v=v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest,
-                                      max_seqlen_k=longest, softmax_scale=scale, causal=True,
-                                      window_size=[recent - 1, 0], return_softmax_lse=True, fa_version=3)
-    return out, lse
-
-
-def _prefill_case(sink, recent, window_fn):
-    """The prefill of four requests (two with cached context) through ``window_fn`` against
-    masked attention over every visible key (float32): (relative error, rows asked per request,
-    contexts)."""
+# ----------------------------------------------------------------------------- 1. prefill kernel
+@pytest.mark.parametrize("heads", [16, 128])
+@pytest.mark.parametrize("sink, recent", [(64, 128), (128, 384), (0, 128), (16, 2048)])
+def test_prefill_kernel_matches_masked_attention(sink, recent, heads):
+    """The prefill the engine runs for a batch beyond the window (``sink_recent_prefill_attention``
+    over the new tokens and the visible cached rows), bf16 with DeepSeek's head dims, against
+    masked attention over every visible key in float32."""
     torch.manual_seed(0)
-    dev, heads, dqk, dv, scale = torch.device("cuda"), 16, 192, 128, 192 ** -0.5
-    lens, contexts = [700, 33, 1500, 300], [0, 0, 900, 5000]
+    dev, dqk, dv, scale = torch.device("cuda"), 192, 128, 192 ** -0.5
+    lens, contexts = ([700, 33, 1500, 300], [0, 0, 900, 5000]) if heads == 16 else ([300, 17], [0, 2000])
     starts = [0]
     for n in lens:
         starts.append(starts[-1] + n)
     q, k = (torch.randn(starts[-1], heads, dqk, device=dev, dtype=torch.bfloat16) for _ in range(2))
-    v = torch.randn(starts[-1], heads, dv, device=dev, dtype=torch.bfloat16)
-    cache_k = [torch.randn(c, heads, dqk, device=dev, dtype=torch.bfloat16) for c in contexts]
-    cache_v = [torch.randn(c, heads, dv, device=dev, dtype=torch.bfloat16) for c in contexts]
-    asked: dict[int, list[int]] = {}
-
-    def context_kv(r, positions):
-        asked.setdefault(r, []).extend(positions.tolist())
-        return cache_k[r][positions.to(dev)], cache_v[r][positions.to(dev)]
-
-    def everything(r, positions):
-        return cache_k[r][positions.to(dev)], cache_v[r][positions.to(dev)]
-
-    window = {"fa3": lambda *x: _fa3_window(*x, starts, recent, scale),
-              "chunked": lambda *x: window_attention_chunked(*x, starts, recent, scale)}[window_fn]
-    ours = sink_recent_prefill(q, k, v, starts, contexts, sink, recent, scale, window, context_kv)
-    ref = sink_recent_prefill_reference(q, k, v, starts, contexts, sink, recent, scale, everything)
+    kv = torch.randn(starts[-1], heads, 128 + dv, device=dev, dtype=torch.bfloat16)
+    v = kv[..., 128:]  # a view, as vLLM splits it out of the up-projection
+    cache = [(torch.randn(c, heads, dqk, device=dev, dtype=torch.bfloat16),
+              torch.randn(c, heads, dv, device=dev, dtype=torch.bfloat16)) for c in contexts]
+    positions = [context_positions(c, sink, recent).to(dev) for c in contexts]
+    k_ctx = torch.cat([cache[r][0][p] for r, p in enumerate(positions)])
+    v_ctx = torch.cat([cache[r][1][p] for r, p in enumerate(positions)])
+    plan = prefill_plan(starts, contexts, [len(p) for p in positions], dev)
+    ours = sink_recent_prefill_attention(q, k, v, k_ctx, v_ctx, plan, sink, recent, scale, 128)
+    ref = sink_recent_prefill_reference(q, k, v, starts, contexts, sink, recent, scale,
+                                        lambda r, p: (cache[r][0][p.to(dev)], cache[r][1][p.to(dev)]))
     rel = ((ours.double() - ref.double()).norm() / ref.double().norm()).item()
-    return rel, {r: sorted(set(asked.get(r, []))) for r in range(len(contexts))}, contexts
-
-
-@pytest.mark.parametrize("sink, recent", [(64, 128), (128, 384), (0, 128), (16, 2048)])
-def test_prefill_as_the_engine_runs_it_matches_masked_attention(sink, recent):
-    """The window the engine picks (FA3 where ``fa3_window_usable``, else the PyTorch window)
-    plus the side keys, merged by log-sum-exp; the cache is asked only for visible rows."""
-    for window_fn in ["fa3", "chunked"] if fa3_window_usable(recent) else ["chunked"]:
-        rel, asked, contexts = _prefill_case(sink, recent, window_fn)
-        assert rel < 1e-2, f"{window_fn} window + side keys vs masked attention: relative error {rel:.2e}"
-        for r, context in enumerate(contexts):
-            assert asked[r] == context_positions(context, sink, recent).tolist()
-
-
-@pytest.mark.xfail(strict=True, reason="FA3's window at window_size [383, 0] (head dims 192 / 128) differed from "
-                                       "masked attention by 5.2e-2 on the H100 (2026-12-07); if it passes, FA3 can "
-                                       "run longer windows: raise kv_prefill.FA3_WINDOW_MAX_RECENT")
-def test_fa3_window_beyond_the_verified_length_matches_masked_attention():
-    assert not fa3_window_usable(384)
-    rel, _, _ = _prefill_case(128, 384, "fa3")
-    assert rel < 1e-2, f"FA3 window at recent 384: relative error {rel:.2e}"
+    assert rel < 1e-2, f"sink+recent prefill kernel vs masked attention: relative error {rel:.2e}"
 
 
 # ----------------------------------------------------------------------------- 2. engines
@@ -163,8 +120,8 @@ def _probe(model_dir: Path, work: Path, pass_config: str | None, *extra: str) ->
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT, check=False)
 
 
-def _run(model_dir: Path, work: Path, pass_config: str | None) -> dict:
-    proc = _probe(model_dir, work, pass_config, "--no-prefix-caching")
+def _run(model_dir: Path, work: Path, pass_config: str | None, *extra: str) -> dict:
+    proc = _probe(model_dir, work, pass_config, "--no-prefix-caching", *extra)
     if proc.returncode != 0:
         pytest.fail(f"engine failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}\n{proc.stdout[-3000:]}")
     # vLLM logs to stdout too: the result is the line kv_probe prints, whatever follows it.
@@ -177,6 +134,12 @@ def _run(model_dir: Path, work: Path, pass_config: str | None) -> dict:
 @pytest.fixture(scope="module")
 def dense(model_dir, work):
     return _run(model_dir, work, None)
+
+
+@pytest.fixture(scope="module")
+def dense_triton(model_dir, work):
+    """vLLM as it is, decoding through its TRITON_MLA backend: how far two correct kernels drift."""
+    return _run(model_dir, work, None, "--attention-backend", "TRITON_MLA")
 
 
 @pytest.fixture(scope="module")
@@ -246,21 +209,36 @@ def test_tokens_equal_the_same_attention_without_freeing(compressed, nofree):
     assert compressed["top_logprobs"] == nofree["top_logprobs"]
 
 
-def test_tokens_within_the_window_equal_dense(compressed, dense):
-    agreed = 0
-    for i in range(len(SHORT)):
-        a, b = dense["token_ids"][i], compressed["token_ids"][i]
-        assert len(a) + len(dense["prompt_token_ids"][i]) <= SINK + RECENT
-        top_a, top_b = dense["top_logprobs"][i], compressed["top_logprobs"][i]
-        part = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
-        same = len(a) if part is None else part
-        for j in range(same):
-            assert abs(top_a[j][0] - top_b[j][0]) < LOGPROB_TOL, (i, j, top_a[j], top_b[j])
-        if part is not None:
-            gap = top_a[part][0] - top_a[part][1]
-            assert gap < NEAR_TIE, f"prompt {i}: tokens part at {part} where dense's top-2 gap is {gap:.3f}"
-        agreed += same
-    assert agreed >= SHORT_NEW, f"only {agreed} tokens agree before near-ties"
+def _agreement(a: dict, b: dict, i: int) -> dict:
+    """Prompt i of two runs: where their greedy tokens part (None: never), the largest difference
+    of the chosen token's log-probability before that, and a's top-2 gap where they part."""
+    x, y = a["token_ids"][i], b["token_ids"][i]
+    top_a, top_b = a["top_logprobs"][i], b["top_logprobs"][i]
+    part = next((j for j, (s, t) in enumerate(zip(x, y)) if s != t), None)
+    same = len(x) if part is None else part
+    return {"part": part, "same": same, "max_diff": max((abs(top_a[j][0] - top_b[j][0]) for j in range(same)), default=0.0),
+            "gap": None if part is None else top_a[part][0] - top_a[part][1]}
+
+
+def test_tokens_within_the_window_equal_dense_as_closely_as_vllms_own_kernels_agree(compressed, dense, dense_triton):
+    """Within the window the compressed layers compute dense attention, through another kernel
+    (prefill: vLLM's own, bit for bit; decode: the paged sink+recent kernel instead of FA3-MLA),
+    so bf16 sums differ and a random model amplifies them. How far two correct kernels drift is
+    measured, not guessed: ``dense_triton`` is vLLM as it is with its TRITON_MLA decode. The
+    compressed run must stay as close to dense as that (twice its largest drift, at least
+    ``LOGPROB_TOL``), and where its tokens part from dense's, dense's top-2 gap is below that bound."""
+    for run in (compressed, dense_triton):
+        for i in range(len(SHORT)):
+            assert len(run["token_ids"][i]) + len(run["prompt_token_ids"][i]) <= SINK + RECENT
+    ours = [_agreement(dense, compressed, i) for i in range(len(SHORT))]
+    vllm = [_agreement(dense, dense_triton, i) for i in range(len(SHORT))]
+    bound = max(LOGPROB_TOL, 2 * max(v["max_diff"] for v in vllm))
+    print(f"within the window, against dense (FA3-MLA): sink+recent {ours}; vLLM TRITON_MLA {vllm}; bound {bound:.3f}")
+    for i, a in enumerate(ours):
+        assert a["max_diff"] < bound, (i, a, vllm)
+        if a["part"] is not None:
+            assert a["gap"] < bound, f"prompt {i}: tokens part at {a['part']} where dense's top-2 gap is {a['gap']:.3f}"
+    assert sum(a["same"] for a in ours) >= SHORT_NEW, f"only {[a['same'] for a in ours]} tokens agree before parting"
 
 
 def test_prefix_caching_is_refused_naming_the_setting(model_dir, work):
