@@ -22,6 +22,7 @@ BENCHES = {
     "graph": ("omni_passes.bench.graph", "graph-mode decode/prefill: eager vs compiled vs each pass"),
     "attn": ("omni_passes.bench.attn", "decode attention kernels: ours vs SDPA vs FlexAttention"),
     "attn-paged": ("omni_passes.bench.attn_paged", "paged sink+recent MLA decode (vLLM's cache layout) vs its floors"),
+    "attn-prefill": ("omni_passes.bench.attn_prefill", "sink+recent prefill kernel vs dense FA3 and its FLOPs floor"),
     "placement": ("omni_passes.bench.placement", "expert placement: ours vs vLLM's EPLB"),
     "ep": ("omni_passes.bench.ep", "expert parallelism across GPUs with each placement"),
     "vllm": ("omni_passes.bench.vllm", "vLLM with the passes on vs off: CPU; --device cuda placement engines; --kv sink+recent KV"),

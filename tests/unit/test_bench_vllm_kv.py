@@ -11,6 +11,8 @@ import pytest
 
 from omni_passes.bench import vllm_kv
 
+ROOT = Path(__file__).resolve().parents[2]
+
 
 def config_file(tmp_path, **attn):
     path = tmp_path / "passes.json"
@@ -117,35 +119,62 @@ def test_summary_states_every_goal_with_its_reason():
 
     def ready(concurrency, groups, dense_bytes=10e9):
         return {"capacity_32k": {"max_concurrency": concurrency}, "logged": {"max_concurrency": concurrency / 2},
-                "copy_bandwidth": {"bytes_per_s": 3e12}, "layout": {"groups": groups},
+                "copy_bandwidth": {"bytes_per_s": 3e12}, "layout": {"groups": groups, "block_size": 16},
                 "weights": {"dense_bytes": dense_bytes, "expert_bytes": 28e9, "experts": 64, "top_k": 6}}
 
-    def tpot(ms, context=32768, batch=24):
-        return {"context": context, "batch": batch, "tpot_s": ms / 1e3}
+    def tpot(ms, context=32768, batch=24, prefill_s=10.0):
+        return {"context": context, "batch": batch, "tpot_s": ms / 1e3, "prefill_s": prefill_s}
 
     result = {"model_config": {"num_hidden_layers": 27, "kv_lora_rank": 512, "qk_rope_head_dim": 64},
               "sink": 128, "recent": 384, "pattern": list(range(1, 27, 2)), "engines": {
                   "dense": {"ready": ready(10.0, [{"layers": ["x"] * 27}]), "tpot": [tpot(20.0)],
-                            "long": [{"output_tokens_per_s": 100.0, "requests": 8, "mean_running": 4.0,
+                            "long": [{"output_tokens_per_s": 100.0, "requests": 8, "mean_running": 4.0, "seconds": 40.96,
                                       "prompt_tokens": 8 * 24000, "output_tokens": 8 * 512}]},
-                  "compressed": {"ready": ready(18.5, [{"layers": ["x"] * 14}, {"layers": ["y"] * 13}]),
-                                 "tpot": [tpot(15.0)], "long": [{"output_tokens_per_s": 160.0, "requests": 8,
+                  "compressed": {"ready": ready(18.5, [{"layers": ["x"] * 14, "max_blocks_per_request": 4112},
+                                                       {"layers": ["y"] * 13, "sink": 128,
+                                                        "max_blocks_per_request": 83}]),
+                                 "tpot": [tpot(15.0, prefill_s=8.0)], "long": [{"output_tokens_per_s": 160.0, "requests": 8,
+                                                                 "seconds": 25.6,
                                                                  "mean_running": 7.5, "prompt_tokens": 8 * 24000,
                                                                  "output_tokens": 8 * 512}]}}}
     summary = summarize(result)
     goals = {g["goal"].split(",")[0]: g for g in summary["goals"]}
     assert summary["capacity_32k"]["ratio"] == pytest.approx(1.85)
     assert not goals["max concurrency at 32k (vLLM's figure)"]["met"]
-    assert "same number of layers ([14, 13]" in goals["max concurrency at 32k (vLLM's figure)"]["why_not"]
+    why = goals["max concurrency at 32k (vLLM's figure)"]["why_not"]
+    assert "same number of layers ([14, 13]" in why and "27/14 = 1.929" in why
+    assert "window (33 blocks of 16 against 2048) 1.898" in why and "(83 blocks" in why and "1.853" in why
     pair = summary["tpot"][32768]
     assert pair["ratio"] == pytest.approx(0.75) and not goals["TPOT at 32k"]["met"]
     assert pair["floor_ratio"] > 0.64 and "even the HBM floors are in ratio" in goals["TPOT at 32k"]["why_not"]
     floor_ms = pair["compressed_floor_ms"]
     assert goals["compressed TPOT at 32k: floor / measured"]["value"] == pytest.approx(floor_ms / 15.0)
     assert goals["long-context output tokens/s"]["met"] and goals["long-context output tokens/s"]["why_not"] is None
+    # prompts of 192k tokens at 24 x 32k tokens per 8 s: 1.95 s of prefill; 40.96 s of dense over it
+    assert summary["long"]["prefill_estimate_s"]["compressed"] == pytest.approx(192000 / (24 * 32768 / 8.0))
+    assert summary["long"]["ratio_if_decode_were_free"] == pytest.approx(40.96 / (192000 / (24 * 32768 / 8.0)))
+    assert summary["tpot"][32768]["prefill_ratio"] == pytest.approx(0.8)
     # Fewer weight bytes per step: the floors alone would meet the goal, so the reason is the kernels' share.
     for engine in result["engines"].values():
         engine["ready"]["weights"]["dense_bytes"] = 2e9
     goals = {g["goal"].split(",")[0]: g for g in summarize(result)["goals"]}
     why = goals["TPOT at 32k"]["why_not"]
     assert why.startswith("the floors are in ratio 0.60") and "but the compressed step runs at" in why
+    pair = summarize(result)["tpot"][32768]
+    beyond = 20.0 - pair["dense_floor_ms"]
+    assert pair["dense_beyond_floor_ms"] == pytest.approx(beyond)
+    assert pair["ratio_at_dense_overhead"] == pytest.approx((pair["compressed_floor_ms"] + beyond) / 20.0)
+    assert f"spending dense's, the ratio would be {pair['ratio_at_dense_overhead']:.3f}" in why
+
+
+def test_capacity_bounds_reproduce_vllms_figure_on_the_h100():
+    """vLLM's max concurrency at 32k, compressed over dense, as the H100 run measured it
+    (docs/gpu/vllm_kv_cuda_h100.json), from the groups' layer counts and blocks per request alone."""
+    from omni_passes.bench.vllm_kv_cuda import capacity_bounds
+
+    run = json.loads((ROOT / "docs" / "gpu" / "vllm_kv_cuda_h100.json").read_text())
+    groups = run["engines"]["compressed"]["ready"]["layout"]["groups"]
+    bounds = capacity_bounds(27, groups, 32768, 16, 128, 384)
+    assert bounds["counted"] == pytest.approx(run["summary"]["capacity_32k"]["ratio"], rel=1e-4)
+    assert (bounds["group_size"], bounds["window_blocks"], bounds["counted_blocks"]) == (14, 33, 83)
+    assert bounds["counted"] < bounds["decode_window"] < 1.9 < bounds["padding"] == pytest.approx(27 / 14)

@@ -140,3 +140,16 @@ def test_a_batch_within_the_window_keeps_vllms_own_prefill():
 
     assert prefill_host([0, 30, 48], [100, 0], 64, 128, "cpu").plan is None      # ends 130, 18 <= 192
     assert prefill_host([0, 30, 48], [163, 0], 64, 128, "cpu").plan is not None  # 193 > 192
+
+
+@pytest.mark.parametrize("chunk, context, sink, recent", [(50, 0, 8, 16), (50, 100, 8, 16), (10, 3, 0, 4),
+                                                          (64, 5, 16, 400)])
+def test_the_prefill_benchmark_counts_exactly_the_visible_pairs(chunk, context, sink, recent):
+    from omni_passes.bench.attn_prefill import dense_pairs, visible_pairs
+
+    def visible(p, key):
+        return key <= p and (key < sink or key > p - recent)
+
+    queries = range(context, context + chunk)
+    assert visible_pairs(chunk, context, sink, recent) == sum(visible(p, key) for p in queries for key in range(p + 1))
+    assert dense_pairs(chunk, context) == sum(p + 1 for p in queries)
