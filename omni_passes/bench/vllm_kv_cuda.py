@@ -22,7 +22,9 @@ Stages, in priority order (a time budget drops the last ones for both engines al
               dense is at its KV limit (rounded down to a captured CUDA graph size), with the
               step's HBM floor: weights read (top-k routed experts per layer: the dummy
               weights' near-flat router, ``decode_step_bytes``) + KV rows read, over the device
-              copy bandwidth measured in the same process
+              copy bandwidth measured in the same process; and the first context's batch at
+              1024 tokens, which splits its step into the part without KV and what the KV adds
+              (``step_anatomy``)
     long      prompts of 16k-32k tokens, 512 output tokens each, all arriving at once, about
               1.6x as many as dense holds: output tokens/s, requests running, preemptions
 
@@ -90,6 +92,7 @@ V2_LITE_CONFIG: dict[str, Any] = {
 # a TPOT batch is rounded down to one of them, so its decode step replays a graph unpadded.
 CAPTURE_SIZES = [1, 2, 4] + list(range(8, 65, 4)) + list(range(72, 129, 8)) + list(range(144, 257, 16))
 STAGES = ("capacity", "tokens", "tpot", "long")
+REFERENCE_CONTEXT = 1024  # a context whose KV costs the step next to nothing, beyond either window
 GOALS = {"capacity": 1.9, "tpot": 0.64, "tpot_floor": 0.70, "long": 1.5}
 CONCURRENCY_LINE = re.compile(r"Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x")
 SIZE_LINE = re.compile(r"KV cache size: ([\d,]+) tokens")
@@ -180,6 +183,23 @@ def capacity_bounds(layers: int, groups: list[dict], tokens: int, block_size: in
     peak = max((g["max_blocks_per_request"] for g in compressed), default=0)
     return {"group_size": size, "padding": ratio(0), "decode_window": ratio(window), "counted": ratio(peak),
             "window_blocks": window, "counted_blocks": peak, "full_blocks": full}
+
+
+def step_anatomy(short: dict, long: dict) -> dict:
+    """One decode step split into the part without KV (the same batch at a short context: weights,
+    launches, small kernels) and what the long context's KV adds, for each engine: the added time
+    against the added floor (its KV bytes over the bandwidth) is how efficiently the attention
+    kernels read the KV. ``short``/``long``: two ``summary["tpot"]`` entries of the same batch."""
+    if short["batch"] != long["batch"]:
+        raise ValueError(f"step_anatomy: batches differ ({short['batch']} vs {long['batch']})")
+    out = {"batch": long["batch"]}
+    for name in ("dense", "compressed"):
+        base, full = short[f"{name}_ms"], long[f"{name}_ms"]
+        added_floor = long[f"{name}_floor_ms"] - short[f"{name}_floor_ms"]
+        out[name] = {"base_ms": base, "base_beyond_floor_ms": base - short[f"{name}_floor_ms"],
+                     "kv_added_ms": full - base, "kv_added_floor_ms": added_floor,
+                     "kv_efficiency": added_floor / (full - base) if full > base else None}
+    return out
 
 
 def parse_capacity(lines: list[str]) -> dict:
@@ -513,8 +533,14 @@ def _plan(stages, contexts, ready, args, prompt_range, vocab, decode_extra) -> l
         requests = min(args.kv_long_max_requests, max(2, round(args.kv_long_factor * holds)))
         long.append(("long", {"prompt_range": prompt_range, "output": args.kv_long_output, "requests": requests,
                               "tag": "long-", "vocab": vocab, "seed": 7}))
+    # The same batch at a short context: the step without its KV (weights, launches, small
+    # kernels), so the first context's step splits into that and what its KV costs (``anatomy``).
+    reference = []
+    if tpots:
+        first = tpots[0][1]
+        reference.append(("tpot", dict(first, context=REFERENCE_CONTEXT, tag=f"tpot{REFERENCE_CONTEXT}-", seed=1)))
     # The goals' figures first (TPOT at the first context, the long workload), then the rest.
-    return plan + tpots[:1] + long + tpots[1:]
+    return plan + tpots[:1] + reference + long + tpots[1:]
 
 
 def _brief(kind: str, value: dict) -> str:
@@ -583,6 +609,9 @@ def summarize(result: dict) -> dict:
                                      "prefill_ratio": (other["prefill_s"] / run["prefill_s"]
                                                        if run.get("prefill_s") and other.get("prefill_s") else None)}
     summary["tpot"] = pairs
+    if REFERENCE_CONTEXT in pairs and pairs.keys() - {REFERENCE_CONTEXT}:
+        long_context = 32768 if 32768 in pairs else max(pairs.keys() - {REFERENCE_CONTEXT})
+        summary["anatomy"] = step_anatomy(pairs[REFERENCE_CONTEXT], pairs[long_context])
     if 32768 in pairs:
         p = pairs[32768]
         floor = next(r for r in comp["tpot"] if r["context"] == 32768)["floor_bytes"]
@@ -682,6 +711,13 @@ def print_summary(result: dict) -> None:
               f"{p['compressed_floor_ms']:.2f}, {_pct(p['compressed_of_floor'])}); ratio {p['ratio']:.3f} "
               f"(floor ratio {p['floor_ratio']:.3f}; at dense's time beyond the floor {p['ratio_at_dense_overhead']:.3f})"
               + (f"; prefill of the batch {p['prefill_ratio']:.3f}x dense's" if p.get("prefill_ratio") else ""))
+    if "anatomy" in s:
+        a = s["anatomy"]
+        for name in ("dense", "compressed"):
+            e = a[name]
+            print(f"  step anatomy, {name}, batch {a['batch']}: {e['base_ms']:.2f} ms at {REFERENCE_CONTEXT} tokens "
+                  f"({e['base_beyond_floor_ms']:.2f} ms beyond its floor), + {e['kv_added_ms']:.2f} ms for the long "
+                  f"context's KV against {e['kv_added_floor_ms']:.2f} ms of its floor ({_pct(e['kv_efficiency'])})")
     if "long" in s:
         d, c = s["long"]["dense"], s["long"]["compressed"]
         print(f"  long context ({d['requests']} requests): dense {d['output_tokens_per_s']:.0f} tok/s (running max "

@@ -178,3 +178,28 @@ def test_capacity_bounds_reproduce_vllms_figure_on_the_h100():
     assert bounds["counted"] == pytest.approx(run["summary"]["capacity_32k"]["ratio"], rel=1e-4)
     assert (bounds["group_size"], bounds["window_blocks"], bounds["counted_blocks"]) == (14, 33, 83)
     assert bounds["counted"] < bounds["decode_window"] < 1.9 < bounds["padding"] == pytest.approx(27 / 14)
+
+
+def test_the_plan_times_the_first_contexts_batch_again_at_a_short_context():
+    from omni_passes.bench.vllm_kv_cuda import REFERENCE_CONTEXT, _plan
+
+    args = argparse.Namespace(kv_max_num_batched_tokens=16384, kv_decode_steps=64, kv_long_output=512,
+                              kv_long_max_requests=40, kv_long_factor=1.6)
+    ready = {"layout": {"num_blocks": 40427, "block_size": 16}}
+    plan = _plan(["tpot", "long"], [32768, 8192], ready, args, [16384, 32768], 102400, 128)
+    tpots = [(p["context"], p["batch"]) for kind, p in plan if kind == "tpot"]
+    assert [kind for kind, _ in plan] == ["tpot", "tpot", "long", "tpot"]
+    assert tpots[0][0] == 32768 and tpots[1] == (REFERENCE_CONTEXT, tpots[0][1])
+
+
+def test_step_anatomy_splits_a_step_into_its_part_without_kv_and_what_the_kv_adds():
+    from omni_passes.bench.vllm_kv_cuda import step_anatomy
+
+    short = {"batch": 16, "dense_ms": 4.3, "dense_floor_ms": 1.9, "compressed_ms": 4.5, "compressed_floor_ms": 1.8}
+    long = {"batch": 16, "dense_ms": 9.66, "dense_floor_ms": 7.15, "compressed_ms": 7.19, "compressed_floor_ms": 4.52}
+    a = step_anatomy(short, long)
+    assert a["dense"]["kv_added_ms"] == pytest.approx(5.36) and a["dense"]["kv_added_floor_ms"] == pytest.approx(5.25)
+    assert a["dense"]["kv_efficiency"] == pytest.approx(5.25 / 5.36)
+    assert a["compressed"]["base_beyond_floor_ms"] == pytest.approx(2.7)
+    with pytest.raises(ValueError, match="batches differ"):
+        step_anatomy(dict(short, batch=8), long)
