@@ -92,6 +92,7 @@ def _accumulate(q1, q2, K, V, rows, key_pos, row_ok, q_pos, q_ok, sink, recent, 
     d1 = tl.arange(0, D1)
     d2 = tl.arange(0, D2)
     dv = tl.arange(0, DV)
+    rows = rows.to(tl.int64)  # a 64k-token chunk at 128 heads passes 2^31 elements
     k_base = K + rows[:, None] * skt + head * skh
     k1 = tl.load(k_base + d1[None, :], mask=row_ok[:, None], other=0.0)
     k2 = tl.load(k_base + D1 + d2[None, :], mask=row_ok[:, None], other=0.0)
@@ -140,7 +141,8 @@ def _sink_recent_prefill_kernel(
     d1 = tl.arange(0, D1)
     d2 = tl.arange(0, D2)
     dv = tl.arange(0, DV)
-    q_base = Q + (q_row0 + offs_m)[:, None] * sqt + head * sqh
+    q_rows = (q_row0 + offs_m).to(tl.int64)
+    q_base = Q + q_rows[:, None] * sqt + head * sqh
     q1 = tl.load(q_base + d1[None, :], mask=q_ok[:, None], other=0.0)
     q2 = tl.load(q_base + D1 + d2[None, :], mask=q_ok[:, None], other=0.0)
 
@@ -176,7 +178,7 @@ def _sink_recent_prefill_kernel(
                                     qk_scale, m_i, l_i, acc, skt, skh, svt, svh, head, D1, D2, DV, IEEE)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    o_ptr = O + (q_row0 + offs_m)[:, None] * sot + head * soh + dv[None, :]
+    o_ptr = O + q_rows[:, None] * sot + head * soh + dv[None, :]
     tl.store(o_ptr, out.to(O.dtype.element_ty), mask=q_ok[:, None])
 
 

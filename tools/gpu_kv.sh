@@ -31,7 +31,8 @@ steps_begin "sink+recent KV on vLLM CUDA"
 step_env
 
 if [ "${SKIP_PREFILL:-0}" != 1 ]; then
-    step prefill 150 prefill.log "$PY" -m omni_passes.cli bench attn-prefill --out "$OUT/attn_prefill.json"
+    step prefill 180 prefill.log "$PY" -m omni_passes.cli bench attn-prefill --out "$OUT/attn_prefill.json" \
+        --tune num_warps=8 block_n=32 block_n=128,num_warps=8 num_stages=3
 fi
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
