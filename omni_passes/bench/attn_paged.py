@@ -25,11 +25,10 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from pathlib import Path
 
 import torch
 
-from omni_passes.cli.common import UserError, emit_json, say, write_json
+from omni_passes.cli.common import UserError, publish, say
 
 R, DR = 512, 64
 
@@ -205,24 +204,22 @@ def _line(row: dict) -> str:
             f"{'' if row['check_ok'] else '  WRONG'}")
 
 
+def _print(result: dict) -> None:
+    meta = result["meta"]
+    print(f"# {meta['device']}, torch {meta['torch']}, triton {meta['triton']}: copy {meta['copy_tb_s']} TB/s, "
+          f"bf16 GEMM {meta['bf16_tflop_s']} TFLOP/s")
+    for row in result["results"]:
+        print(_line(row))
+    print("# best per case")
+    for b in result["best"]:
+        print(f"H{b['heads']:<4} B{b['batch']:<4} ctx {b['context']:<6} default {b['default_us']} us -> best "
+              f"{b['best_us']} us {b['best_override'] or 'default'} (floor {b['best_pct_of_floor']} %, copy bw "
+              f"{b['best_pct_of_copy_bw']} %, goal {'met' if b['best_goal_met'] else 'missed'})")
+
+
 def main(args: argparse.Namespace) -> int:
     result = run(args)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        write_json(args.out, result)
-    if args.json:
-        emit_json(result)
-    else:
-        meta = result["meta"]
-        print(f"# {meta['device']}, torch {meta['torch']}, triton {meta['triton']}: copy {meta['copy_tb_s']} TB/s, "
-              f"bf16 GEMM {meta['bf16_tflop_s']} TFLOP/s")
-        for row in result["results"]:
-            print(_line(row))
-        print("# best per case")
-        for b in result["best"]:
-            print(f"H{b['heads']:<4} B{b['batch']:<4} ctx {b['context']:<6} default {b['default_us']} us -> best "
-                  f"{b['best_us']} us {b['best_override'] or 'default'} (floor {b['best_pct_of_floor']} %, copy bw "
-                  f"{b['best_pct_of_copy_bw']} %, goal {'met' if b['best_goal_met'] else 'missed'})")
+    publish(result, args.out, args.json, _print)
     return 0
 
 

@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 
-from omni_passes.cli.common import UserError, emit_json, say, write_json
+from omni_passes.cli.common import UserError, publish, say
 
 DN, DR, DV = 128, 64, 128  # DeepSeek's qk_nope, qk_rope, v head dims
 
@@ -174,27 +172,16 @@ def _line(row: dict) -> str:
     return f"{head} " + "; ".join(parts) + f"; rel_err {row['rel_err']:.1e}{'' if row['check_ok'] else ' WRONG'}"
 
 
+def _print(result: dict) -> None:
+    meta = result["meta"]
+    print(f"# {meta['device']}, torch {meta['torch']}, triton {meta['triton']}: bf16 GEMM "
+          f"{meta['bf16_tflop_s']} TFLOP/s")
+    for row in result["results"]:
+        print(_line(row))
+
+
 def main(args: argparse.Namespace) -> int:
     result = run(args)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        write_json(args.out, result)
-    if args.json:
-        emit_json(result)
-    else:
-        meta = result["meta"]
-        print(f"# {meta['device']}, torch {meta['torch']}, triton {meta['triton']}: bf16 GEMM "
-              f"{meta['bf16_tflop_s']} TFLOP/s")
-        for row in result["results"]:
-            print(_line(row))
+    publish(result, args.out, args.json, _print)
     return 0 if all(r["check_ok"] for r in result["results"]) else 1
 
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    try:
-        sys.exit(main(parser.parse_args()))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from omni_passes.cli.common import UserError, emit_json, say, setup_logging, write_json
+from omni_passes.cli.common import UserError, say, setup_logging, write_json
 
 
 # --------------------------------------------------------------------------- parent side
@@ -167,16 +167,6 @@ def print_goals(goals: list[dict], digits: int) -> None:
         value = "n/a" if entry["value"] is None else f"{entry['value']:.{digits}f}"
         print(f"  GOAL {'met' if entry['met'] else 'NOT met'}: {entry['goal']} = {value} (target {entry['target']})"
               + ("" if entry["met"] else f" - {entry['why_not']}"))
-
-
-def publish(result: dict, out: str | Path | None, as_json: bool, print_summary: Callable[[dict], None]) -> None:
-    """``--out FILE``, then the document on stdout (``--json``) or the summary for people."""
-    if out:
-        write_json(out, result)
-    if as_json:
-        emit_json(result)
-    else:
-        print_summary(result)
 
 
 # --------------------------------------------------------------------------- engine side

@@ -35,8 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omni_passes.bench.vllm_common import publish, start_run
-from omni_passes.cli.common import UserError, say
+from omni_passes.bench.vllm_common import start_run
+from omni_passes.cli.common import UserError, publish, say
 
 CAPACITY_LINE = re.compile(r"KV cache size: ([\d,]+) tokens, Maximum concurrency for ([\d,]+) tokens per request: "
                            r"([\d.]+)x")

@@ -63,13 +63,12 @@ from omni_passes.bench.vllm_common import (
     partial_saver,
     print_failure,
     print_goals,
-    publish,
     reported_errors,
     serve,
     start_run,
     work_dir,
 )
-from omni_passes.cli.common import UserError, say
+from omni_passes.cli.common import UserError, publish, say
 
 # DeepSeek-V2-Lite's config.json (huggingface.co/deepseek-ai/DeepSeek-V2-Lite), without its
 # auto_map (transformers and vLLM have the architecture built in).

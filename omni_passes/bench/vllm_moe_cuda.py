@@ -61,11 +61,10 @@ from omni_passes.bench.vllm_common import (
     partial_saver,
     print_failure,
     print_goals,
-    publish,
     start_run,
     work_dir,
 )
-from omni_passes.cli.common import UserError, say
+from omni_passes.cli.common import UserError, publish, say
 
 ENGINES = ("off", "identity", "redundant", "rebalance", "off_warm", "identity_warm")
 RANKS, REDUNDANT = 8, 8

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,18 @@ def emit_json(document: Any) -> None:
 
 def write_json(path: str | Path, document: Any) -> None:
     """A result document written to ``--out FILE``: the same JSON a ``--json`` run prints."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(document, indent=2, default=_json_default) + "\n")
+
+
+def publish(result: dict, out: str | Path | None, as_json: bool, print_summary: Callable[[dict], None]) -> None:
+    """``--out FILE``, then the document on stdout (``--json``) or the summary for people."""
+    if out:
+        write_json(out, result)
+    if as_json:
+        emit_json(result)
+    else:
+        print_summary(result)
 
 
 def _json_default(value: Any) -> Any:
