@@ -74,9 +74,11 @@ def test_partial_json_and_outputs(tmp_path: Path, capsys):
     common.add_plot(result, lambda r, d: str(d / "x.png"), tmp_path)
     assert result["plot"] == str(tmp_path / "x.png")
 
-    common.publish(result, tmp_path / "out.json", True, print_summary=lambda r: print("summary"))
-    assert json.loads(capsys.readouterr().out) == json.loads((tmp_path / "out.json").read_text()) == result
-    common.publish(result, None, False, print_summary=lambda r: print("summary", len(r["engines"])))
+    from omni_passes.cli.common import publish
+
+    publish(result, tmp_path / "new" / "out.json", True, print_summary=lambda r: print("summary"))
+    assert json.loads(capsys.readouterr().out) == json.loads((tmp_path / "new" / "out.json").read_text()) == result
+    publish(result, None, False, print_summary=lambda r: print("summary", len(r["engines"])))
     assert capsys.readouterr().out == "summary 1\n"
 
 
