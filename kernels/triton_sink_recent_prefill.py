@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["BLOCK_M", "PrefillPlan", "prefill_plan", "sink_recent_prefill_attention"]
+__all__ = ["BLOCK_M", "PrefillPlan", "host_to_device", "prefill_plan", "sink_recent_prefill_attention"]
 
 _LOG2E = 1.4426950408889634
 BLOCK_M = 64  # queries per program; the plan's blocks are cut at this size
@@ -54,6 +54,15 @@ class PrefillPlan:
     block_first: torch.Tensor   # [NB] int32, first query offset (within its request) of each block
     num_tokens: int             # T
     num_ctx_rows: int           # rows of the packed context
+
+
+def host_to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor copied to ``device`` without making the host wait: through pinned memory on
+    CUDA. vLLM builds the next step's metadata while the GPU runs the current one (async
+    scheduling); a copy from pageable memory would block the host until the stream drains."""
+    if torch.device(device).type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def prefill_plan(starts: list[int], context_lens: list[int], context_rows: list[int],
@@ -78,7 +87,7 @@ def prefill_plan(starts: list[int], context_lens: list[int], context_rows: list[
         block_first += first
 
     def tensor(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
+        return host_to_device(torch.tensor(values, dtype=torch.int32), device)
 
     return PrefillPlan(tensor(starts), tensor(ctx), tensor(context_lens), tensor(block_request),
                        tensor(block_first), starts[-1], ctx[-1])

@@ -110,15 +110,15 @@ def prefill_host(starts: list[int], context_lens: list[int], sink: int, recent: 
                  device: torch.device | str) -> PrefillHost:
     """The sink+recent prefill kernel's plan and the cached rows it reads: for request r, the
     positions ``context_positions`` names, never a freed one."""
-    from kernels.triton_sink_recent_prefill import prefill_plan
+    from kernels.triton_sink_recent_prefill import host_to_device, prefill_plan
 
     if fits_window(starts, context_lens, sink, recent):
         return PrefillHost(starts, context_lens)
     positions = [context_positions(c, sink, recent) for c in context_lens]
     requests = torch.cat([torch.full((len(p),), r, dtype=torch.int64) for r, p in enumerate(positions)])
     plan = prefill_plan(starts, context_lens, [len(p) for p in positions], device)
-    return PrefillHost(starts, context_lens, plan,
-                       requests.to(device, non_blocking=True), torch.cat(positions).to(device, non_blocking=True))
+    return PrefillHost(starts, context_lens, plan, host_to_device(requests, device),
+                       host_to_device(torch.cat(positions), device))
 
 
 class SinkRecentMLAMetadataBuilder(FlashAttnMLAMetadataBuilder):
