@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from collections.abc import Callable
 
 import torch
 
+from omni_passes.bench.measure import error_text
 from omni_passes.cli.common import UserError, publish, say
 
 DN, DR, DV = 128, 64, 128  # DeepSeek's qk_nope, qk_rope, v head dims
@@ -57,6 +59,22 @@ def visible_pairs(chunk: int, context: int, sink: int, recent: int) -> int:
 def dense_pairs(chunk: int, context: int) -> int:
     """Pairs of causal attention over context + chunk for the chunk's queries."""
     return chunk * context + chunk * (chunk + 1) // 2
+
+
+def launchable(variants: list[dict], run: Callable[..., torch.Tensor]) -> tuple[set[int], dict[int, str]]:
+    """Which launch variants run (indices), and why each other one does not: a variant that
+    cannot launch (shared memory over the limit, ...) is a result, not the end of the run. The
+    default launch (variant 0) must run: the correctness check uses it."""
+    launched, failed = set(), {}
+    for i, tune in enumerate(variants):
+        try:
+            run(**tune)
+            launched.add(i)
+        except Exception as exc:  # noqa: BLE001  (reported in the row, with the variant)
+            if i == 0:
+                raise
+            failed[i] = error_text(exc)
+    return launched, failed
 
 
 def _case(heads: int, chunk: int, context: int, sink: int, recent: int, device: torch.device):
@@ -125,8 +143,9 @@ def _measure(heads: int, chunk: int, context: int, sink: int, recent: int, varia
     def ours(**tune):
         return sink_recent_prefill_attention(q, k, v, k_ctx, v_ctx, plan, sink, recent, scale, DN, **tune)
 
+    launched, failed = launchable(variants, ours)
     timers = {f"sink_recent{i}": (lambda tune=tune: median_cuda_seconds(lambda: ours(**tune), 5))
-              for i, tune in enumerate(variants)}
+              for i, tune in enumerate(variants) if i in launched}
     try:
         dense = _dense_fn(q, k, v, k_past, v_past)
         dense()
@@ -145,6 +164,9 @@ def _measure(heads: int, chunk: int, context: int, sink: int, recent: int, varia
     row = {"heads": heads, "chunk": chunk, "context": context, "sink": sink, "recent": recent,
            "rel_err": float(f"{err:.3g}"), "check_ok": err < 2e-2, "sink_recent": []}
     for i, tune in enumerate(variants):
+        if i in failed:
+            row["sink_recent"].append({"tune": tune, "us": None, "error": failed[i]})
+            continue
         s = statistics.median(samples[f"sink_recent{i}"])
         entry = {"tune": tune, "us": round(s * 1e6, 1), "tflop_s": round(ours_flops / s / 1e12, 1),
                  "pct_of_flops_floor": round(100 * ours_flops / flops_per_s / s, 1)}
@@ -162,6 +184,9 @@ def _line(row: dict) -> str:
     head = f"H{row['heads']:<4} chunk {row['chunk']:<6} ctx {row['context']:<6}"
     parts = []
     for e in row["sink_recent"]:
+        if e["us"] is None:
+            parts.append(f"sink+recent{e['tune']} failed: {e['error']}")
+            continue
         ratio = e.get("speedup_over_dense")
         parts.append(f"sink+recent{e['tune'] or ''} {e['us']:.0f} us ({e['tflop_s']} TFLOP/s, {e['pct_of_flops_floor']} % "
                      f"of floor)" + (f" {ratio['median']:.2f}x faster than dense [{ratio['q1']:.2f}-{ratio['q3']:.2f}]"

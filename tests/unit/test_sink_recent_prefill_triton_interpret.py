@@ -65,6 +65,19 @@ _SCRIPT = textwrap.dedent(
     out = kernel(q, k, kv[..., 48:], torch.zeros(0, 2, 48), torch.zeros(0, 2, 16), plan, 4, 8, 0.2, 32)
     ref = reference(q, k, kv[..., 48:].contiguous(), [0, 50], [0], 4, 8, 0.2, None)
     assert (out - ref).abs().max().item() < 1e-5
+    # bench attn-prefill: a launch variant the kernel refuses is reported, the others still run;
+    # the default launch must run (the check uses it)
+    from omni_passes.bench.attn_prefill import launchable
+    run = lambda **tune: kernel(q, k, kv[..., 48:], torch.zeros(0, 2, 48), torch.zeros(0, 2, 16), plan, 4, 8, 0.2,
+                                32, **tune)
+    launched, failed = launchable([{}, {"block_n": 48}, {"block_n": 32}], run)
+    assert launched == {0, 2} and list(failed) == [1] and "power of 2" in failed[1], failed
+    try:
+        launchable([{"block_n": 48}], run)
+        refused = None
+    except Exception as exc:
+        refused = str(exc)
+    assert refused is not None and "power of 2" in refused, refused
     print("ok", n + 3)
     """
 )
