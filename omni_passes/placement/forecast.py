@@ -23,12 +23,25 @@ def _ema_weights(steps: int, half_life: float | None) -> np.ndarray:
     return w / w.sum()
 
 
+def _shares(loads: np.ndarray) -> np.ndarray:
+    """``[..., L, E]`` loads as each layer's expert shares (a layer with no tokens: zeros)."""
+    total = loads.sum(axis=-1, keepdims=True)
+    return np.divide(loads, total, out=np.zeros_like(loads), where=total > 0)
+
+
 def forecast_loads(
     series: np.ndarray, half_lives: tuple[float | None, ...] = HALF_LIVES, holdout: int | None = None
 ) -> tuple[np.ndarray, float | None]:
     """Load to plan for, from per-step loads: an exponentially weighted mean whose half-life
     (in steps) is the one that best predicts the newest ``holdout`` steps from the steps
-    before them (a backtest; L1 error over all layers and experts).
+    before them (a backtest; L1 error of each layer's expert shares, summed over layers).
+
+    The backtest compares shares, not token counts: balancedness is scale-free per layer, and
+    steps differ in size by orders of magnitude in serving (a prefill chunk of 8192 tokens next
+    to decode steps of 64). On absolute counts the newest decode steps predict the held-out
+    decode steps' *size* best, so a half-life of 2 steps won and the plan followed three decode
+    steps' sampling noise (vLLM CUDA, DeepSeek-V2-Lite, batch 64: online rebalancing stalled at
+    balancedness 0.91 where a plan on the window sum reached 0.997).
 
     Drifting hot spots favour short half-lives, noisy stable loads long ones (``None`` is the
     plain mean, i.e. the window sum that EPLB plans on). One matrix product per pass.
@@ -51,7 +64,9 @@ def forecast_loads(
     fit = flat[: steps - holdout]
     target = flat[steps - holdout :].mean(axis=0)
     weights = np.stack([_ema_weights(steps - holdout, h) for h in half_lives]).astype(np.float32)  # [C, T']
-    errors = np.abs(weights @ fit - target).sum(axis=1)
+    layers = series.shape[1:]
+    predicted = _shares((weights @ fit).reshape(len(half_lives), *layers))
+    errors = np.abs(predicted - _shares(target.reshape(layers))).sum(axis=(1, 2))
     chosen = half_lives[int(errors.argmin())]
     forecast = _ema_weights(steps, chosen).astype(np.float32) @ flat
     return forecast.astype(np.float64).reshape(series.shape[1:]) * steps, chosen
