@@ -118,3 +118,60 @@ def test_online_rebalancer_moves_replicas_to_the_hot_expert_through_the_controll
     assert torch.equal(weights[controller.layout.slot_row[0]], placement.phy2log[0].float())
     assert json.dumps(online.events[0].to_dict())
     controller.close()
+
+
+def test_batched_reads_decide_as_reading_every_step_does():
+    """CUDA's rebalancer reads the counters once per re-plan interval (StepSnapshots): the loop
+    must see the same step loads in the same order, so it makes the same decisions at the same
+    steps as the per-step reader, and the cumulative loads stay exact."""
+    config = RebalanceConfig(interval_steps=4, window_steps=8, min_gain=0.0, layer_min_gain=0.0, max_moves=6)
+    rng = torch.Generator().manual_seed(0)
+    steps = []
+    for step in range(20):  # the hot expert moves from 5 to 2 halfway; step sizes vary 1..40 tokens
+        tokens = int(torch.randint(1, 41, (1,), generator=rng))
+        ids = torch.randint(0, 8, (tokens, 2), generator=rng)
+        ids[: tokens // 2, 0] = 5 if step < 10 else 2
+        steps.append(ids)
+
+    def run(batched: bool):
+        controller = PlacementController(Placement.identity(2, 8, num_ranks=2, slots_per_rank=5), layout="slot")
+        online = OnlineRebalancer(controller, config, batched_reads=batched)
+        placements = []
+        for step, ids in enumerate(steps):
+            for layer in range(2):
+                record(controller, ids, layer)
+            online.step_end()
+            placements.append(controller.placement.phy2log.clone())
+            if batched:  # nothing reaches the loop between re-plan steps
+                assert len(online.loop.window) == 4 * ((step + 1) // 4) or len(online.loop.window) == 8
+        totals = controller.total_expert_load(), controller.total_slot_load()
+        controller.close()
+        return [e.to_dict() | {"plan_ms": 0} for e in online.events], placements, totals
+
+    events, placements, totals = run(batched=False)
+    b_events, b_placements, b_totals = run(batched=True)
+    assert [e["applied"] for e in events].count(True) >= 2
+    assert b_events == events
+    assert all(torch.equal(a, b) for a, b in zip(placements[3::4], b_placements[3::4]))  # at each re-plan step
+    expected = torch.stack([sum(torch.bincount(ids.flatten(), minlength=8) for ids in steps)] * 2)
+    assert torch.equal(b_totals[0], expected) and torch.equal(totals[0], expected)
+    assert torch.equal(b_totals[1], totals[1])
+
+
+def test_step_snapshots_return_each_steps_counts_once_per_interval():
+    from omni_passes.hosts.vllm.serving import StepSnapshots
+
+    counter = torch.zeros(2, 3, dtype=torch.int64)
+    counter += 7  # counted before the snapshots start: not a step's load
+    snapshots = StepSnapshots(counter, 3)
+    taken = []
+    for step in range(6):
+        counter[step % 2, step % 3] += step + 1
+        taken.append(snapshots.take())
+    assert taken[0] is None and taken[1] is None and taken[3] is None and taken[4] is None
+    loads = taken[2] + taken[5]
+    assert len(loads) == 6
+    for step, load in enumerate(loads):
+        expected = torch.zeros(2, 3, dtype=torch.int64)
+        expected[step % 2, step % 3] = step + 1
+        assert torch.equal(load, expected)

@@ -182,7 +182,8 @@ def attach_serving(runtime, on_cuda: bool = False):
     if config.expert_load_path or config.slot_load_path:
         export = LoadExport(controller, config.expert_load_path, config.slot_load_path, config.expert_load_interval_steps,
                             every_step=not on_cuda)
-    rebalancer = OnlineRebalancer(controller, config.rebalance) if config.rebalance is not None else None
+    rebalancer = (OnlineRebalancer(controller, config.rebalance, batched_reads=on_cuda)
+                  if config.rebalance is not None else None)
     if on_cuda:
         serving = ServingSteps.for_cuda_graphs(controller, export, rebalancer, _max_tokens())
         steps.install(lambda: VllmRuntime.current.serving if VllmRuntime.current is not None else None)
