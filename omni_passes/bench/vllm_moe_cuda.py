@@ -169,9 +169,13 @@ def engine_kwargs(model: str, config: str | None, args: argparse.Namespace, util
 
 def measure(engine: EngineProcess, record: dict, args: argparse.Namespace, save) -> None:
     """The timed rounds: ``--moe-rounds`` per batch (one on a warm start: a second measurement
-    of its configuration, not the main one), batches in turn; one untimed warm-up first."""
+    of its configuration, not the main one), batches in turn; one untimed warm-up round per
+    batch first. (With one warm-up at the largest batch, every engine's first timed round at
+    batch 1 ran at a third of its second's rate on the H100, passes off included: whatever a
+    batch's shapes set up on first use is not what the rounds should time.)"""
     batches = [int(b) for b in args.moe_batches.split(",")]
-    engine.ask("round", _round(batches[-1], args, seed=0, tag="warm-"))
+    for batch in batches:
+        engine.ask("round", _round(batch, args, seed=batch, tag=f"warm{batch}-"))
     record.setdefault("rounds", [])
     for i in range(1 if engine.name.endswith("_warm") else args.moe_rounds):
         for batch in batches:

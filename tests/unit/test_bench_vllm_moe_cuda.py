@@ -190,3 +190,26 @@ def test_same_tokens_compares_rounds_of_the_same_workload():
     mine = [{"batch": 1, "seed": 7, "tokens_sha1": "a"}, {"batch": 64, "seed": 8, "tokens_sha1": "x"},
             {"batch": 16, "seed": 9, "tokens_sha1": "c"}]  # off never ran this one
     assert vllm_moe_figures.same_tokens(mine, {"off": off, "identity": {"rounds": mine}}) == {"equal": 1, "compared": 2}
+
+
+def test_every_batch_is_warmed_up_before_the_timed_rounds():
+    """The engine's command sequence (the engine process itself needs the GPU): one untimed
+    round per batch, then the timed rounds batch by batch, none sharing a workload seed."""
+
+    class Commands:
+        name = "identity"
+
+        def __init__(self):
+            self.asked = []
+
+        def ask(self, command, value):
+            self.asked.append((command, value))
+            return {"tokens_per_s": 1.0, "tpot_s": 1e-3, "gave_up": 0, **value}
+
+    engine, record = Commands(), {}
+    vllm_moe_cuda.measure(engine, record, parse("--device", "cuda", "--moe-rounds", "2"), save=lambda: None)
+    tags = [value["tag"] for _, value in engine.asked]
+    assert tags == ["warm1-", "warm16-", "warm64-", "r0b1-", "r0b16-", "r0b64-", "r1b1-", "r1b16-", "r1b64-"]
+    assert [r["tag"] for r in record["rounds"]] == tags[3:]
+    seeds = [value["seed"] for _, value in engine.asked]
+    assert len(set(seeds)) == len(seeds)
