@@ -86,8 +86,6 @@ class PrefillHost:
     """The prefill part of a batch as every compressed layer of the step needs it (built once
     per step by the builder)."""
 
-    starts: list[int]          # query_start_loc of the prefill requests, from 0 [P + 1]
-    context_lens: list[int]    # cached tokens before each request's new tokens [P]
     plan: Any = None           # kernels.triton_sink_recent_prefill.PrefillPlan; None if the batch fits the window
     ctx_requests: Any = None   # [N] int64 device: prefill request of each visible cached row, packed as the plan says
     ctx_positions: Any = None  # [N] int64 device: its position
@@ -113,12 +111,11 @@ def prefill_host(starts: list[int], context_lens: list[int], sink: int, recent: 
     from kernels.triton_sink_recent_prefill import host_to_device, prefill_plan
 
     if fits_window(starts, context_lens, sink, recent):
-        return PrefillHost(starts, context_lens)
+        return PrefillHost()
     positions = [context_positions(c, sink, recent) for c in context_lens]
     requests = torch.cat([torch.full((len(p),), r, dtype=torch.int64) for r, p in enumerate(positions)])
     plan = prefill_plan(starts, context_lens, [len(p) for p in positions], device)
-    return PrefillHost(starts, context_lens, plan, host_to_device(requests, device),
-                       host_to_device(torch.cat(positions), device))
+    return PrefillHost(plan, host_to_device(requests, device), host_to_device(torch.cat(positions), device))
 
 
 class SinkRecentMLAMetadataBuilder(FlashAttnMLAMetadataBuilder):

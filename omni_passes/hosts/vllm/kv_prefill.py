@@ -9,21 +9,17 @@ rows and the new keys (``kernels.triton_sink_recent_prefill``); here is what it 
 
     sink_recent_prefill_reference   every visible key at once under the sink+recent causal
                                     mask, float32 (tests' ground truth)
-    window_attention_reference      causal attention within (p − recent, p] over the new keys
-                                    only: what FA3's sliding window computes (the GPU test that
-                                    records where FA3's window is right)
 
 Pure torch, no vLLM.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 
 import torch
 
-__all__ = ["context_positions", "sink_recent_prefill_reference", "window_attention_reference"]
+__all__ = ["context_positions", "sink_recent_prefill_reference"]
 
 ContextKV = Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -34,23 +30,6 @@ def context_positions(context_len: int, sink: int, recent: int) -> torch.Tensor:
     head = torch.arange(min(sink, context_len), dtype=torch.int64)
     tail = torch.arange(min(context_len, max(sink, context_len + 1 - recent)), context_len, dtype=torch.int64)
     return torch.cat([head, tail])
-
-
-def window_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: list[int], recent: int,
-                               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the GPU's FA3 call computes: per request, causal attention over its new keys within
-    (p − recent, p]. q, k [T, H, D], v [T, H, Dv] -> (out [T, H, Dv] float32, lse [H, T])."""
-    T, H, _ = q.shape
-    out = torch.zeros(T, H, v.shape[-1], dtype=torch.float32, device=q.device)
-    lse = torch.full((H, T), float("-inf"), dtype=torch.float32, device=q.device)
-    for start, end in itertools.pairwise(starts):
-        i = torch.arange(end - start, device=q.device)
-        visible = (i[None] <= i[:, None]) & (i[None] > i[:, None] - recent)
-        scores = torch.matmul(q[start:end].float().transpose(0, 1), k[start:end].float().permute(1, 2, 0)) * scale
-        scores = scores.masked_fill(~visible[None], float("-inf"))
-        lse[:, start:end] = torch.logsumexp(scores, dim=-1)
-        out[start:end] = torch.matmul(torch.softmax(scores, dim=-1), v[start:end].float().transpose(0, 1)).transpose(0, 1)
-    return out, lse
 
 
 def sink_recent_prefill_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: list[int],
